@@ -1,0 +1,190 @@
+"""The Store seam: durable users, tokens, conversations and messages.
+
+Implementations: :mod:`gochat.store.sqlite` (embedded, WAL, one writer thread with group
+commit) and later PostgreSQL. The same behaviour tests run against every implementation.
+The store never touches a socket and never parses wire bytes.
+
+Conversation identity inside the store is ``conv`` (an internal u64). A group's wire id is its
+``conv``. A direct conversation between users A and B has one ``conv`` too; on the wire it is
+addressed by the *peer's* user id, a mapping that the messaging core does
+(:meth:`Store.direct_conversation`, :attr:`ConversationState.peer_id`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+__all__ = [
+    "AppendRequest",
+    "AppendResult",
+    "ConversationState",
+    "GroupInfo",
+    "RefreshStatus",
+    "Store",
+    "StoredMessage",
+    "UserRecord",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class UserRecord:
+    user_id: int
+    username: str
+    password_hash: str
+    created_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class StoredMessage:
+    conv: int
+    kind: int
+    seq: int
+    msg_id: int
+    sender_id: int
+    ts_ms: int
+    client_msg_id: bytes
+    content_type: int
+    body: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class AppendRequest:
+    """One message to persist. ``conv`` is the internal conversation id."""
+
+    conv: int
+    kind: int
+    sender_id: int
+    client_msg_id: bytes
+    content_type: int
+    body: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class AppendResult:
+    message: StoredMessage
+    #: True when (sender_id, client_msg_id) was already stored: ``message`` is the original.
+    duplicate: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ConversationState:
+    """One conversation as seen by one user (SYNC, conversation list)."""
+
+    conv: int
+    kind: int
+    #: For a direct conversation, the other user's id (the wire conv_id); else 0.
+    peer_id: int
+    last_seq: int
+    read_seq: int
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class GroupInfo:
+    conv: int
+    name: str
+    owner_id: int
+    created_ms: int
+    members: tuple[int, ...]
+    last_seq: int
+
+
+class RefreshStatus:
+    """Outcome of :meth:`Store.use_refresh_token`."""
+
+    OK = "ok"  #: valid and now spent
+    REUSED = "reused"  #: already spent: the caller must revoke the family
+    REVOKED = "revoked"  #: family revoked
+    UNKNOWN = "unknown"  #: never issued, or expired and purged
+
+
+@runtime_checkable
+class Store(Protocol):
+    """Durable state. Every method may raise :class:`gochat.errors.UnavailableError` when the
+    backend cannot be reached; nothing is acknowledged in that case."""
+
+    async def open(self) -> None:
+        """Create or migrate the schema and start background work."""
+
+    async def close(self) -> None:
+        """Flush pending appends (they commit, their waiters get results) and release resources."""
+
+    async def ping(self) -> None:
+        """Raise UnavailableError if the backend is unreachable (readiness probe)."""
+
+    # ---- users -------------------------------------------------------------------------------
+    async def create_user(self, username: str, password_hash: str) -> int:
+        """Insert a user; raise ``RequestError(code=CONFLICT)`` if the name is taken."""
+
+    async def get_user(self, user_id: int) -> UserRecord | None: ...
+
+    async def get_user_by_name(self, username: str) -> UserRecord | None: ...
+
+    # ---- refresh tokens and revocation --------------------------------------------------------
+    async def add_refresh_token(self, jti: str, family: str, user_id: int, expires_ms: int) -> None: ...
+
+    async def use_refresh_token(self, jti: str, now_ms: int) -> tuple[str, str, int]:
+        """Spend a refresh token atomically: returns (RefreshStatus, family, user_id).
+
+        Family and user id are returned for REUSED/REVOKED too (empty / 0 for UNKNOWN).
+        """
+
+    async def revoke_family(self, family: str) -> None: ...
+
+    async def revoke_user_tokens(self, user_id: int) -> None:
+        """Revoke every refresh-token family of the user."""
+
+    async def revoke_jti(self, jti: str, expires_ms: int) -> None:
+        """Deny-list an access token id until it expires anyway."""
+
+    async def revoked_jtis(self, now_ms: int) -> dict[str, int]:
+        """All deny-listed access token ids not yet expired: jti -> expires_ms."""
+
+    # ---- conversations ---------------------------------------------------------------------
+    async def direct_conversation(self, a: int, b: int) -> int:
+        """The conv of the direct conversation between users a and b, created on first use.
+
+        Raises ``RequestError(code=NOT_FOUND)`` if either user does not exist.
+        """
+
+    async def create_group(self, owner_id: int, name: str, members: list[int]) -> GroupInfo:
+        """Create a group with the owner and ``members`` (unknown users: NOT_FOUND)."""
+
+    async def group_info(self, conv: int) -> GroupInfo | None: ...
+
+    async def add_member(self, conv: int, user_id: int) -> bool:
+        """True if added, False if already a member."""
+
+    async def remove_member(self, conv: int, user_id: int) -> bool:
+        """True if removed, False if not a member."""
+
+    async def members(self, conv: int) -> tuple[int, ...]:
+        """Members of a group or the two users of a direct conversation (empty if unknown)."""
+
+    async def conversation_kind(self, conv: int) -> int | None:
+        """1 direct, 2 group, or None if there is no such conversation."""
+
+    async def conversations(self, user_id: int) -> list[ConversationState]:
+        """Every conversation the user is in, with last_seq and the user's read_seq."""
+
+    # ---- messages ------------------------------------------------------------------------------
+    async def append(self, request: AppendRequest) -> AppendResult:
+        """Persist one message durably (group commit: concurrent calls share one transaction).
+
+        Assigns ``seq`` = conversation's last_seq + 1, a unique ``msg_id`` and ``ts_ms`` in the
+        same transaction as the insert. Idempotent on (sender_id, client_msg_id): a repeat
+        returns the original with ``duplicate=True``. Returns only after commit.
+        """
+
+    async def history(
+        self, conv: int, from_seq: int, limit: int, backward: bool
+    ) -> tuple[list[StoredMessage], bool]:
+        """Messages in ascending seq order and whether more remain in that direction.
+
+        Forward: seq >= from_seq, the first ``limit``. Backward: seq <= from_seq (0 = latest), the
+        last ``limit``, still returned ascending.
+        """
+
+    async def set_read(self, conv: int, user_id: int, seq: int) -> int:
+        """Move the user's read position forward (never back, capped at last_seq); return it."""
