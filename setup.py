@@ -9,6 +9,7 @@ Switches (environment variables, as uvloop's and msgspec's setup.py take them):
 - ``GOCHAT_DEBUG_BUILD=1``      bounds/wraparound checks on, ``-O0 -g``, ``GOCHAT_DEBUG`` macro
 - ``GOCHAT_COVERAGE_BUILD=1``   Cython line tracing for coverage.py
 - ``GOCHAT_NO_EXTENSIONS=1``    build nothing: the pure-Python twins are used
+- ``GOCHAT_BUILD_ONLY=a,b``     development: build only these modules
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ def _extensions() -> list[Extension]:
         "embedsignature": True,
         "freethreading_compatible": False,
     }
+    only = {m for m in os.environ.get("GOCHAT_BUILD_ONLY", "").split(",") if m}
     macros: list[tuple[str, str | None]] = []
     cflags = ["-O0", "-g3", "-UNDEBUG"] if debug else ["-O3"]
     if debug:
@@ -62,6 +64,7 @@ def _extensions() -> list[Extension]:
             define_macros=macros,
         )
         for pyx in sorted(NATIVE.glob("*.pyx"))
+        if not only or pyx.stem in only
     ]
     built = cythonize(
         exts,

@@ -29,15 +29,15 @@ from typing import Final
 
 __all__ = [
     "CLOSE_CODE_BASE",
+    "ERRORS",
+    "AuthError",
+    "ConfigError",
     "ErrorCode",
     "ErrorSpec",
-    "ERRORS",
     "GochatError",
     "ProtocolError",
     "RequestError",
-    "AuthError",
     "UnavailableError",
-    "ConfigError",
     "close_code_for",
 ]
 
@@ -206,3 +206,19 @@ class ConfigError(GochatError):
     """Invalid configuration; raised at start-up, never to a client."""
 
     code = ErrorCode.INTERNAL
+
+
+def markdown_error_table() -> str:
+    """The error table of ``docs/protocol.md`` §4, generated from :data:`ERRORS` (a test compares)."""
+    lines = [
+        "| code | name | fatal | close code | retryable | description |",
+        "|---:|---|---|---:|---|---|",
+    ]
+    for spec in sorted(ERRORS.values(), key=lambda s: int(s.code)):
+        close = str(spec.close_code) if spec.fatal else "—"
+        description = spec.description.replace("|", "\\|")
+        lines.append(
+            f"| {int(spec.code)} | {spec.code.name} | {'yes' if spec.fatal else 'no'} | {close} "
+            f"| {'yes' if spec.retryable else 'no'} | {description} |"
+        )
+    return "\n".join(lines) + "\n"

@@ -17,10 +17,34 @@ from typing import ClassVar
 from gochat.protocol.constants import Op
 
 __all__ = [
-    "Auth", "AuthOk", "Call", "CallResult", "Deliver", "Error", "Event", "Frame", "GoAway",
-    "History", "HistoryResult", "Message", "Ping", "Pong", "Read", "ReadOk", "Send", "SendAck",
-    "Subscribe", "SubscribeOk", "Sync", "SyncEntry", "SyncResult", "SyncResultEntry", "Typing",
-    "Unsubscribe", "UnsubscribeOk", "FRAME_TYPES",
+    "FRAME_TYPES",
+    "Auth",
+    "AuthOk",
+    "Call",
+    "CallResult",
+    "Deliver",
+    "Error",
+    "Event",
+    "Frame",
+    "GoAway",
+    "History",
+    "HistoryResult",
+    "Message",
+    "Ping",
+    "Pong",
+    "Read",
+    "ReadOk",
+    "Send",
+    "SendAck",
+    "Subscribe",
+    "SubscribeOk",
+    "Sync",
+    "SyncEntry",
+    "SyncResult",
+    "SyncResultEntry",
+    "Typing",
+    "Unsubscribe",
+    "UnsubscribeOk",
 ]
 
 

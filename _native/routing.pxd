@@ -1,0 +1,23 @@
+# Routing tables of one node: which local connections belong to a user, which are subscribed
+# to a room. The messaging core resolves recipients (user ids) and calls fanout_users /
+# fanout_room with bytes encoded once; the loops run in C over Python containers.
+
+from gochat._native.fanout cimport Connection, FanoutWriter
+
+cdef class RoutingTable:
+    cdef:
+        dict users      # user_id -> list[Connection] (a user's devices on this node)
+        dict rooms      # room_id -> dict[conn_id, Connection]
+        readonly Py_ssize_t connections
+
+    cpdef add_user_connection(self, Connection conn)
+    cpdef remove_connection(self, Connection conn)
+    cpdef list user_connections(self, object user_id)
+    cpdef bint is_online(self, object user_id)
+    cpdef bint subscribe(self, object room_id, Connection conn)
+    cpdef bint unsubscribe(self, object room_id, Connection conn)
+    cpdef Py_ssize_t room_size(self, object room_id)
+    cpdef int fanout_users(self, FanoutWriter writer, object user_ids, bytes data,
+                           Connection skip=*, bint droppable=*) except -1
+    cpdef int fanout_room(self, FanoutWriter writer, object room_id, bytes data,
+                          Connection skip=*, bint droppable=*) except -1

@@ -1,0 +1,1 @@
+"""HTTP control-plane API (aiohttp)."""

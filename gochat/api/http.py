@@ -1,0 +1,211 @@
+"""HTTP control-plane API on aiohttp.
+
+Routes (``docs/http-api.md`` documents bodies and errors):
+
+- ``POST /v1/users``, ``GET /v1/users/by-name/{username}``
+- ``POST /v1/auth/login``, ``POST /v1/auth/refresh``, ``POST /v1/auth/logout``
+- ``GET /.well-known/jwks.json``, ``GET /v1/gateways``
+- ``GET /healthz``, ``GET /readiness``, ``GET /metrics``
+
+Every error is JSON ``{"error": {"code", "name", "message"}}`` with the gochat error code of
+``gochat/errors.py`` and a matching HTTP status.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+import orjson
+from aiohttp import web
+
+from gochat.auth.service import TokenPair
+from gochat.errors import ErrorCode, GochatError, UnavailableError
+
+if TYPE_CHECKING:
+    from gochat.server import Server
+
+__all__ = ["build_app"]
+
+log = logging.getLogger("gochat.api")
+
+_STATUS = {
+    ErrorCode.UNAUTHORIZED: 401,
+    ErrorCode.TOKEN_EXPIRED: 401,
+    ErrorCode.TOKEN_REVOKED: 401,
+    ErrorCode.FORBIDDEN: 403,
+    ErrorCode.NOT_FOUND: 404,
+    ErrorCode.CONFLICT: 409,
+    ErrorCode.BODY_TOO_LARGE: 413,
+    ErrorCode.RATE_LIMITED: 429,
+    ErrorCode.INTERNAL: 500,
+    ErrorCode.UNAVAILABLE: 503,
+    ErrorCode.SHUTTING_DOWN: 503,
+    ErrorCode.OVERLOADED: 503,
+}
+
+_MAX_BODY = 64 * 1024
+_SERVER_KEY: web.AppKey[Server] = web.AppKey("server")
+
+
+def _json(data: Any, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(data), status=status, content_type="application/json")
+
+
+def error_response(code: ErrorCode, message: str) -> web.Response:
+    status = _STATUS.get(code, 400)
+    return _json({"error": {"code": int(code), "name": code.name, "message": message}}, status)
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    server = request.app[_SERVER_KEY]
+    route = request.match_info.route.resource.canonical if request.match_info.route.resource else "unmatched"
+    try:
+        response = await handler(request)
+    except GochatError as exc:
+        response = error_response(exc.code, exc.message)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        response = error_response(
+            ErrorCode.NOT_FOUND if exc.status == 404 else ErrorCode.BAD_REQUEST, exc.reason
+        )
+        response.set_status(exc.status)
+    except Exception:
+        log.exception("HTTP %s %s failed", request.method, request.path)
+        response = error_response(ErrorCode.INTERNAL, "internal error")
+    server.metrics.http_requests.labels(route=route, status=str(response.status)).inc()
+    return response
+
+
+async def _body(request: web.Request) -> dict[str, Any]:
+    raw = await request.read()
+    try:
+        data = orjson.loads(raw) if raw else {}
+    except orjson.JSONDecodeError:
+        raise GochatError("request body is not JSON", code=ErrorCode.BAD_JSON) from None
+    if not isinstance(data, dict):
+        raise GochatError("request body must be a JSON object", code=ErrorCode.BAD_JSON)
+    return data
+
+
+def _str_field(data: dict[str, Any], name: str) -> str:
+    value = data.get(name)
+    if not isinstance(value, str):
+        raise GochatError(f"{name!r} must be a string", code=ErrorCode.BAD_REQUEST)
+    return value
+
+
+def _bearer(request: web.Request) -> str:
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise GochatError("expected 'Authorization: Bearer <access token>'", code=ErrorCode.UNAUTHORIZED)
+    return token.strip()
+
+
+def _token_pair(server: Server, pair: TokenPair) -> dict[str, Any]:
+    return {
+        "access_token": pair.access_token,
+        "refresh_token": pair.refresh_token,
+        "expires_in": server.auth.access_ttl_s,
+        "token_type": "Bearer",
+        "user_id": pair.user_id,
+    }
+
+
+async def create_user(request: web.Request) -> web.Response:
+    data = await _body(request)
+    server = request.app[_SERVER_KEY]
+    user_id = await server.auth.register(_str_field(data, "username"), _str_field(data, "password"))
+    return _json({"user_id": user_id}, 201)
+
+
+async def user_by_name(request: web.Request) -> web.Response:
+    server = request.app[_SERVER_KEY]
+    server.auth.verify_access(_bearer(request))
+    user = await server.store.get_user_by_name(request.match_info["username"])
+    if user is None:
+        raise GochatError("no such user", code=ErrorCode.NOT_FOUND)
+    return _json({"user_id": user.user_id, "username": user.username})
+
+
+async def login(request: web.Request) -> web.Response:
+    data = await _body(request)
+    server = request.app[_SERVER_KEY]
+    pair = await server.auth.login(_str_field(data, "username"), _str_field(data, "password"))
+    return _json(_token_pair(server, pair))
+
+
+async def refresh(request: web.Request) -> web.Response:
+    data = await _body(request)
+    server = request.app[_SERVER_KEY]
+    pair = await server.auth.refresh(_str_field(data, "refresh_token"))
+    return _json(_token_pair(server, pair))
+
+
+async def logout(request: web.Request) -> web.Response:
+    server = request.app[_SERVER_KEY]
+    claims = server.auth.verify_access(_bearer(request))
+    data = await _body(request)
+    refresh_token = data.get("refresh_token")
+    if refresh_token is not None and not isinstance(refresh_token, str):
+        raise GochatError("'refresh_token' must be a string", code=ErrorCode.BAD_REQUEST)
+    await server.auth.logout(claims, refresh_token)
+    return web.Response(status=204)
+
+
+async def jwks(request: web.Request) -> web.Response:
+    return _json(request.app[_SERVER_KEY].auth.keyring.jwks())
+
+
+async def gateways(request: web.Request) -> web.Response:
+    return _json({"gateways": request.app[_SERVER_KEY].gateways()})
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return _json({"status": "ok"})
+
+
+async def readiness(request: web.Request) -> web.Response:
+    server = request.app[_SERVER_KEY]
+    checks: dict[str, str] = {}
+    ready = True
+    try:
+        await server.store.ping()
+        checks["store"] = "ok"
+    except UnavailableError as exc:
+        checks["store"] = f"unavailable: {exc.message}"
+        ready = False
+    if server.draining:
+        checks["gateway"] = "draining"
+        ready = False
+    else:
+        checks["gateway"] = "ok"
+    return _json({"ready": ready, "checks": checks}, 200 if ready else 503)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body = request.app[_SERVER_KEY].metrics.render()
+    return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+
+
+def build_app(server: Server) -> web.Application:
+    app = web.Application(middlewares=[_errors], client_max_size=_MAX_BODY)
+    app[_SERVER_KEY] = server
+    app.router.add_post("/v1/users", create_user)
+    app.router.add_get("/v1/users/by-name/{username}", user_by_name)
+    app.router.add_post("/v1/auth/login", login)
+    app.router.add_post("/v1/auth/refresh", refresh)
+    app.router.add_post("/v1/auth/logout", logout)
+    app.router.add_get("/.well-known/jwks.json", jwks)
+    app.router.add_get("/v1/gateways", gateways)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readiness", readiness)
+    app.router.add_get("/metrics", metrics)
+    return app

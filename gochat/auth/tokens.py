@@ -1,0 +1,237 @@
+"""Access tokens (asymmetric JWTs) and opaque refresh tokens.
+
+Access token: a JWT signed with the key ring's signing key (EdDSA by default, or RS256).
+
+* header: ``alg``, ``typ: JWT``, ``kid`` (RFC 7638 thumbprint of the signing key);
+* claims: ``iss`` (``gochat``), ``sub`` (user id as a decimal string), ``jti`` (random),
+  ``iat``, ``exp`` (Unix seconds), ``typ: access`` and ``sid`` (the session: the refresh-token
+  family the token was issued with).
+
+Verification is strict and does no I/O: the ``kid`` must name a key of the ring and the header
+``alg`` must be *that key's* algorithm (so ``alg: none``, ``HS256`` keyed with the public key
+and any other algorithm substitution fail); signature, issuer, ``typ`` and the required claims
+are checked, then expiry (with the injected clock) and finally the in-memory deny-list, which
+holds revoked ``jti`` values and revoked sessions (``fam:<sid>`` entries).
+
+Refresh token: ``secrets.token_urlsafe(32)`` (256 random bits), opaque to clients. The store
+keeps only its ``jti`` = SHA-256 hex of the token, so a database leak does not leak usable
+refresh tokens.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Final
+
+import jwt
+
+from gochat.auth.keys import KeyRing
+from gochat.errors import AuthError, ErrorCode
+
+__all__ = [
+    "ACCESS_TYPE",
+    "FAMILY_PREFIX",
+    "Claims",
+    "TokenService",
+    "family_deny_key",
+    "new_family_id",
+    "new_refresh_token",
+    "refresh_token_jti",
+]
+
+ACCESS_TYPE: Final = "access"
+#: Deny-list key prefix for a revoked session (refresh-token family).
+FAMILY_PREFIX: Final = "fam:"
+MAX_TOKEN_LENGTH: Final = 8192
+MAX_REFRESH_TOKEN_LENGTH: Final = 256
+_REQUIRED: Final = ["iss", "sub", "jti", "iat", "exp"]
+
+
+@dataclass(frozen=True, slots=True)
+class Claims:
+    """A verified access token."""
+
+    user_id: int
+    jti: str
+    #: Session id: the refresh-token family this token belongs to ("" if none).
+    sid: str
+    iat: int
+    exp: int
+    kid: str
+
+    @property
+    def sub(self) -> str:
+        return str(self.user_id)
+
+    @property
+    def expires_ms(self) -> int:
+        return self.exp * 1000
+
+
+def new_refresh_token() -> str:
+    return secrets.token_urlsafe(32)
+
+
+def refresh_token_jti(token: str) -> str:
+    """The stored id of a refresh token: SHA-256 hex of the token."""
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+def new_family_id() -> str:
+    return secrets.token_urlsafe(16)
+
+
+def family_deny_key(family: str) -> str:
+    return FAMILY_PREFIX + family
+
+
+def _unauthorized(message: str = "invalid token") -> AuthError:
+    return AuthError(message, code=ErrorCode.UNAUTHORIZED)
+
+
+def _int_claim(payload: Mapping[str, Any], name: str) -> int:
+    value = payload.get(name)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _unauthorized(f"invalid {name} claim")
+    return value
+
+
+class TokenService:
+    """Issues and verifies access tokens; holds the in-memory deny-list.
+
+    ``clock`` returns Unix seconds (float); tests inject one to expire tokens.
+    """
+
+    def __init__(
+        self,
+        keyring: KeyRing,
+        *,
+        issuer: str = "gochat",
+        access_ttl_s: int = 900,
+        leeway_s: int = 0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if access_ttl_s <= 0:
+            raise ValueError("access_ttl_s must be positive")
+        self.keyring = keyring
+        self.issuer = issuer
+        self.access_ttl_s = access_ttl_s
+        self.leeway_s = leeway_s
+        self.clock = clock
+        self._denied: dict[str, int] = {}  # jti or fam:<sid> -> expires_ms
+        self._last_prune_ms = 0
+
+    def now_ms(self) -> int:
+        return int(self.clock() * 1000)
+
+    # ---- issue / verify ----------------------------------------------------------------------
+
+    def issue_access(self, user_id: int, *, sid: str = "") -> tuple[str, Claims]:
+        key = self.keyring.signing
+        assert key.private_key is not None
+        iat = int(self.clock())
+        claims = Claims(
+            user_id=user_id,
+            jti=secrets.token_urlsafe(16),
+            sid=sid,
+            iat=iat,
+            exp=iat + self.access_ttl_s,
+            kid=key.kid,
+        )
+        payload: dict[str, Any] = {
+            "iss": self.issuer,
+            "sub": claims.sub,
+            "jti": claims.jti,
+            "iat": claims.iat,
+            "exp": claims.exp,
+            "typ": ACCESS_TYPE,
+        }
+        if sid:
+            payload["sid"] = sid
+        token = jwt.encode(payload, key.private_key, algorithm=key.algorithm, headers={"kid": key.kid})
+        return token, claims
+
+    def verify_access(self, token: str) -> Claims:
+        """Verify an access token; raise :class:`AuthError` with UNAUTHORIZED (malformed, forged,
+        unknown key, wrong algorithm), TOKEN_EXPIRED or TOKEN_REVOKED."""
+        if not isinstance(token, str) or not token or len(token) > MAX_TOKEN_LENGTH:
+            raise _unauthorized()
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.PyJWTError as exc:
+            raise _unauthorized() from exc
+        kid = header.get("kid")
+        key = self.keyring.get(kid) if isinstance(kid, str) else None
+        if key is None:
+            raise _unauthorized("token signed with an unknown key")
+        if header.get("alg") != key.algorithm:
+            raise _unauthorized("token algorithm not accepted")
+        try:
+            payload = jwt.decode(
+                token,
+                key.public_key,
+                algorithms=[key.algorithm],
+                issuer=self.issuer,
+                options={
+                    "require": _REQUIRED,
+                    # Time claims are checked below with the injected clock.
+                    "verify_exp": False,
+                    "verify_iat": False,
+                    "verify_nbf": False,
+                },
+            )
+        except jwt.PyJWTError as exc:
+            raise _unauthorized() from exc
+        if payload.get("typ") != ACCESS_TYPE:
+            raise _unauthorized("not an access token")
+        sub = payload["sub"]
+        if not isinstance(sub, str) or not sub.isdecimal() or not sub.isascii() or len(sub) > 20:
+            raise _unauthorized("invalid sub claim")
+        exp = _int_claim(payload, "exp")
+        iat = _int_claim(payload, "iat")
+        sid = payload.get("sid", "")
+        if not isinstance(sid, str):
+            raise _unauthorized("invalid sid claim")
+        now = self.clock()
+        if now >= exp + self.leeway_s:
+            raise AuthError("token expired", code=ErrorCode.TOKEN_EXPIRED)
+        claims = Claims(user_id=int(sub), jti=payload["jti"], sid=sid, iat=iat, exp=exp, kid=key.kid)
+        if self.is_revoked(claims):
+            raise AuthError("token revoked", code=ErrorCode.TOKEN_REVOKED)
+        return claims
+
+    # ---- deny-list ----------------------------------------------------------------------------
+
+    def is_revoked(self, claims: Claims) -> bool:
+        """True if the token's ``jti`` or its session is deny-listed (no I/O)."""
+        denied = self._denied
+        if claims.jti in denied:
+            return True
+        return bool(claims.sid) and family_deny_key(claims.sid) in denied
+
+    def deny(self, jti: str, expires_ms: int) -> None:
+        """Deny-list ``jti`` (or ``fam:<sid>``) until ``expires_ms``."""
+        now = self.now_ms()
+        if expires_ms > now:
+            self._denied[jti] = max(expires_ms, self._denied.get(jti, 0))
+        if now - self._last_prune_ms > 60_000:
+            self.prune(now)
+
+    def load_denied(self, entries: Mapping[str, int]) -> None:
+        for jti, expires_ms in entries.items():
+            self._denied[jti] = max(expires_ms, self._denied.get(jti, 0))
+        self.prune(self.now_ms())
+
+    def prune(self, now_ms: int) -> None:
+        self._last_prune_ms = now_ms
+        expired = [jti for jti, exp in self._denied.items() if exp <= now_ms]
+        for jti in expired:
+            del self._denied[jti]
+
+    @property
+    def denied_count(self) -> int:
+        return len(self._denied)

@@ -1,0 +1,142 @@
+"""Configuration: resolved once, at start-up, into a frozen :class:`Settings`.
+
+Precedence, lowest first: built-in defaults → TOML file (``--config``) → ``GOCHAT_*`` environment
+variables → command-line flags. Each field documents its default (centrifuge ``config.go``
+style); ``docs/configuration.md`` is generated from the same metadata. Hot paths never read
+options: they receive plain values from this object when they are built.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Final
+
+from gochat.errors import ConfigError
+
+__all__ = ["ENV_PREFIX", "Settings", "load_settings", "settings_markdown"]
+
+ENV_PREFIX: Final = "GOCHAT_"
+
+
+def _opt(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Every server setting. Environment: ``GOCHAT_<FIELD NAME IN UPPER CASE>``."""
+
+    host: str = _opt("127.0.0.1", "address the WebSocket and HTTP listeners bind")
+    ws_port: int = _opt(8700, "WebSocket gateway port (path /ws); 0 picks a free port")
+    http_port: int = _opt(8701, "HTTP API port; 0 picks a free port")
+    data_dir: str = _opt("./gochat-data", "directory for the SQLite database and key files")
+    node_id: int = _opt(0, "node id 0–1023, part of every msg_id (unique per cluster node)")
+    public_ws_url: str = _opt("", "WebSocket URL announced to clients (default ws://host:ws_port/ws)")
+    # auth
+    jwt_algorithm: str = _opt("EdDSA", "access-token signature: EdDSA (Ed25519) or RS256")
+    access_ttl_s: int = _opt(900, "access-token lifetime, seconds")
+    refresh_ttl_s: int = _opt(30 * 24 * 3600, "refresh-token lifetime, seconds")
+    # gateway limits
+    max_frame: int = _opt(65536, "largest accepted frame (and WebSocket message), bytes")
+    max_body: int = _opt(32768, "largest message body, bytes")
+    heartbeat_ms: int = _opt(25000, "PING interval announced to clients; idle close after 3 intervals")
+    auth_timeout_ms: int = _opt(10000, "time allowed between connect and a successful AUTH")
+    rate_limit_per_s: float = _opt(200.0, "sustained requests per second per connection (token bucket)")
+    rate_limit_burst: int = _opt(400, "token-bucket burst per connection")
+    outbound_soft_limit: int = _opt(1 << 20, "bytes queued to a client above which ephemeral events are dropped")
+    outbound_hard_limit: int = _opt(4 << 20, "bytes queued to a client above which it is disconnected (4401)")
+    history_max_limit: int = _opt(500, "most messages one HISTORY reply carries")
+    max_group_members: int = _opt(10000, "largest group")
+    drain_timeout_s: float = _opt(10.0, "on SIGTERM, how long to wait for in-flight sends to commit")
+    log_level: str = _opt("INFO", "logging level: DEBUG, INFO, WARNING, ERROR")
+
+    @property
+    def data_path(self) -> Path:
+        return Path(self.data_dir)
+
+    def replace(self, **changes: Any) -> Settings:
+        return dataclasses.replace(self, **changes)
+
+
+def _coerce(name: str, typ: Any, value: Any) -> Any:
+    kind = typ if isinstance(typ, type) else {"int": int, "float": float, "str": str, "bool": bool}.get(str(typ))
+    try:
+        if kind is bool:
+            if isinstance(value, bool):
+                return value
+            return str(value).strip().lower() in ("1", "true", "yes", "on")
+        if kind is int:
+            if isinstance(value, bool):
+                raise ValueError("boolean")
+            return int(value)
+        if kind is float:
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"setting {name!r}: cannot use {value!r} ({exc})") from exc
+
+
+def load_settings(
+    config_file: str | os.PathLike[str] | None = None,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Resolve settings from defaults, a TOML file, ``GOCHAT_*`` variables and overrides."""
+    env = os.environ if env is None else env
+    known = {f.name: f for f in fields(Settings)}
+    values: dict[str, Any] = {}
+    if config_file:
+        try:
+            with open(config_file, "rb") as fh:
+                doc = tomllib.load(fh)
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"cannot read config file {config_file}: {exc}") from exc
+        section = doc.get("gochat", doc)
+        for key, value in section.items():
+            if key not in known:
+                raise ConfigError(f"unknown setting {key!r} in {config_file}")
+            values[key] = _coerce(key, known[key].type, value)
+    for name, f in known.items():
+        raw = env.get(ENV_PREFIX + name.upper())
+        if raw is not None and raw != "":
+            values[name] = _coerce(name, f.type, raw)
+    for key, value in (overrides or {}).items():
+        if value is None:
+            continue
+        if key not in known:
+            raise ConfigError(f"unknown setting {key!r}")
+        values[key] = _coerce(key, known[key].type, value)
+    settings = Settings(**values)
+    _validate(settings)
+    return settings
+
+
+def _validate(s: Settings) -> None:
+    if s.jwt_algorithm not in ("EdDSA", "RS256"):
+        raise ConfigError("jwt_algorithm must be EdDSA or RS256")
+    if not 0 <= s.node_id <= 1023:
+        raise ConfigError("node_id must be in 0..1023")
+    if not 1024 <= s.max_frame <= 16 << 20:
+        raise ConfigError("max_frame must be between 1 KiB and 16 MiB")
+    if not 1 <= s.max_body <= s.max_frame - 12 - 26:
+        raise ConfigError("max_body must be positive and fit in max_frame with the SEND header")
+    if s.outbound_soft_limit > s.outbound_hard_limit:
+        raise ConfigError("outbound_soft_limit must not exceed outbound_hard_limit")
+    for name in ("ws_port", "http_port"):
+        if not 0 <= getattr(s, name) <= 65535:
+            raise ConfigError(f"{name} out of range")
+
+
+def settings_markdown() -> str:
+    """The settings table for ``docs/configuration.md``."""
+    rows = ["| setting | environment | default | meaning |", "|---|---|---|---|"]
+    for f in fields(Settings):
+        rows.append(
+            f"| `{f.name}` | `{ENV_PREFIX}{f.name.upper()}` | `{f.default!r}` | {f.metadata['help']} |"
+        )
+    return "\n".join(rows) + "\n"

@@ -1,0 +1,1 @@
+"""WebSocket gateway: picows listener, per-connection sessions, the native fan-out writer."""

@@ -1,0 +1,315 @@
+"""The WebSocket gateway: connection lifecycle, authentication, decoding and dispatch.
+
+picows calls the native :class:`Connection` for every WebSocket message; the connection hands
+the bytes to :meth:`Gateway.on_message`, which decodes every frame of the message, applies the
+per-connection rate limit, and dispatches. Replies and pushes are queued on the connection and
+leave in one coalesced write at the end of the loop tick (``FanoutWriter``).
+
+Errors: a request-level failure is answered with ERROR (the connection stays); a protocol
+violation is answered with ERROR and the connection is closed with ``4000 + code``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable
+from typing import Any
+
+from picows import WSUpgradeRequest, WSUpgradeResponse, WSUpgradeResponseWithListener
+
+from gochat._native.fanout import Connection, FanoutWriter
+from gochat._native.routing import RoutingTable
+from gochat.auth.service import AuthService
+from gochat.auth.tokens import family_deny_key
+from gochat.config import Settings
+from gochat.errors import ERRORS, ErrorCode, GochatError, close_code_for
+from gochat.ids import IdGenerator
+from gochat.messaging.core import MessagingCore, SessionState
+from gochat.messaging.presence import MemoryPresence
+from gochat.observability.metrics import Metrics
+from gochat.protocol import (
+    CLIENT_OPS,
+    EventType,
+    Op,
+    decode,
+    encode,
+    encode_error,
+    encode_event,
+)
+from gochat.protocol.frames import AuthOk, GoAway, Pong
+
+__all__ = ["Gateway"]
+
+log = logging.getLogger("gochat.gateway")
+
+_RETRY_RATE_LIMITED_MS = 1000
+
+
+class Gateway:
+    def __init__(
+        self,
+        settings: Settings,
+        auth: AuthService,
+        core: MessagingCore,
+        routing: RoutingTable,
+        writer: FanoutWriter,
+        presence: MemoryPresence,
+        ids: IdGenerator,
+        metrics: Metrics,
+    ) -> None:
+        self.settings = settings
+        self.auth = auth
+        self.core = core
+        self.routing = routing
+        self.writer = writer
+        self.presence = presence
+        self.ids = ids
+        self.metrics = metrics
+        self.loop = asyncio.get_running_loop()
+        self.connections: dict[int, Connection] = {}
+        self.inflight: set[asyncio.Task[None]] = set()
+        self.draining = False
+        self._picows_max_message = settings.max_frame * 4
+
+    # ---- listener factory ------------------------------------------------------------------
+    def listener_factory(self, request: WSUpgradeRequest) -> Any:
+        path = request.path.split(b"?", 1)[0]
+        if path != b"/ws":
+            return None  # picows answers 404
+        if self.draining:
+            return WSUpgradeResponseWithListener(
+                WSUpgradeResponse.create_error_response(503, b"draining"), None
+            )
+        conn = Connection(
+            self,
+            self.writer,
+            self.settings.outbound_soft_limit,
+            self.settings.outbound_hard_limit,
+            self.settings.rate_limit_per_s,
+            float(self.settings.rate_limit_burst),
+            self._picows_max_message,
+        )
+        conn.state = SessionState()
+        header = request.headers.get("Authorization")
+        if header:
+            scheme, _, token = header.partition(" ")
+            try:
+                if scheme.lower() != "bearer" or not token:
+                    raise GochatError("expected 'Authorization: Bearer <token>'", code=ErrorCode.UNAUTHORIZED)
+                claims = self.auth.verify_access(token.strip())
+            except GochatError as exc:
+                body = exc.message.encode()
+                return WSUpgradeResponseWithListener(
+                    WSUpgradeResponse.create_error_response(401, body), None
+                )
+            conn.user_id = claims.user_id
+            conn.state.jti = claims.jti
+            conn.state.sid = claims.sid
+            conn.state.token_exp = claims.exp
+            conn.authenticated = True  # AUTH_OK is sent in on_connected
+        return conn
+
+    # ---- connection lifecycle (called by Connection) -----------------------------------------
+    def on_connected(self, conn: Connection) -> None:
+        self.connections[conn.conn_id] = conn
+        state: SessionState = conn.state
+        if conn.authenticated:
+            self._authenticated(conn, rid=0)
+        else:
+            state.auth_timer = self.loop.call_later(
+                self.settings.auth_timeout_ms / 1000, self._auth_timeout, conn
+            )
+
+    def on_disconnected(self, conn: Connection) -> None:
+        self.connections.pop(conn.conn_id, None)
+        state: SessionState | None = conn.state
+        if state is not None and state.auth_timer is not None:
+            state.auth_timer.cancel()
+        self.core.connection_closed(conn)
+        if conn.authenticated and conn.session_id:
+            self.routing.remove_connection(conn)
+            if self.presence.disconnected(conn.user_id):
+                self.core.presence_changed(conn.user_id, False)
+
+    def on_text(self, conn: Connection) -> None:
+        self._fatal(conn, 0, ErrorCode.TEXT_FRAME, "only binary WebSocket messages are allowed")
+
+    def on_oversize(self, conn: Connection) -> None:
+        self._fatal(conn, 0, ErrorCode.FRAME_TOO_LARGE, "message above the maximum size")
+
+    def _auth_timeout(self, conn: Connection) -> None:
+        if not conn.authenticated and not conn.closing:
+            self._fatal(conn, 0, ErrorCode.NOT_AUTHENTICATED, "no AUTH within the time allowed")
+
+    def _authenticated(self, conn: Connection, rid: int) -> None:
+        state: SessionState = conn.state
+        if state.auth_timer is not None:
+            state.auth_timer.cancel()
+            state.auth_timer = None
+        conn.authenticated = True
+        conn.session_id = self.ids.next_id()
+        self.routing.add_user_connection(conn)
+        if self.presence.connected(conn.user_id):
+            self.core.presence_changed(conn.user_id, True)
+        conn.push(
+            encode(
+                AuthOk(
+                    conn.user_id,
+                    conn.session_id,
+                    _now_ms(),
+                    self.settings.heartbeat_ms,
+                    self.settings.max_frame,
+                    rid=rid,
+                )
+            )
+        )
+
+    # ---- inbound ---------------------------------------------------------------------------------
+    def on_message(self, conn: Connection, data: bytes) -> None:
+        if conn.closing:
+            return
+        try:
+            frames = decode(data, self.settings.max_frame)
+        except GochatError as exc:
+            self._fatal(conn, 0, exc.code, exc.message)
+            return
+        if conn.authenticated and not conn.take_tokens(self.loop.time(), float(len(frames))):
+            for f in frames:
+                if f.op != Op.TYPING:
+                    self._error(conn, f.rid, ErrorCode.RATE_LIMITED, "", _RETRY_RATE_LIMITED_MS)
+            return
+        for frame in frames:
+            if conn.closing:
+                return
+            self._dispatch(conn, frame)
+
+    def _dispatch(self, conn: Connection, f: Any) -> None:
+        op = f.op
+        if op not in CLIENT_OPS:
+            self._fatal(conn, f.rid, ErrorCode.UNEXPECTED_OP, f"op 0x{op:02x} is server-to-client")
+            return
+        if op == Op.PING:
+            conn.push(encode(Pong(f.payload, rid=f.rid)))
+            return
+        if not conn.authenticated:
+            if op == Op.AUTH:
+                self._auth_frame(conn, f)
+            else:
+                self._fatal(conn, f.rid, ErrorCode.NOT_AUTHENTICATED, "AUTH first")
+            return
+        core = self.core
+        if op == Op.SEND:
+            self._spawn(conn, f.rid, core.send(conn, f), timed=True)
+        elif op == Op.AUTH:
+            self._error(conn, f.rid, ErrorCode.ALREADY_AUTHENTICATED, "")
+        elif op == Op.SYNC:
+            self._spawn(conn, f.rid, core.sync(conn, f))
+        elif op == Op.HISTORY:
+            self._spawn(conn, f.rid, core.history(conn, f))
+        elif op == Op.READ:
+            self._spawn(conn, f.rid, core.read(conn, f))
+        elif op == Op.CALL:
+            self._spawn(conn, f.rid, core.call(conn, f.method, f.payload, f.rid))
+        elif op == Op.TYPING:
+            self._spawn(conn, f.rid, core.typing(conn, f))
+        else:
+            try:
+                conn.push(core.subscribe(conn, f) if op == Op.SUBSCRIBE else core.unsubscribe(conn, f))
+            except GochatError as exc:
+                self._error(conn, f.rid, exc.code, exc.message, exc.retry_after_ms)
+
+    def _auth_frame(self, conn: Connection, f: Any) -> None:
+        try:
+            claims = self.auth.verify_access(f.token)
+        except GochatError as exc:
+            self._fatal(conn, f.rid, exc.code, exc.message)
+            return
+        conn.user_id = claims.user_id
+        state: SessionState = conn.state
+        state.jti = claims.jti
+        state.sid = claims.sid
+        state.token_exp = claims.exp
+        self._authenticated(conn, f.rid)
+
+    def _spawn(self, conn: Connection, rid: int, coro: Awaitable[bytes | None], timed: bool = False) -> None:
+        task = self.loop.create_task(self._run(conn, rid, coro, timed))
+        self.inflight.add(task)
+        task.add_done_callback(self.inflight.discard)
+
+    async def _run(self, conn: Connection, rid: int, coro: Awaitable[bytes | None], timed: bool) -> None:
+        started = self.loop.time()
+        try:
+            reply = await coro
+        except GochatError as exc:
+            self._error(conn, rid, exc.code, exc.message, exc.retry_after_ms)
+            return
+        except Exception:
+            log.exception("request failed (rid %d, user %d)", rid, conn.user_id)
+            self._error(conn, rid, ErrorCode.INTERNAL, "", 0)
+            return
+        if timed:
+            self.metrics.send_latency.observe(self.loop.time() - started)
+        if reply is not None:
+            conn.push(reply)
+
+    # ---- errors ------------------------------------------------------------------------------
+    def _error(self, conn: Connection, rid: int, code: int, message: str, retry_after_ms: int = 0) -> None:
+        spec = ERRORS[ErrorCode(code)]
+        self.metrics.errors.labels(code=str(int(code))).inc()
+        conn.push(encode_error(rid, int(code), retry_after_ms, message or spec.description))
+        if spec.fatal:
+            conn.close_with(close_code_for(code), spec.code.name)
+
+    def _fatal(self, conn: Connection, rid: int, code: int, message: str) -> None:
+        self.metrics.errors.labels(code=str(int(code))).inc()
+        conn.push(encode_error(rid, int(code), 0, message or ERRORS[ErrorCode(code)].description))
+        conn.close_with(close_code_for(code), ErrorCode(code).name)
+
+    # ---- control ---------------------------------------------------------------------------------
+    def kick_user(self, user_id: int, code: ErrorCode, reason: str, revoked_id: str = "") -> int:
+        """GOAWAY and close the sessions of ``user_id`` on this node that use the revoked access
+        token or login session ``revoked_id`` (every session of the user when it is empty)."""
+        conns = [
+            c
+            for c in self.routing.user_connections(user_id)
+            if not revoked_id or revoked_id in (c.state.jti, family_deny_key(c.state.sid))
+        ]
+        for conn in conns:
+            conn.push(encode(GoAway(int(code), 0, "", reason)))
+            conn.close_with(close_code_for(code), reason)
+        return len(conns)
+
+    def announce_event(self, user_ids: list[int], etype: EventType, actor: int, value: int) -> None:
+        data = encode_event(int(etype), 0, 0, actor, value)
+        self.routing.fanout_users(self.writer, user_ids, data, None, True)
+
+    async def drain(self, url_hint: str = "", timeout: float = 10.0) -> None:
+        """Stop taking work: GOAWAY everyone, let in-flight requests commit, close."""
+        self.draining = True
+        goaway = encode(GoAway(int(ErrorCode.SHUTTING_DOWN), 500, url_hint, "server is shutting down"))
+        for conn in list(self.connections.values()):
+            conn.push(goaway)
+        self.writer.flush_now()
+        if self.inflight:
+            await asyncio.wait(list(self.inflight), timeout=timeout)
+        for conn in list(self.connections.values()):
+            conn.close_with(1001, "going away")
+        self.writer.flush_now()
+
+    def stats(self) -> dict[str, Any]:
+        w = self.writer
+        return {
+            "connections": len(self.connections),
+            "authenticated": self.routing.connections,
+            "frames_out": w.frames_out,
+            "bytes_out": w.bytes_out,
+            "writes": w.writes,
+            "drops": w.drops,
+            "slow_disconnects": w.slow_disconnects,
+        }
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000

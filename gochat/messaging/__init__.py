@@ -1,0 +1,1 @@
+"""The messaging core: validate, sequence, persist, route, fan out."""

@@ -1,0 +1,478 @@
+"""The messaging core: validate → sequence → persist → route → fan out.
+
+The core takes typed requests from the gateway and answers with encoded reply bytes. It owns the
+policy (membership, limits, conversation addressing) and drives the store; it never reads a
+socket. Fan-out goes through the native :class:`RoutingTable` with bytes encoded once per
+message (twice for a direct conversation: the two sides address it by different peer ids).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+
+from gochat._native.fanout import Connection, FanoutWriter
+from gochat._native.routing import RoutingTable
+from gochat.config import Settings
+from gochat.errors import ErrorCode, RequestError
+from gochat.ids import IdGenerator
+from gochat.messaging.presence import MemoryPresence
+from gochat.observability.metrics import Metrics
+from gochat.protocol import (
+    FLAG_BACKWARD,
+    FLAG_DUPLICATE,
+    FLAG_MORE,
+    FLAG_STOPPED,
+    EventType,
+    Kind,
+    encode,
+    encode_deliver,
+    encode_event,
+    encode_send_ack,
+)
+from gochat.protocol.frames import (
+    CallResult,
+    History,
+    HistoryResult,
+    Message,
+    Read,
+    ReadOk,
+    Send,
+    Subscribe,
+    SubscribeOk,
+    Sync,
+    SyncResult,
+    SyncResultEntry,
+    Typing,
+    Unsubscribe,
+    UnsubscribeOk,
+)
+from gochat.store import AppendRequest, Store, StoredMessage
+
+__all__ = ["MessagingCore", "SessionState"]
+
+log = logging.getLogger("gochat.messaging")
+
+MAX_ROOMS_PER_SESSION = 100
+_GROUP_NAME_MAX = 128
+
+
+class SessionState:
+    """Control-plane state of one authenticated connection."""
+
+    __slots__ = ("auth_timer", "jti", "rooms", "send_gate", "sid", "token_exp")
+
+    def __init__(self) -> None:
+        self.rooms: set[int] = set()
+        self.jti = ""
+        #: the refresh-token family (login session) the access token belongs to
+        self.sid = ""
+        self.token_exp = 0
+        self.auth_timer: Any = None
+        #: resolved once the connection's latest SEND has been handed to the store
+        self.send_gate: asyncio.Future[None] | None = None
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def _err(code: ErrorCode, message: str = "") -> RequestError:
+    return RequestError(message, code=code)
+
+
+class MessagingCore:
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        routing: RoutingTable,
+        writer: FanoutWriter,
+        presence: MemoryPresence,
+        ids: IdGenerator,
+        metrics: Metrics,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.routing = routing
+        self.writer = writer
+        self.presence = presence
+        self.ids = ids
+        self.metrics = metrics
+        self._direct: dict[tuple[int, int], int] = {}  # (lo, hi) -> conv
+        self._members: dict[int, tuple[int, ...]] = {}  # group conv -> members (cache)
+        self._members_inflight: dict[int, asyncio.Task[tuple[int, ...]]] = {}
+        self._calls: dict[str, Callable[[Connection, dict[str, Any]], Any]] = {
+            "group.create": self._group_create,
+            "group.info": self._group_info,
+            "group.members": self._call_group_members,
+            "group.add": self._group_add,
+            "group.remove": self._group_remove,
+            "group.leave": self._group_leave,
+            "conversation.list": self._conversation_list,
+            "presence.query": self._presence_query,
+            "user.lookup": self._user_lookup,
+        }
+
+    # ---- conversation addressing ------------------------------------------------------------
+    async def _direct_conv(self, me: int, peer: int) -> int:
+        key = (me, peer) if me <= peer else (peer, me)
+        conv = self._direct.get(key)
+        if conv is None:
+            conv = await self.store.direct_conversation(me, peer)
+            self._direct[key] = conv
+        return conv
+
+    async def _group_members(self, conv: int) -> tuple[int, ...]:
+        members = self._members.get(conv)
+        if members is not None:
+            return members
+        # Single flight: concurrent first lookups share one query and resume in call order.
+        task = self._members_inflight.get(conv)
+        if task is None:
+            task = asyncio.get_running_loop().create_task(self._load_members(conv))
+            self._members_inflight[conv] = task
+            task.add_done_callback(lambda _t: self._members_inflight.pop(conv, None))
+        return await asyncio.shield(task)
+
+    async def _load_members(self, conv: int) -> tuple[int, ...]:
+        if await self.store.conversation_kind(conv) != Kind.GROUP:
+            raise _err(ErrorCode.NOT_FOUND, "no such group")
+        members = await self.store.members(conv)
+        self._members[conv] = members
+        return members
+
+    async def _member_group(self, conv: int, user_id: int) -> tuple[int, ...]:
+        members = await self._group_members(conv)
+        if user_id not in members:
+            raise _err(ErrorCode.NOT_MEMBER, "not a member of this group")
+        return members
+
+    async def _resolve(self, me: int, kind: int, conv_id: int) -> int:
+        """Internal conv for a stored conversation the user may access."""
+        if kind == Kind.DIRECT:
+            if conv_id == 0:
+                raise _err(ErrorCode.NOT_FOUND, "no such user")
+            return await self._direct_conv(me, conv_id)
+        if kind == Kind.GROUP:
+            await self._member_group(conv_id, me)
+            return conv_id
+        raise _err(ErrorCode.BAD_REQUEST, "rooms have no history")
+
+    def _cached_target(self, me: int, kind: int, conv_id: int) -> tuple[int, tuple[int, ...]] | None:
+        """(conv, members) from the caches without I/O, or None. Raises if cached and not allowed."""
+        if kind == Kind.GROUP:
+            members = self._members.get(conv_id)
+            if members is None:
+                return None
+            if me not in members:
+                raise _err(ErrorCode.NOT_MEMBER, "not a member of this group")
+            return conv_id, members
+        key = (me, conv_id) if me <= conv_id else (conv_id, me)
+        conv = self._direct.get(key)
+        return None if conv is None else (conv, ())
+
+    async def _target(self, me: int, kind: int, conv_id: int) -> tuple[int, tuple[int, ...]]:
+        if kind == Kind.GROUP:
+            return conv_id, await self._member_group(conv_id, me)
+        if conv_id == 0:
+            raise _err(ErrorCode.NOT_FOUND, "no such user")
+        return await self._direct_conv(me, conv_id), ()
+
+    # ---- SEND ---------------------------------------------------------------------------------
+    async def send(self, conn: Connection, req: Send) -> bytes:
+        body_len = len(req.body)
+        if body_len == 0:
+            raise _err(ErrorCode.EMPTY_BODY)
+        if body_len > self.settings.max_body:
+            raise _err(ErrorCode.BODY_TOO_LARGE, f"body above {self.settings.max_body} bytes")
+        me = conn.user_id
+        kind = req.kind
+        if kind == Kind.ROOM:
+            return self._send_room(conn, req)
+        append = AppendRequest(0, kind, me, req.client_msg_id, req.content_type, req.body)
+        state: SessionState = conn.state
+        prev = state.send_gate
+        target = self._cached_target(me, kind, req.conv_id)
+        if target is not None and (prev is None or prev.done()):
+            # Fast path: nothing to wait for, the append is enqueued right now, in order.
+            conv, members = target
+            result = await self.store.append(dataclasses.replace(append, conv=conv))
+        else:
+            # Sends of one connection reach the store in the order they arrived, even when
+            # one of them has to look its conversation up first: each waits for the previous
+            # one to be enqueued (a gate future), then enqueues its own append as a task.
+            loop = asyncio.get_running_loop()
+            gate: asyncio.Future[None] = loop.create_future()
+            state.send_gate = gate
+            try:
+                if target is None:
+                    target = await self._target(me, kind, req.conv_id)
+                if prev is not None and not prev.done():
+                    await prev
+                conv, members = target
+                pending = loop.create_task(self.store.append(dataclasses.replace(append, conv=conv)))
+            finally:
+                gate.set_result(None)
+            result = await pending
+        m = result.message
+        self.metrics.messages_in.labels(kind=str(kind)).inc()
+        if not result.duplicate:
+            self._fan_out(conn, m, req.conv_id, members)
+        flags = FLAG_DUPLICATE if result.duplicate else 0
+        return encode_send_ack(req.rid, flags, kind, req.conv_id, m.seq, m.msg_id, m.ts_ms)
+
+    def _fan_out(self, conn: Connection, m: StoredMessage, wire_conv: int, members: tuple[int, ...]) -> None:
+        me = m.sender_id
+        routing, writer = self.routing, self.writer
+        if m.kind == Kind.GROUP:
+            data = encode_deliver(
+                m.kind, m.content_type, wire_conv, m.seq, m.msg_id, me, m.ts_ms, m.client_msg_id, m.body
+            )
+            n = routing.fanout_users(writer, members, data, conn)
+        else:
+            peer = wire_conv
+            # The sender's other devices see the conversation as "with peer" ...
+            mine = encode_deliver(
+                m.kind, m.content_type, peer, m.seq, m.msg_id, me, m.ts_ms, m.client_msg_id, m.body
+            )
+            n = routing.fanout_users(writer, (me,), mine, conn)
+            if peer != me:
+                # ... the peer sees it as "with sender".
+                theirs = encode_deliver(
+                    m.kind, m.content_type, me, m.seq, m.msg_id, me, m.ts_ms, m.client_msg_id, m.body
+                )
+                n += routing.fanout_users(writer, (peer,), theirs, None)
+        self.metrics.messages_delivered.inc(n)
+
+    def _send_room(self, conn: Connection, req: Send) -> bytes:
+        state: SessionState = conn.state
+        if req.conv_id not in state.rooms:
+            raise _err(ErrorCode.NOT_MEMBER, "subscribe to the room before sending")
+        msg_id = self.ids.next_id()
+        ts = _now_ms()
+        data = encode_deliver(
+            Kind.ROOM, req.content_type, req.conv_id, 0, msg_id, conn.user_id, ts, req.client_msg_id, req.body
+        )
+        n = self.routing.fanout_room(self.writer, req.conv_id, data, conn, True)
+        self.metrics.messages_in.labels(kind="3").inc()
+        self.metrics.messages_delivered.inc(n)
+        return encode_send_ack(req.rid, 0, Kind.ROOM, req.conv_id, 0, msg_id, ts)
+
+    # ---- SYNC / HISTORY / READ --------------------------------------------------------------
+    async def sync(self, conn: Connection, req: Sync) -> bytes:
+        known = {(e.kind, e.conv_id): e.seq for e in req.entries}
+        entries = []
+        for c in await self.store.conversations(conn.user_id):
+            wire = c.peer_id if c.kind == Kind.DIRECT else c.conv
+            if c.last_seq > known.get((c.kind, wire), 0):
+                entries.append(SyncResultEntry(c.kind, wire, c.last_seq, c.read_seq))
+        return encode(SyncResult(entries, rid=req.rid))
+
+    async def history(self, conn: Connection, req: History) -> bytes:
+        conv = await self._resolve(conn.user_id, req.kind, req.conv_id)
+        limit = min(req.limit, self.settings.history_max_limit)
+        backward = bool(req.flags & FLAG_BACKWARD)
+        rows, more = await self.store.history(conv, req.from_seq, limit, backward)
+        wire = req.conv_id
+        messages = [
+            Message(m.kind, m.content_type, wire, m.seq, m.msg_id, m.sender_id, m.ts_ms, m.client_msg_id, m.body)
+            for m in rows
+        ]
+        return encode(HistoryResult(req.kind, wire, messages, rid=req.rid, flags=FLAG_MORE if more else 0))
+
+    async def read(self, conn: Connection, req: Read) -> bytes:
+        me = conn.user_id
+        conv = await self._resolve(me, req.kind, req.conv_id)
+        seq = await self.store.set_read(conv, me, req.seq)
+        self._announce(conn, EventType.READ, req.kind, req.conv_id, seq, droppable=False)
+        return encode(ReadOk(rid=req.rid))
+
+    def _announce(self, conn: Connection, etype: int, kind: int, wire_conv: int, value: int, droppable: bool) -> None:
+        """EVENT to the other members and to the actor's other devices."""
+        me = conn.user_id
+        if kind == Kind.GROUP:
+            members = self._members.get(wire_conv, ())
+            data = encode_event(etype, kind, wire_conv, me, value)
+            self.routing.fanout_users(self.writer, members, data, conn, droppable)
+        else:
+            mine = encode_event(etype, kind, wire_conv, me, value)
+            self.routing.fanout_users(self.writer, (me,), mine, conn, droppable)
+            if wire_conv != me:
+                theirs = encode_event(etype, kind, me, me, value)
+                self.routing.fanout_users(self.writer, (wire_conv,), theirs, None, droppable)
+
+    async def typing(self, conn: Connection, req: Typing) -> None:
+        me = conn.user_id
+        if req.kind == Kind.GROUP:
+            await self._member_group(req.conv_id, me)
+        elif req.kind == Kind.DIRECT:
+            if req.conv_id == me:
+                return
+        else:
+            raise _err(ErrorCode.BAD_REQUEST, "typing is for direct and group conversations")
+        value = 0 if req.flags & FLAG_STOPPED else 1
+        if req.kind == Kind.GROUP:
+            data = encode_event(EventType.TYPING, req.kind, req.conv_id, me, value)
+            members = self._members[req.conv_id]
+            self.routing.fanout_users(self.writer, members, data, conn, True)
+        else:
+            data = encode_event(EventType.TYPING, req.kind, me, me, value)
+            self.routing.fanout_users(self.writer, (req.conv_id,), data, None, True)
+
+    # ---- rooms -----------------------------------------------------------------------------
+    def subscribe(self, conn: Connection, req: Subscribe) -> bytes:
+        state: SessionState = conn.state
+        if req.room_id not in state.rooms:
+            if len(state.rooms) >= MAX_ROOMS_PER_SESSION:
+                raise _err(ErrorCode.BAD_REQUEST, f"at most {MAX_ROOMS_PER_SESSION} rooms per session")
+            state.rooms.add(req.room_id)
+            self.routing.subscribe(req.room_id, conn)
+        return encode(SubscribeOk(req.room_id, rid=req.rid))
+
+    def unsubscribe(self, conn: Connection, req: Unsubscribe) -> bytes:
+        state: SessionState = conn.state
+        if req.room_id in state.rooms:
+            state.rooms.discard(req.room_id)
+            self.routing.unsubscribe(req.room_id, conn)
+        return encode(UnsubscribeOk(req.room_id, rid=req.rid))
+
+    def connection_closed(self, conn: Connection) -> None:
+        state: SessionState | None = conn.state
+        if state is not None:
+            for room in state.rooms:
+                self.routing.unsubscribe(room, conn)
+            state.rooms.clear()
+        self.presence.unwatch_all(conn)
+
+    # ---- presence ----------------------------------------------------------------------------
+    def presence_changed(self, user_id: int, online: bool) -> None:
+        watchers = self.presence.watchers(user_id)
+        if watchers:
+            data = encode_event(EventType.PRESENCE, 0, 0, user_id, 1 if online else 0)
+            self.writer.fanout(watchers, data, None, True)
+
+    # ---- CALL (control plane) ----------------------------------------------------------------
+    async def call(self, conn: Connection, method: str, payload: bytes, rid: int) -> bytes:
+        handler = self._calls.get(method)
+        if handler is None:
+            raise _err(ErrorCode.UNKNOWN_METHOD, f"unknown method {method!r}")
+        try:
+            params = orjson.loads(payload) if payload else {}
+        except orjson.JSONDecodeError as exc:
+            raise _err(ErrorCode.BAD_JSON, f"payload is not JSON: {exc}") from None
+        if not isinstance(params, dict):
+            raise _err(ErrorCode.BAD_JSON, "payload must be a JSON object")
+        result = await handler(conn, params)
+        return encode(CallResult(orjson.dumps(result), rid=rid))
+
+    @staticmethod
+    def _int(params: dict[str, Any], name: str) -> int:
+        v = params.get(name)
+        if not isinstance(v, int) or isinstance(v, bool) or not 0 < v < 1 << 64:
+            raise _err(ErrorCode.BAD_REQUEST, f"{name!r} must be a positive integer")
+        return v
+
+    def _group_event(self, members: tuple[int, ...], etype: int, conv: int, actor: int, value: int) -> None:
+        data = encode_event(etype, Kind.GROUP, conv, actor, value)
+        self.routing.fanout_users(self.writer, members, data, None, False)
+
+    async def _group_create(self, conn: Connection, p: dict[str, Any]) -> dict[str, Any]:
+        name = p.get("name", "")
+        members = p.get("members", [])
+        if not isinstance(name, str) or not 0 < len(name) <= _GROUP_NAME_MAX:
+            raise _err(ErrorCode.BAD_REQUEST, f"'name' must be 1–{_GROUP_NAME_MAX} characters")
+        if not isinstance(members, list) or not all(isinstance(m, int) and m > 0 for m in members):
+            raise _err(ErrorCode.BAD_REQUEST, "'members' must be a list of user ids")
+        if len(members) + 1 > self.settings.max_group_members:
+            raise _err(ErrorCode.BAD_REQUEST, f"at most {self.settings.max_group_members} members")
+        info = await self.store.create_group(conn.user_id, name, sorted(set(members)))
+        self._members[info.conv] = info.members
+        for uid in info.members:
+            if uid != conn.user_id:
+                self._group_event(info.members, EventType.MEMBER_ADDED, info.conv, conn.user_id, uid)
+        return {"group_id": info.conv, "name": info.name, "members": list(info.members)}
+
+    async def _group_info(self, conn: Connection, p: dict[str, Any]) -> dict[str, Any]:
+        conv = self._int(p, "group_id")
+        await self._member_group(conv, conn.user_id)
+        info = await self.store.group_info(conv)
+        if info is None:
+            raise _err(ErrorCode.NOT_FOUND, "no such group")
+        return {
+            "group_id": info.conv,
+            "name": info.name,
+            "owner_id": info.owner_id,
+            "created_ms": info.created_ms,
+            "members": list(info.members),
+            "last_seq": info.last_seq,
+        }
+
+    async def _call_group_members(self, conn: Connection, p: dict[str, Any]) -> dict[str, Any]:
+        conv = self._int(p, "group_id")
+        members = await self._member_group(conv, conn.user_id)
+        return {"group_id": conv, "members": list(members)}
+
+    async def _group_add(self, conn: Connection, p: dict[str, Any]) -> dict[str, Any]:
+        conv, uid = self._int(p, "group_id"), self._int(p, "user_id")
+        members = await self._member_group(conv, conn.user_id)
+        if len(members) >= self.settings.max_group_members:
+            raise _err(ErrorCode.BAD_REQUEST, "group is full")
+        if await self.store.get_user(uid) is None:
+            raise _err(ErrorCode.NOT_FOUND, "no such user")
+        added = await self.store.add_member(conv, uid)
+        if added:
+            self._members[conv] = members = await self.store.members(conv)
+            self._group_event(members, EventType.MEMBER_ADDED, conv, conn.user_id, uid)
+        return {"added": added}
+
+    async def _group_remove(self, conn: Connection, p: dict[str, Any]) -> dict[str, Any]:
+        conv, uid = self._int(p, "group_id"), self._int(p, "user_id")
+        members = await self._member_group(conv, conn.user_id)
+        info = await self.store.group_info(conv)
+        if info is not None and uid != conn.user_id and info.owner_id != conn.user_id:
+            raise _err(ErrorCode.FORBIDDEN, "only the owner removes other members")
+        removed = await self.store.remove_member(conv, uid)
+        if removed:
+            self._members[conv] = await self.store.members(conv)
+            self._group_event(members, EventType.MEMBER_REMOVED, conv, conn.user_id, uid)
+        return {"removed": removed}
+
+    async def _group_leave(self, conn: Connection, p: dict[str, Any]) -> dict[str, Any]:
+        conv = self._int(p, "group_id")
+        members = await self._member_group(conv, conn.user_id)
+        await self.store.remove_member(conv, conn.user_id)
+        self._members[conv] = await self.store.members(conv)
+        self._group_event(members, EventType.MEMBER_REMOVED, conv, conn.user_id, conn.user_id)
+        return {"left": True}
+
+    async def _conversation_list(self, conn: Connection, p: dict[str, Any]) -> dict[str, Any]:
+        out = []
+        for c in await self.store.conversations(conn.user_id):
+            wire = c.peer_id if c.kind == Kind.DIRECT else c.conv
+            out.append(
+                {"kind": c.kind, "conv_id": wire, "last_seq": c.last_seq, "read_seq": c.read_seq, "name": c.name}
+            )
+        return {"conversations": out}
+
+    async def _presence_query(self, conn: Connection, p: dict[str, Any]) -> dict[str, Any]:
+        ids = p.get("user_ids")
+        if not isinstance(ids, list) or not all(isinstance(i, int) and i > 0 for i in ids) or len(ids) > 1000:
+            raise _err(ErrorCode.BAD_REQUEST, "'user_ids' must be a list of at most 1000 user ids")
+        self.presence.watch(conn, ids)
+        return {"online": {str(i): self.presence.is_online(i) for i in ids}}
+
+    async def _user_lookup(self, conn: Connection, p: dict[str, Any]) -> dict[str, Any]:
+        name = p.get("username")
+        if not isinstance(name, str):
+            raise _err(ErrorCode.BAD_REQUEST, "'username' must be a string")
+        user = await self.store.get_user_by_name(name)
+        if user is None:
+            raise _err(ErrorCode.NOT_FOUND, "no such user")
+        return {"user_id": user.user_id, "username": user.username}

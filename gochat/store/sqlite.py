@@ -1,0 +1,1021 @@
+"""Embedded :class:`~gochat.store.base.Store` on SQLite (WAL, one writer thread, group commit).
+
+Threads and connections
+-----------------------
+* One **writer thread** owns the only writing connection. Every write (appends, users, tokens,
+  groups, read positions) is a queue entry; the thread takes everything queued (up to
+  ``max_batch`` entries) and applies it in **one** ``BEGIN IMMEDIATE … COMMIT`` transaction,
+  then resolves the waiting asyncio futures with one ``loop.call_soon_threadsafe`` per event
+  loop per batch. Under load, hundreds of appends share one fsync.
+* Reads run on a small pool of reader threads, each with its own connection (WAL lets readers
+  run concurrently with the writer and see only committed data). Multi-statement reads use one
+  read transaction, so they see one snapshot.
+
+Durability: ``journal_mode=WAL`` with ``synchronous=FULL``: the WAL is fsynced at every commit,
+so a message whose future resolved survives ``kill -9`` and power loss. Nothing resolves before
+the commit returns.
+
+Failure mapping: ``sqlite3.OperationalError`` / ``DatabaseError`` (disk full, I/O error, locked
+past ``busy_timeout_ms``, corrupt file) → :class:`~gochat.errors.UnavailableError` for every
+request of the failed transaction (nothing was committed, nothing is acknowledged). Business
+errors (unknown user → ``NOT_FOUND``, name taken → ``CONFLICT``, ...) fail only their own
+request: generic write jobs run inside a ``SAVEPOINT``; appends are validated before they write.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future as ConcurrentFuture
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final, TypeVar
+
+from gochat.errors import ErrorCode, GochatError, RequestError, UnavailableError
+from gochat.ids import IdGenerator
+from gochat.store.base import (
+    AppendRequest,
+    AppendResult,
+    ConversationState,
+    GroupInfo,
+    RefreshStatus,
+    StoredMessage,
+    UserRecord,
+)
+
+__all__ = ["MIGRATIONS", "SCHEMA_VERSION", "SQLiteStore", "SQLiteStoreStats"]
+
+log = logging.getLogger("gochat.store.sqlite")
+
+T = TypeVar("T")
+
+KIND_DIRECT: Final = 1
+KIND_GROUP: Final = 2
+KIND_ROOM: Final = 3
+CLIENT_MSG_ID_LEN: Final = 16
+_MAX_SEQ: Final = (1 << 63) - 1
+_DIRECT_CACHE_MAX: Final = 1 << 18
+
+#: Versioned migrations. Entry ``i`` migrates the schema from version ``i`` to ``i + 1``; it runs
+#: in one transaction together with the ``schema_version`` row that records it. Append new
+#: entries, never edit shipped ones.
+MIGRATIONS: Final[tuple[str, ...]] = (
+    # ---- version 1 ------------------------------------------------------------------------
+    """
+    CREATE TABLE users (
+        user_id       INTEGER PRIMARY KEY AUTOINCREMENT,
+        username      TEXT    NOT NULL COLLATE NOCASE UNIQUE,
+        password_hash TEXT    NOT NULL,
+        created_ms    INTEGER NOT NULL
+    );
+
+    CREATE TABLE refresh_tokens (
+        jti        TEXT    PRIMARY KEY,
+        family     TEXT    NOT NULL,
+        user_id    INTEGER NOT NULL REFERENCES users(user_id) ON DELETE CASCADE,
+        expires_ms INTEGER NOT NULL,
+        spent      INTEGER NOT NULL DEFAULT 0,
+        revoked    INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE INDEX refresh_tokens_family ON refresh_tokens(family);
+    CREATE INDEX refresh_tokens_user ON refresh_tokens(user_id);
+    CREATE INDEX refresh_tokens_expires ON refresh_tokens(expires_ms);
+
+    CREATE TABLE revoked_jtis (
+        jti        TEXT    PRIMARY KEY,
+        expires_ms INTEGER NOT NULL
+    ) WITHOUT ROWID;
+    CREATE INDEX revoked_jtis_expires ON revoked_jtis(expires_ms);
+
+    CREATE TABLE conversations (
+        conv       INTEGER PRIMARY KEY AUTOINCREMENT,
+        kind       INTEGER NOT NULL CHECK (kind IN (1, 2)),
+        name       TEXT    NOT NULL DEFAULT '',
+        owner_id   INTEGER NOT NULL DEFAULT 0,
+        created_ms INTEGER NOT NULL,
+        last_seq   INTEGER NOT NULL DEFAULT 0,
+        user_lo    INTEGER,
+        user_hi    INTEGER,
+        UNIQUE (user_lo, user_hi)
+    );
+
+    CREATE TABLE members (
+        conv      INTEGER NOT NULL REFERENCES conversations(conv) ON DELETE CASCADE,
+        user_id   INTEGER NOT NULL REFERENCES users(user_id) ON DELETE CASCADE,
+        joined_ms INTEGER NOT NULL,
+        read_seq  INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (conv, user_id)
+    ) WITHOUT ROWID;
+    CREATE INDEX members_user ON members(user_id, conv);
+
+    CREATE TABLE messages (
+        conv          INTEGER NOT NULL REFERENCES conversations(conv) ON DELETE CASCADE,
+        seq           INTEGER NOT NULL,
+        msg_id        INTEGER NOT NULL,
+        sender_id     INTEGER NOT NULL,
+        ts_ms         INTEGER NOT NULL,
+        client_msg_id BLOB    NOT NULL,
+        content_type  INTEGER NOT NULL,
+        body          BLOB    NOT NULL,
+        PRIMARY KEY (conv, seq),
+        UNIQUE (sender_id, client_msg_id)
+    );
+    CREATE UNIQUE INDEX messages_msg_id ON messages(msg_id);
+    """,
+)
+SCHEMA_VERSION: Final = len(MIGRATIONS)
+
+
+@dataclass(frozen=True, slots=True)
+class SQLiteStoreStats:
+    """Writer counters (a snapshot). ``transactions`` counts committed write transactions;
+    under concurrency it is far below ``appended`` (group commit)."""
+
+    transactions: int
+    appended: int
+    duplicates: int
+    jobs: int
+    largest_batch: int
+    failed_transactions: int
+
+
+# ---- queue entries ------------------------------------------------------------------------------
+
+
+class _Entry:
+    __slots__ = ("future", "loop")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, future: asyncio.Future[Any]) -> None:
+        self.loop = loop
+        self.future = future
+
+
+class _Append(_Entry):
+    __slots__ = ("request",)
+
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, future: asyncio.Future[Any], request: AppendRequest
+    ) -> None:
+        super().__init__(loop, future)
+        self.request = request
+
+
+class _Job(_Entry):
+    __slots__ = ("fn",)
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        future: asyncio.Future[Any],
+        fn: Callable[[sqlite3.Connection], Any],
+    ) -> None:
+        super().__init__(loop, future)
+        self.fn = fn
+
+
+_STOP: Final = object()
+
+
+class _Rerun(Exception):
+    """An unexpected per-request failure inside an un-isolated batch: redo it isolated."""
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def _unavailable(exc: BaseException) -> UnavailableError:
+    err = UnavailableError("storage unavailable")
+    err.__cause__ = exc
+    return err
+
+
+def _map_exception(exc: BaseException) -> BaseException:
+    """Map a failure of one request to what its caller sees."""
+    if isinstance(exc, GochatError):
+        return exc
+    if isinstance(exc, sqlite3.IntegrityError):
+        err = RequestError("conflicting state", code=ErrorCode.CONFLICT)
+        err.__cause__ = exc
+        return err
+    if isinstance(exc, sqlite3.ProgrammingError | sqlite3.InterfaceError | OverflowError):
+        # e.g. an integer outside the signed 64-bit range, a value of an unsupported type
+        err = RequestError("invalid value", code=ErrorCode.BAD_REQUEST)
+        err.__cause__ = exc
+        return err
+    if isinstance(exc, sqlite3.Error):
+        return _unavailable(exc)
+    return exc
+
+
+def _is_io_error(exc: BaseException) -> bool:
+    """Errors that doom the whole transaction (as opposed to one request's business error)."""
+    return isinstance(exc, sqlite3.Error) and not isinstance(
+        exc, sqlite3.IntegrityError | sqlite3.ProgrammingError | sqlite3.InterfaceError
+    )
+
+
+def _split_sql(script: str) -> list[str]:
+    """Split a migration script into complete statements (triggers included)."""
+    statements: list[str] = []
+    buf = ""
+    for line in script.splitlines(keepends=True):
+        buf += line
+        if sqlite3.complete_statement(buf):
+            if buf.strip():
+                statements.append(buf.strip())
+            buf = ""
+    if buf.strip():
+        raise ValueError(f"incomplete SQL statement in migration: {buf.strip()[:80]!r}")
+    return statements
+
+
+def _resolve(items: list[tuple[asyncio.Future[Any], bool, Any]]) -> None:
+    """Runs on the caller's event loop: one call per loop per batch."""
+    for fut, ok, value in items:
+        if fut.done():  # the caller was cancelled; the write is committed anyway
+            continue
+        if ok:
+            fut.set_result(value)
+        else:
+            fut.set_exception(value)
+
+
+_MSG_COLUMNS: Final = (
+    "m.conv, c.kind, m.seq, m.msg_id, m.sender_id, m.ts_ms, m.client_msg_id, m.content_type, m.body"
+)
+
+
+def _message(row: Sequence[Any]) -> StoredMessage:
+    return StoredMessage(
+        conv=row[0],
+        kind=row[1],
+        seq=row[2],
+        msg_id=row[3],
+        sender_id=row[4],
+        ts_ms=row[5],
+        client_msg_id=bytes(row[6]),
+        content_type=row[7],
+        body=bytes(row[8]),
+    )
+
+
+class SQLiteStore:
+    """SQLite implementation of :class:`gochat.store.base.Store`.
+
+    ``path`` is the database file (its directory must exist). ``node_id`` feeds the ``msg_id``
+    generator. ``max_batch`` caps the queue entries applied in one transaction; ``max_pending``
+    caps queued writes (beyond it writes fail fast with ``OVERLOADED`` instead of growing memory
+    without bound). ``readers`` is the number of reader threads/connections. ``ids`` is the
+    process's msg_id generator (shared with the messaging core, which numbers room messages);
+    without it the store makes its own.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        node_id: int = 0,
+        busy_timeout_ms: int = 5000,
+        max_batch: int = 512,
+        max_pending: int = 65536,
+        readers: int = 4,
+        ids: IdGenerator | None = None,
+    ) -> None:
+        if max_batch < 1 or max_pending < 1 or readers < 1 or busy_timeout_ms < 0:
+            raise ValueError("max_batch, max_pending and readers must be >= 1, busy_timeout_ms >= 0")
+        self.path = Path(path)
+        self.node_id = node_id
+        self.busy_timeout_ms = busy_timeout_ms
+        self.max_batch = max_batch
+        self.max_pending = max_pending
+        if ids is not None and ids.node_id != node_id:
+            raise ValueError(f"ids generator has node_id {ids.node_id}, store has {node_id}")
+        # Share the process's generator when there is one: two generators with one node id
+        # could hand out the same id. open() advances it past the largest stored msg_id.
+        self._ids = ids if ids is not None else IdGenerator(node_id)
+        self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self._lock = threading.Lock()  # guards _accepting, _pending and queue ordering vs. _STOP
+        self._accepting = False
+        self._pending = 0
+        self._writer: threading.Thread | None = None
+        self._readers: ThreadPoolExecutor | None = None
+        self._reader_local = threading.local()
+        self._reader_conns: list[sqlite3.Connection] = []
+        self._n_readers = readers
+        self._direct_cache: dict[tuple[int, int], int] = {}
+        self._direct_inflight: dict[tuple[asyncio.AbstractEventLoop, int, int], asyncio.Task[int]] = {}
+        self._last_ts = 0
+        # counters (written by the writer thread only)
+        self._transactions = 0
+        self._appended = 0
+        self._duplicates = 0
+        self._jobs = 0
+        self._largest_batch = 0
+        self._failed = 0
+
+    # ---- lifecycle ---------------------------------------------------------------------------
+
+    @property
+    def stats(self) -> SQLiteStoreStats:
+        return SQLiteStoreStats(
+            self._transactions,
+            self._appended,
+            self._duplicates,
+            self._jobs,
+            self._largest_batch,
+            self._failed,
+        )
+
+    def _connect(self, *, writer: bool) -> sqlite3.Connection:
+        conn = sqlite3.connect(
+            str(self.path),
+            timeout=self.busy_timeout_ms / 1000,
+            isolation_level=None,  # we issue BEGIN/COMMIT ourselves
+            check_same_thread=writer,
+            cached_statements=256,
+        )
+        try:
+            conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_ms)}")
+            conn.execute("PRAGMA foreign_keys = ON")
+            if writer:
+                mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+                if str(mode).lower() != "wal":
+                    raise UnavailableError(f"cannot enable WAL journal mode on {self.path} (got {mode})")
+                conn.execute("PRAGMA synchronous = FULL")
+                conn.execute("PRAGMA journal_size_limit = 67108864")
+            else:
+                conn.execute("PRAGMA query_only = ON")
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    @staticmethod
+    def _migrate(conn: sqlite3.Connection) -> None:
+        conn.execute(
+            "CREATE TABLE IF NOT EXISTS schema_version ("
+            " version INTEGER PRIMARY KEY, applied_ms INTEGER NOT NULL)"
+        )
+        for version in range(1, SCHEMA_VERSION + 1):
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                current = conn.execute("SELECT COALESCE(MAX(version), 0) FROM schema_version").fetchone()[0]
+                if current > SCHEMA_VERSION:
+                    raise UnavailableError(
+                        f"database schema version {current} is newer than this gochat ({SCHEMA_VERSION})"
+                    )
+                if current < version:
+                    for statement in _split_sql(MIGRATIONS[version - 1]):
+                        conn.execute(statement)
+                    conn.execute("INSERT INTO schema_version VALUES (?, ?)", (version, _now_ms()))
+                    log.info("migrated database to schema version %d", version)
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+
+    async def open(self) -> None:
+        if self._writer is not None:
+            return
+        ready: ConcurrentFuture[None] = ConcurrentFuture()
+        self._writer = threading.Thread(
+            target=self._writer_main,
+            args=(ready,),
+            name=f"gochat-sqlite-writer-{self.path.name}",
+            daemon=True,
+        )
+        self._writer.start()
+        try:
+            await asyncio.wrap_future(ready)
+        except sqlite3.Error as exc:
+            self._writer = None
+            raise _unavailable(exc) from exc
+        except BaseException:
+            self._writer = None
+            raise
+        self._readers = ThreadPoolExecutor(
+            max_workers=self._n_readers, thread_name_prefix="gochat-sqlite-read"
+        )
+        with self._lock:
+            self._accepting = True
+
+    async def close(self) -> None:
+        writer = self._writer
+        if writer is None:
+            return
+        with self._lock:
+            was_accepting = self._accepting
+            self._accepting = False
+            if was_accepting:
+                self._queue.put(_STOP)
+        await asyncio.to_thread(writer.join)
+        readers = self._readers
+        self._readers = None
+        if readers is not None:
+            await asyncio.to_thread(readers.shutdown, True)
+        for conn in self._reader_conns:
+            conn.close()
+        self._reader_conns.clear()
+        self._reader_local = threading.local()
+        self._writer = None
+
+    async def ping(self) -> None:
+        writer = self._writer
+        if writer is None or not writer.is_alive() or not self._accepting:
+            raise UnavailableError("store is closed")
+        await self._read(lambda conn: conn.execute("SELECT 1").fetchone())
+
+    # ---- plumbing ----------------------------------------------------------------------------
+
+    def _submit(
+        self, make: Callable[[asyncio.AbstractEventLoop, asyncio.Future[Any]], _Entry]
+    ) -> asyncio.Future[Any]:
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Any] = loop.create_future()
+        with self._lock:
+            if not self._accepting:
+                raise UnavailableError("store is closed")
+            if self._pending >= self.max_pending:
+                raise UnavailableError("store write queue is full", code=ErrorCode.OVERLOADED)
+            self._pending += 1
+            self._queue.put(make(loop, fut))
+        return fut
+
+    async def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``fn(conn)`` on the writer thread inside the next write transaction."""
+        result: T = await self._submit(lambda loop, fut: _Job(loop, fut, fn))
+        return result
+
+    def _reader_conn(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._reader_local, "conn", None)
+        if conn is None:
+            conn = self._connect(writer=False)
+            self._reader_local.conn = conn
+            with self._lock:
+                self._reader_conns.append(conn)
+        return conn
+
+    def _run_read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        try:
+            conn = self._reader_conn()
+            conn.execute("BEGIN")  # one snapshot for multi-statement reads
+            try:
+                return fn(conn)
+            finally:
+                conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            raise _map_exception(exc) from exc
+
+    async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        readers = self._readers
+        if readers is None:
+            raise UnavailableError("store is closed")
+        return await asyncio.get_running_loop().run_in_executor(readers, self._run_read, fn)
+
+    # ---- writer thread ---------------------------------------------------------------------
+
+    def _writer_main(self, ready: ConcurrentFuture[None]) -> None:
+        try:
+            conn = self._connect(writer=True)
+        except BaseException as exc:
+            ready.set_exception(exc)
+            return
+        try:
+            self._migrate(conn)
+            now = _now_ms()
+            conn.execute("DELETE FROM revoked_jtis WHERE expires_ms <= ?", (now,))
+            conn.execute("DELETE FROM refresh_tokens WHERE expires_ms <= ?", (now,))
+            max_id = conn.execute("SELECT MAX(msg_id) FROM messages").fetchone()[0]
+            if max_id is not None:
+                self._ids.observe(max_id)
+            self._last_ts = conn.execute("SELECT COALESCE(MAX(ts_ms), 0) FROM messages").fetchone()[0]
+        except BaseException as exc:
+            conn.close()
+            ready.set_exception(exc)
+            return
+        ready.set_result(None)
+        try:
+            self._writer_loop(conn)
+        finally:
+            conn.close()
+
+    def _writer_loop(self, conn: sqlite3.Connection) -> None:
+        get = self._queue.get
+        get_nowait = self._queue.get_nowait
+        stop = False
+        while not stop:
+            batch: list[_Entry] = []
+            item = get()
+            while True:
+                if item is _STOP:
+                    stop = True  # _STOP is always the last entry ever queued
+                else:
+                    assert isinstance(item, _Entry)
+                    batch.append(item)
+                if stop or len(batch) >= self.max_batch:
+                    break
+                try:
+                    item = get_nowait()
+                except queue.Empty:
+                    break
+            if not batch:
+                continue
+            try:
+                self._run_batch(conn, batch)
+            except BaseException as exc:  # pragma: no cover - a bug; never leave waiters hanging
+                log.exception("sqlite writer failed")
+                self._deliver([(e, False, _map_exception(exc)) for e in batch])
+            with self._lock:
+                self._pending -= len(batch)
+
+    def _run_batch(self, conn: sqlite3.Connection, batch: list[_Entry]) -> None:
+        self._largest_batch = max(self._largest_batch, len(batch))
+        outcomes: list[tuple[_Entry, bool, Any]]
+        try:
+            try:
+                outcomes = self._transaction(conn, batch, isolate=False)
+            except _Rerun:
+                outcomes = self._transaction(conn, batch, isolate=True)
+        except BaseException as exc:
+            self._failed += 1
+            if _is_io_error(exc):
+                log.warning(
+                    "sqlite write transaction failed (%d requests not acknowledged): %s", len(batch), exc
+                )
+            else:
+                log.exception("sqlite write transaction failed")
+            err = _map_exception(exc)
+            outcomes = [(e, False, err) for e in batch]
+        self._deliver(outcomes)
+
+    def _transaction(
+        self, conn: sqlite3.Connection, batch: list[_Entry], *, isolate: bool
+    ) -> list[tuple[_Entry, bool, Any]]:
+        outcomes: list[tuple[_Entry, bool, Any]] = []
+        convs: dict[int, list[int]] = {}  # conv -> [kind, last_seq] within this transaction
+        appended = duplicates = jobs = 0
+        now = max(_now_ms(), self._last_ts)
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for n, entry in enumerate(batch):
+                if isinstance(entry, _Append):
+                    if isolate:
+                        conn.execute("SAVEPOINT item")
+                    try:
+                        result = self._apply_append(conn, entry.request, convs, now)
+                    except Exception as exc:
+                        if _is_io_error(exc):
+                            raise
+                        if not isolate:
+                            # Unexpected failure of one request: redo the batch with every
+                            # request in its own savepoint so the others still commit.
+                            raise _Rerun from exc
+                        conn.execute("ROLLBACK TO item")
+                        conn.execute("RELEASE item")
+                        convs.clear()  # the cache may describe rolled-back state
+                        outcomes.append((entry, False, _map_exception(exc)))
+                        continue
+                    if isolate:
+                        conn.execute("RELEASE item")
+                    if isinstance(result, GochatError):
+                        outcomes.append((entry, False, result))
+                    else:
+                        if result.duplicate:
+                            duplicates += 1
+                        else:
+                            appended += 1
+                        outcomes.append((entry, True, result))
+                else:
+                    assert isinstance(entry, _Job)
+                    jobs += 1
+                    conn.execute(f"SAVEPOINT job{n}")
+                    try:
+                        value = entry.fn(conn)
+                    except Exception as exc:
+                        if _is_io_error(exc):
+                            raise
+                        conn.execute(f"ROLLBACK TO job{n}")
+                        conn.execute(f"RELEASE job{n}")
+                        convs.clear()
+                        outcomes.append((entry, False, _map_exception(exc)))
+                        continue
+                    conn.execute(f"RELEASE job{n}")
+                    convs.clear()  # a job may have changed conversations
+                    outcomes.append((entry, True, value))
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                try:
+                    conn.execute("ROLLBACK")
+                except sqlite3.Error:  # pragma: no cover
+                    log.exception("ROLLBACK failed")
+            raise
+        self._last_ts = now
+        self._transactions += 1
+        self._appended += appended
+        self._duplicates += duplicates
+        self._jobs += jobs
+        return outcomes
+
+    def _apply_append(
+        self, conn: sqlite3.Connection, req: AppendRequest, convs: dict[int, list[int]], now: int
+    ) -> AppendResult | GochatError:
+        # Dedup: the UNIQUE (sender_id, client_msg_id) index also sees rows inserted earlier in
+        # this same transaction, so a duplicate inside one batch is found here too.
+        row = conn.execute(
+            f"SELECT {_MSG_COLUMNS} FROM messages m JOIN conversations c ON c.conv = m.conv"
+            " WHERE m.sender_id = ? AND m.client_msg_id = ?",
+            (req.sender_id, req.client_msg_id),
+        ).fetchone()
+        if row is not None:
+            return AppendResult(_message(row), duplicate=True)
+        state = convs.get(req.conv)
+        if state is None:
+            crow = conn.execute(
+                "SELECT kind, last_seq FROM conversations WHERE conv = ?", (req.conv,)
+            ).fetchone()
+            if crow is None:
+                return RequestError("no such conversation", code=ErrorCode.NOT_FOUND)
+            state = convs[req.conv] = [crow[0], crow[1]]
+        kind, last_seq = state
+        if kind != req.kind:
+            return RequestError("conversation kind mismatch", code=ErrorCode.BAD_REQUEST)
+        seq = last_seq + 1
+        msg_id = self._ids.next_id()
+        body = bytes(req.body)
+        conn.execute(
+            "INSERT INTO messages (conv, seq, msg_id, sender_id, ts_ms, client_msg_id, content_type, body)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (req.conv, seq, msg_id, req.sender_id, now, req.client_msg_id, req.content_type, body),
+        )
+        conn.execute("UPDATE conversations SET last_seq = ? WHERE conv = ?", (seq, req.conv))
+        state[1] = seq
+        message = StoredMessage(
+            conv=req.conv,
+            kind=kind,
+            seq=seq,
+            msg_id=msg_id,
+            sender_id=req.sender_id,
+            ts_ms=now,
+            client_msg_id=bytes(req.client_msg_id),
+            content_type=req.content_type,
+            body=body,
+        )
+        return AppendResult(message, duplicate=False)
+
+    def _deliver(self, outcomes: Iterable[tuple[_Entry, bool, Any]]) -> None:
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], bool, Any]]] = {}
+        for entry, ok, value in outcomes:
+            by_loop.setdefault(entry.loop, []).append((entry.future, ok, value))
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_resolve, items)
+            except RuntimeError:  # the caller's loop is closed; nobody is waiting
+                pass
+
+    # ---- users -----------------------------------------------------------------------------
+
+    async def create_user(self, username: str, password_hash: str) -> int:
+        def job(conn: sqlite3.Connection) -> int:
+            try:
+                cur = conn.execute(
+                    "INSERT INTO users (username, password_hash, created_ms) VALUES (?, ?, ?)",
+                    (username, password_hash, _now_ms()),
+                )
+            except sqlite3.IntegrityError as exc:
+                raise RequestError("username is taken", code=ErrorCode.CONFLICT) from exc
+            assert cur.lastrowid is not None
+            return cur.lastrowid
+
+        return await self._write(job)
+
+    async def get_user(self, user_id: int) -> UserRecord | None:
+        def read(conn: sqlite3.Connection) -> UserRecord | None:
+            row = conn.execute(
+                "SELECT user_id, username, password_hash, created_ms FROM users WHERE user_id = ?", (user_id,)
+            ).fetchone()
+            return UserRecord(*row) if row else None
+
+        return await self._read(read)
+
+    async def get_user_by_name(self, username: str) -> UserRecord | None:
+        def read(conn: sqlite3.Connection) -> UserRecord | None:
+            row = conn.execute(
+                "SELECT user_id, username, password_hash, created_ms FROM users WHERE username = ?",
+                (username,),
+            ).fetchone()
+            return UserRecord(*row) if row else None
+
+        return await self._read(read)
+
+    # ---- refresh tokens and revocation --------------------------------------------------------
+
+    async def add_refresh_token(self, jti: str, family: str, user_id: int, expires_ms: int) -> None:
+        def job(conn: sqlite3.Connection) -> None:
+            if conn.execute("SELECT 1 FROM users WHERE user_id = ?", (user_id,)).fetchone() is None:
+                raise RequestError("no such user", code=ErrorCode.NOT_FOUND)
+            # A token added to an already revoked family (a refresh racing a reuse detection)
+            # is born revoked.
+            conn.execute(
+                "INSERT INTO refresh_tokens (jti, family, user_id, expires_ms, spent, revoked)"
+                " VALUES (?, ?, ?, ?, 0,"
+                " EXISTS (SELECT 1 FROM refresh_tokens WHERE family = ? AND revoked = 1))",
+                (jti, family, user_id, expires_ms, family),
+            )
+
+        await self._write(job)
+
+    async def use_refresh_token(self, jti: str, now_ms: int) -> tuple[str, str, int]:
+        def job(conn: sqlite3.Connection) -> tuple[str, str, int]:
+            row = conn.execute(
+                "SELECT family, user_id, expires_ms, spent, revoked FROM refresh_tokens WHERE jti = ?", (jti,)
+            ).fetchone()
+            if row is None:
+                return RefreshStatus.UNKNOWN, "", 0
+            family, user_id, expires_ms, spent, revoked = row
+            if revoked:
+                return RefreshStatus.REVOKED, family, user_id
+            if spent:
+                return RefreshStatus.REUSED, family, user_id
+            if expires_ms <= now_ms:
+                return RefreshStatus.UNKNOWN, "", 0
+            conn.execute("UPDATE refresh_tokens SET spent = 1 WHERE jti = ?", (jti,))
+            return RefreshStatus.OK, family, user_id
+
+        return await self._write(job)
+
+    async def revoke_family(self, family: str) -> None:
+        await self._write(
+            lambda conn: conn.execute(
+                "UPDATE refresh_tokens SET revoked = 1 WHERE family = ? AND revoked = 0", (family,)
+            )
+        )
+
+    async def revoke_user_tokens(self, user_id: int) -> None:
+        await self._write(
+            lambda conn: conn.execute(
+                "UPDATE refresh_tokens SET revoked = 1 WHERE user_id = ? AND revoked = 0", (user_id,)
+            )
+        )
+
+    async def revoke_jti(self, jti: str, expires_ms: int) -> None:
+        await self._write(
+            lambda conn: conn.execute(
+                "INSERT INTO revoked_jtis (jti, expires_ms) VALUES (?, ?)"
+                " ON CONFLICT (jti) DO UPDATE SET expires_ms = MAX(expires_ms, excluded.expires_ms)",
+                (jti, expires_ms),
+            )
+        )
+
+    async def revoked_jtis(self, now_ms: int) -> dict[str, int]:
+        def read(conn: sqlite3.Connection) -> dict[str, int]:
+            rows = conn.execute("SELECT jti, expires_ms FROM revoked_jtis WHERE expires_ms > ?", (now_ms,))
+            return {jti: exp for jti, exp in rows}
+
+        return await self._read(read)
+
+    async def purge_expired(self, now_ms: int) -> tuple[int, int]:
+        """Delete expired refresh tokens and deny-list entries; returns (tokens, jtis) deleted.
+        (Also done at every open; call it periodically on long-running nodes.)"""
+
+        def job(conn: sqlite3.Connection) -> tuple[int, int]:
+            tokens = conn.execute("DELETE FROM refresh_tokens WHERE expires_ms <= ?", (now_ms,)).rowcount
+            jtis = conn.execute("DELETE FROM revoked_jtis WHERE expires_ms <= ?", (now_ms,)).rowcount
+            return tokens, jtis
+
+        return await self._write(job)
+
+    # ---- conversations -------------------------------------------------------------------------
+
+    @staticmethod
+    def _missing_users(conn: sqlite3.Connection, user_ids: Iterable[int]) -> list[int]:
+        return [
+            uid
+            for uid in dict.fromkeys(user_ids)
+            if conn.execute("SELECT 1 FROM users WHERE user_id = ?", (uid,)).fetchone() is None
+        ]
+
+    async def direct_conversation(self, a: int, b: int) -> int:
+        """Cached (a direct conversation never changes once created) and single-flight:
+        concurrent first calls for one pair share one lookup and resume in call order."""
+        lo, hi = (a, b) if a <= b else (b, a)
+        conv = self._direct_cache.get((lo, hi))
+        if conv is not None:
+            return conv
+        loop = asyncio.get_running_loop()
+        key = (loop, lo, hi)
+        task = self._direct_inflight.get(key)
+        if task is None:
+            task = loop.create_task(self._direct_lookup(lo, hi))
+            self._direct_inflight[key] = task
+            task.add_done_callback(lambda _t: self._direct_inflight.pop(key, None))
+        # shield: a cancelled caller must not cancel the lookup the others wait for
+        return await asyncio.shield(task)
+
+    async def _direct_lookup(self, lo: int, hi: int) -> int:
+        def find(conn: sqlite3.Connection) -> int | None:
+            row = conn.execute(
+                "SELECT conv FROM conversations WHERE user_lo = ? AND user_hi = ?", (lo, hi)
+            ).fetchone()
+            return None if row is None else int(row[0])
+
+        conv = await self._read(find)
+        if conv is not None:
+            self._remember_direct(lo, hi, conv)
+            return conv
+
+        def create(conn: sqlite3.Connection) -> int:
+            existing = find(conn)
+            if existing is not None:
+                return existing
+            if self._missing_users(conn, (lo, hi)):
+                raise RequestError("no such user", code=ErrorCode.NOT_FOUND)
+            now = _now_ms()
+            cur = conn.execute(
+                "INSERT INTO conversations (kind, name, owner_id, created_ms, last_seq, user_lo, user_hi)"
+                " VALUES (1, '', 0, ?, 0, ?, ?)",
+                (now, lo, hi),
+            )
+            new_conv = cur.lastrowid
+            assert new_conv is not None
+            conn.executemany(
+                "INSERT OR IGNORE INTO members (conv, user_id, joined_ms, read_seq) VALUES (?, ?, ?, 0)",
+                [(new_conv, lo, now), (new_conv, hi, now)],
+            )
+            return new_conv
+
+        conv = await self._write(create)
+        self._remember_direct(lo, hi, conv)
+        return conv
+
+    def _remember_direct(self, lo: int, hi: int, conv: int) -> None:
+        if len(self._direct_cache) >= _DIRECT_CACHE_MAX:
+            self._direct_cache.clear()
+        self._direct_cache[(lo, hi)] = conv
+
+    @staticmethod
+    def _group_info(conn: sqlite3.Connection, conv: int) -> GroupInfo | None:
+        row = conn.execute(
+            "SELECT name, owner_id, created_ms, last_seq FROM conversations WHERE conv = ? AND kind = 2",
+            (conv,),
+        ).fetchone()
+        if row is None:
+            return None
+        members = tuple(
+            r[0] for r in conn.execute("SELECT user_id FROM members WHERE conv = ? ORDER BY user_id", (conv,))
+        )
+        return GroupInfo(
+            conv=conv, name=row[0], owner_id=row[1], created_ms=row[2], members=members, last_seq=row[3]
+        )
+
+    async def create_group(self, owner_id: int, name: str, members: list[int]) -> GroupInfo:
+        def job(conn: sqlite3.Connection) -> GroupInfo:
+            everyone = [owner_id, *members]
+            if self._missing_users(conn, everyone):
+                raise RequestError("no such user", code=ErrorCode.NOT_FOUND)
+            now = _now_ms()
+            cur = conn.execute(
+                "INSERT INTO conversations (kind, name, owner_id, created_ms, last_seq) VALUES (2, ?, ?, ?, 0)",
+                (name, owner_id, now),
+            )
+            conv = cur.lastrowid
+            assert conv is not None
+            conn.executemany(
+                "INSERT INTO members (conv, user_id, joined_ms, read_seq) VALUES (?, ?, ?, 0)",
+                [(conv, uid, now) for uid in dict.fromkeys(everyone)],
+            )
+            info = self._group_info(conn, conv)
+            assert info is not None
+            return info
+
+        return await self._write(job)
+
+    async def group_info(self, conv: int) -> GroupInfo | None:
+        return await self._read(lambda conn: self._group_info(conn, conv))
+
+    @staticmethod
+    def _require_group(conn: sqlite3.Connection, conv: int) -> int:
+        row = conn.execute(
+            "SELECT last_seq FROM conversations WHERE conv = ? AND kind = 2", (conv,)
+        ).fetchone()
+        if row is None:
+            raise RequestError("no such group", code=ErrorCode.NOT_FOUND)
+        return int(row[0])
+
+    async def add_member(self, conv: int, user_id: int) -> bool:
+        def job(conn: sqlite3.Connection) -> bool:
+            last_seq = self._require_group(conn, conv)
+            if self._missing_users(conn, (user_id,)):
+                raise RequestError("no such user", code=ErrorCode.NOT_FOUND)
+            # A new member starts with everything before the join marked read.
+            cur = conn.execute(
+                "INSERT OR IGNORE INTO members (conv, user_id, joined_ms, read_seq) VALUES (?, ?, ?, ?)",
+                (conv, user_id, _now_ms(), last_seq),
+            )
+            return cur.rowcount == 1
+
+        return await self._write(job)
+
+    async def remove_member(self, conv: int, user_id: int) -> bool:
+        def job(conn: sqlite3.Connection) -> bool:
+            self._require_group(conn, conv)
+            cur = conn.execute("DELETE FROM members WHERE conv = ? AND user_id = ?", (conv, user_id))
+            return cur.rowcount == 1
+
+        return await self._write(job)
+
+    async def members(self, conv: int) -> tuple[int, ...]:
+        def read(conn: sqlite3.Connection) -> tuple[int, ...]:
+            rows = conn.execute("SELECT user_id FROM members WHERE conv = ? ORDER BY user_id", (conv,))
+            return tuple(r[0] for r in rows)
+
+        return await self._read(read)
+
+    async def conversation_kind(self, conv: int) -> int | None:
+        def read(conn: sqlite3.Connection) -> int | None:
+            row = conn.execute("SELECT kind FROM conversations WHERE conv = ?", (conv,)).fetchone()
+            return None if row is None else int(row[0])
+
+        return await self._read(read)
+
+    async def conversations(self, user_id: int) -> list[ConversationState]:
+        def read(conn: sqlite3.Connection) -> list[ConversationState]:
+            rows = conn.execute(
+                "SELECT c.conv, c.kind, c.user_lo, c.user_hi, c.last_seq, m.read_seq, c.name"
+                " FROM members m JOIN conversations c ON c.conv = m.conv"
+                " WHERE m.user_id = ? ORDER BY c.conv",
+                (user_id,),
+            )
+            out = []
+            for conv, kind, lo, hi, last_seq, read_seq, name in rows:
+                peer = (hi if lo == user_id else lo) if kind == KIND_DIRECT else 0
+                out.append(ConversationState(conv, kind, peer, last_seq, read_seq, name))
+            return out
+
+        return await self._read(read)
+
+    # ---- messages --------------------------------------------------------------------------------
+
+    async def append(self, request: AppendRequest) -> AppendResult:
+        if len(request.client_msg_id) != CLIENT_MSG_ID_LEN:
+            raise RequestError("client_msg_id must be 16 bytes", code=ErrorCode.BAD_REQUEST)
+        if request.kind == KIND_ROOM:
+            raise RequestError("room messages are not stored", code=ErrorCode.BAD_REQUEST)
+        if request.kind not in (KIND_DIRECT, KIND_GROUP):
+            raise RequestError("unknown conversation kind", code=ErrorCode.BAD_REQUEST)
+        result: AppendResult = await self._submit(lambda loop, fut: _Append(loop, fut, request))
+        return result
+
+    async def history(
+        self, conv: int, from_seq: int, limit: int, backward: bool
+    ) -> tuple[list[StoredMessage], bool]:
+        if limit < 1 or from_seq < 0:
+            raise RequestError("limit must be >= 1 and from_seq >= 0", code=ErrorCode.BAD_REQUEST)
+
+        def read(conn: sqlite3.Connection) -> tuple[list[StoredMessage], bool]:
+            if backward:
+                start = from_seq if from_seq > 0 else _MAX_SEQ
+                rows = conn.execute(
+                    f"SELECT {_MSG_COLUMNS} FROM messages m JOIN conversations c ON c.conv = m.conv"
+                    " WHERE m.conv = ? AND m.seq <= ? ORDER BY m.seq DESC LIMIT ?",
+                    (conv, start, limit + 1),
+                ).fetchall()
+                more = len(rows) > limit
+                return [_message(r) for r in reversed(rows[:limit])], more
+            rows = conn.execute(
+                f"SELECT {_MSG_COLUMNS} FROM messages m JOIN conversations c ON c.conv = m.conv"
+                " WHERE m.conv = ? AND m.seq >= ? ORDER BY m.seq LIMIT ?",
+                (conv, from_seq, limit + 1),
+            ).fetchall()
+            more = len(rows) > limit
+            return [_message(r) for r in rows[:limit]], more
+
+        return await self._read(read)
+
+    async def set_read(self, conv: int, user_id: int, seq: int) -> int:
+        def job(conn: sqlite3.Connection) -> int:
+            row = conn.execute(
+                "SELECT c.last_seq, m.read_seq FROM conversations c"
+                " LEFT JOIN members m ON m.conv = c.conv AND m.user_id = ? WHERE c.conv = ?",
+                (user_id, conv),
+            ).fetchone()
+            if row is None:
+                raise RequestError("no such conversation", code=ErrorCode.NOT_FOUND)
+            last_seq, read_seq = row
+            if read_seq is None:
+                raise RequestError("not a member of the conversation", code=ErrorCode.NOT_MEMBER)
+            new = max(read_seq, min(seq, last_seq))
+            if new != read_seq:
+                conn.execute(
+                    "UPDATE members SET read_seq = ? WHERE conv = ? AND user_id = ?", (new, conv, user_id)
+                )
+            return int(new)
+
+        return await self._write(job)

@@ -1,0 +1,405 @@
+"""SQLiteStore: the shared behaviour suite plus SQLite-specific durability, migration, failure
+mapping and msg_id generator tests. Real database files in tmp_path; no mocks."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+from gochat.errors import ErrorCode, RequestError, UnavailableError
+from gochat.ids import EPOCH_MS, MAX_SEQUENCE, IdGenerator, id_parts, id_unix_ms
+from gochat.store.base import AppendRequest, AppendResult, Store
+from gochat.store.sqlite import SCHEMA_VERSION, SQLiteStore
+
+try:
+    from tests.store_behaviour import StoreBehaviour, StoreFactory, req, users
+except ImportError:  # tests/ is not a package: pytest put tests/ itself on sys.path
+    from store_behaviour import StoreBehaviour, StoreFactory, req, users  # type: ignore[no-redef,import-not-found]
+
+T = TypeVar("T")
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class TestSQLiteStore(StoreBehaviour):
+    @pytest.fixture
+    def store_factory(self, tmp_path: Path) -> StoreFactory:
+        path = tmp_path / "gochat.db"
+        return lambda: SQLiteStore(path)
+
+
+def _run(coro_fn: Callable[[SQLiteStore], Awaitable[T]], path: Path, **kwargs: Any) -> T:
+    async def main() -> T:
+        store = SQLiteStore(path, **kwargs)
+        await store.open()
+        try:
+            return await coro_fn(store)
+        finally:
+            await store.close()
+
+    return asyncio.run(main())
+
+
+def test_store_satisfies_protocol(tmp_path: Path) -> None:
+    assert isinstance(SQLiteStore(tmp_path / "x.db"), Store)
+
+
+def test_wal_and_synchronous_full(tmp_path: Path) -> None:
+    path = tmp_path / "db.sqlite"
+
+    async def body(store: SQLiteStore) -> tuple[str, int, int]:
+        mode = await store._write(lambda c: c.execute("PRAGMA journal_mode").fetchone()[0])
+        sync = await store._write(lambda c: c.execute("PRAGMA synchronous").fetchone()[0])
+        fks = await store._write(lambda c: c.execute("PRAGMA foreign_keys").fetchone()[0])
+        return mode, sync, fks
+
+    mode, sync, fks = _run(body, path)
+    assert mode == "wal"
+    assert sync == 2  # FULL
+    assert fks == 1
+
+
+def test_schema_versioned_migrations(tmp_path: Path) -> None:
+    path = tmp_path / "db.sqlite"
+
+    async def noop(store: SQLiteStore) -> None:
+        await store.create_user("alice", "h")
+
+    _run(noop, path)
+    _run(lambda s: s.ping(), path)  # reopen: migrations are not re-applied
+    with sqlite3.connect(path) as conn:
+        rows = conn.execute("SELECT version FROM schema_version ORDER BY version").fetchall()
+        assert [r[0] for r in rows] == list(range(1, SCHEMA_VERSION + 1))
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        assert {"users", "refresh_tokens", "revoked_jtis", "conversations", "members", "messages"} <= tables
+        assert conn.execute("SELECT COUNT(*) FROM users").fetchone()[0] == 1
+        # a database from a newer gochat is refused, not silently used
+        conn.execute("INSERT INTO schema_version VALUES (?, 0)", (SCHEMA_VERSION + 1,))
+    with pytest.raises(UnavailableError, match="newer"):
+        _run(lambda s: s.ping(), path)
+
+
+def test_locked_past_busy_timeout_is_unavailable(tmp_path: Path) -> None:
+    path = tmp_path / "db.sqlite"
+
+    async def body(store: SQLiteStore) -> None:
+        a, b = await users(store, "alice", "bob")
+        conv = await store.direct_conversation(a, b)
+        blocker = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        blocker.execute("BEGIN EXCLUSIVE")
+        try:
+            request = req(conv, a)
+            with pytest.raises(UnavailableError) as ei:
+                await store.append(request)
+            assert ei.value.code == ErrorCode.UNAVAILABLE
+            with pytest.raises(UnavailableError):
+                await store.create_user("carol", "h")
+            # reads still work in WAL mode while a writer holds the lock
+            assert await store.get_user(a) is not None
+        finally:
+            blocker.execute("ROLLBACK")
+            blocker.close()
+        # nothing was acknowledged; the retry is stored exactly once
+        result = await store.append(request)
+        assert result.duplicate is False and result.message.seq == 1
+        assert store.stats.failed_transactions == 2
+
+    _run(body, path, busy_timeout_ms=100)
+
+
+def test_unopenable_path_is_unavailable(tmp_path: Path) -> None:
+    with pytest.raises(UnavailableError):
+        _run(lambda s: s.ping(), tmp_path / "missing-dir" / "db.sqlite")
+
+
+def test_bodies_stored_verbatim_as_blob(tmp_path: Path) -> None:
+    path = tmp_path / "db.sqlite"
+    payload = b"\x00\xff\xfe binary \x80"
+
+    async def body(store: SQLiteStore) -> None:
+        a, b = await users(store, "alice", "bob")
+        conv = await store.direct_conversation(a, b)
+        await store.append(req(conv, a, body=payload))
+
+    _run(body, path)
+    with sqlite3.connect(path) as conn:
+        value, kind = conn.execute("SELECT body, typeof(body) FROM messages").fetchone()
+    assert (value, kind) == (payload, "blob")
+
+
+CHILD = textwrap.dedent(
+    """
+    import asyncio, os, sys
+    from gochat.store.base import AppendRequest
+    from gochat.store.sqlite import SQLiteStore
+
+    async def main():
+        store = SQLiteStore(sys.argv[1])
+        await store.open()
+        a = await store.create_user("alice", "h")
+        b = await store.create_user("bob", "h")
+        conv = await store.direct_conversation(a, b)
+        while True:
+            reqs = [AppendRequest(conv, 1, a, os.urandom(16), 1, os.urandom(32)) for _ in range(8)]
+            for r in await asyncio.gather(*(store.append(q) for q in reqs)):
+                m = r.message
+                # the ack: printed only after append() returned, i.e. after COMMIT
+                print(m.conv, m.seq, m.msg_id, m.client_msg_id.hex(), m.body.hex(), flush=True)
+
+    asyncio.run(main())
+    """
+)
+
+
+def test_acked_appends_survive_sigkill(tmp_path: Path) -> None:
+    path = tmp_path / "durable.sqlite"
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", CHILD, str(path)], stdout=subprocess.PIPE, env=env, text=True, bufsize=1
+    )
+    acks: list[str] = []
+    deadline = time.monotonic() + 30
+    try:
+        assert proc.stdout is not None
+        while len(acks) < 40:
+            line = proc.stdout.readline()
+            assert line, "child exited before acknowledging"
+            acks.append(line)
+            assert time.monotonic() < deadline
+        proc.send_signal(signal.SIGKILL)  # right after an ack, while it keeps appending
+        acks.extend(proc.stdout.read().splitlines(keepends=True))  # acks printed before death count too
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+
+    async def check(store: SQLiteStore) -> None:
+        for line in acks:
+            conv, seq, msg_id, client_msg_id, body = line.split()
+            msgs, _ = await store.history(int(conv), int(seq), 1, False)
+            assert msgs, f"acknowledged message seq {seq} lost"
+            m = msgs[0]
+            assert (m.seq, m.msg_id, m.client_msg_id.hex(), m.body.hex()) == (
+                int(seq),
+                int(msg_id),
+                client_msg_id,
+                body,
+            )
+        # seqs are gap-free after recovery
+        first_conv = int(acks[0].split()[0])
+        hist, _ = await store.history(first_conv, 0, 100_000, True)
+        assert [m.seq for m in hist] == list(range(1, len(hist) + 1))
+        assert len(hist) >= len(acks)
+
+    _run(check, path)
+
+
+def test_cancelled_waiter_does_not_break_batch(tmp_path: Path) -> None:
+    path = tmp_path / "db.sqlite"
+
+    async def body(store: SQLiteStore) -> None:
+        a, b = await users(store, "alice", "bob")
+        conv = await store.direct_conversation(a, b)
+        request = req(conv, a)
+        task = asyncio.ensure_future(store.append(request))
+        others = [asyncio.ensure_future(store.append(req(conv, b))) for _ in range(5)]
+        await asyncio.sleep(0)
+        task.cancel()
+        results = await asyncio.gather(*others)
+        assert len(results) == 5
+        # the cancelled append may or may not have committed; a retry resolves it exactly once
+        retry = await store.append(request)
+        hist, _ = await store.history(conv, 0, 100, True)
+        assert [m.seq for m in hist] == list(range(1, len(hist) + 1))
+        assert sum(m.client_msg_id == request.client_msg_id for m in hist) == 1
+        assert retry.message.client_msg_id == request.client_msg_id
+
+    _run(body, path)
+
+
+def test_unexpected_failure_of_one_append_is_isolated(tmp_path: Path) -> None:
+    """A request that fails inside the transaction (here: an integer SQLite cannot store) is
+    retried in isolation; the rest of its batch still commits."""
+
+    async def body(store: SQLiteStore) -> None:
+        a, b = await users(store, "alice", "bob")
+        conv = await store.direct_conversation(a, b)
+        bad = AppendRequest(conv, 1, 2**70, os.urandom(16), 1, b"x")
+        results = await asyncio.gather(
+            store.append(req(conv, a)), store.append(bad), store.append(req(conv, b)), return_exceptions=True
+        )
+        assert isinstance(results[1], RequestError) and results[1].code == ErrorCode.BAD_REQUEST
+        assert sorted(r.message.seq for r in results if isinstance(r, AppendResult)) == [1, 2]
+        assert (await store.append(req(conv, a))).message.seq == 3
+
+    _run(body, tmp_path / "db.sqlite")
+
+
+def test_purge_expired(tmp_path: Path) -> None:
+    async def body(store: SQLiteStore) -> None:
+        (a,) = await users(store, "alice")
+        await store.add_refresh_token("old", "f", a, 100)
+        await store.add_refresh_token("new", "f", a, 10_000)
+        await store.revoke_jti("j-old", 100)
+        await store.revoke_jti("j-new", 10_000)
+        assert await store.purge_expired(5_000) == (1, 1)
+        assert await store.revoked_jtis(0) == {"j-new": 10_000}
+
+    _run(body, tmp_path / "db.sqlite")
+
+
+def test_appends_from_two_event_loops(tmp_path: Path) -> None:
+    """Futures are resolved on the loop that created them (one call_soon_threadsafe per loop)."""
+    path = tmp_path / "db.sqlite"
+    store = SQLiteStore(path)
+    setup: dict[str, int] = {}
+
+    async def open_and_setup() -> None:
+        await store.open()
+        a, b = await users(store, "alice", "bob")
+        setup["a"], setup["conv"] = a, await store.direct_conversation(a, b)
+
+    loop1 = asyncio.new_event_loop()
+    loop1.run_until_complete(open_and_setup())
+    results: list[int] = []
+    errors: list[BaseException] = []
+
+    def other_loop() -> None:
+        async def go() -> None:
+            rs = await asyncio.gather(*(store.append(req(setup["conv"], setup["a"])) for _ in range(50)))
+            results.extend(r.message.seq for r in rs)
+
+        try:
+            asyncio.run(go())
+        except BaseException as exc:  # pragma: no cover
+            errors.append(exc)
+
+    thread = threading.Thread(target=other_loop)
+    thread.start()
+
+    async def here() -> list[int]:
+        rs = await asyncio.gather(*(store.append(req(setup["conv"], setup["a"])) for _ in range(50)))
+        return [r.message.seq for r in rs]
+
+    mine = loop1.run_until_complete(here())
+    thread.join()
+    loop1.run_until_complete(store.close())
+    loop1.close()
+    assert not errors
+    assert sorted(mine + results) == list(range(1, 101))
+
+
+def test_append_request_is_frozen() -> None:
+    r = AppendRequest(1, 1, 1, b"x" * 16, 1, b"")
+    with pytest.raises(AttributeError):
+        r.conv = 2  # type: ignore[misc]
+
+
+# ---- msg_id generator ------------------------------------------------------------------------
+
+
+class FakeClock:
+    def __init__(self, ms: int) -> None:
+        self.ms = ms
+
+    def __call__(self) -> int:
+        return self.ms
+
+
+def test_id_layout() -> None:
+    clock = FakeClock(EPOCH_MS + 12345)
+    gen = IdGenerator(513, clock=clock)
+    first = gen.next_id()
+    assert id_parts(first) == (EPOCH_MS + 12345, 513, 0)
+    assert id_parts(gen.next_id()) == (EPOCH_MS + 12345, 513, 1)
+    assert id_unix_ms(first) == EPOCH_MS + 12345
+    assert 0 < first < 2**63
+    with pytest.raises(ValueError):
+        IdGenerator(1024)
+    with pytest.raises(ValueError):
+        IdGenerator(-1)
+
+
+def test_ids_monotonic_when_clock_steps_back() -> None:
+    clock = FakeClock(EPOCH_MS + 1_000_000)
+    gen = IdGenerator(1, clock=clock)
+    ids = [gen.next_id() for _ in range(10)]
+    clock.ms -= 5_000  # NTP step back by 5 s
+    ids += [gen.next_id() for _ in range(10)]
+    assert ids == sorted(ids) and len(set(ids)) == len(ids)
+    # sequence exhaustion while the clock is behind borrows the next millisecond
+    ids += [gen.next_id() for _ in range(MAX_SEQUENCE + 10)]
+    assert ids == sorted(ids) and len(set(ids)) == len(ids)
+    assert id_parts(ids[-1]).unix_ms == EPOCH_MS + 1_000_001
+    clock.ms += 10_000  # clock catches up: real time again
+    nxt = gen.next_id()
+    assert nxt > ids[-1] and id_parts(nxt) == (clock.ms, 1, 0)
+
+
+def test_ids_wait_for_next_ms_when_sequence_exhausted() -> None:
+    gen = IdGenerator(2)  # real clock
+    ids = [gen.next_id() for _ in range(3 * (MAX_SEQUENCE + 1))]
+    assert ids == sorted(ids) and len(set(ids)) == len(ids)
+    assert max(id_parts(i).sequence for i in ids) <= MAX_SEQUENCE
+
+
+def test_ids_seeded_after_previous_id() -> None:
+    clock = FakeClock(EPOCH_MS + 50_000)
+    previous = IdGenerator(0, clock=clock).next_id()
+    clock.ms -= 20_000  # restarted with a clock that went back
+    gen = IdGenerator(0, clock=clock, after=previous)
+    assert gen.next_id() > previous
+
+
+def test_store_shares_and_advances_the_process_generator(tmp_path: Path) -> None:
+    path = tmp_path / "db.sqlite"
+
+    async def first(store: SQLiteStore) -> int:
+        a, b = await users(store, "alice", "bob")
+        conv = await store.direct_conversation(a, b)
+        return (await store.append(req(conv, a))).message.msg_id
+
+    stored = _run(first, path)
+    clock = FakeClock(id_unix_ms(stored) - 60_000)  # the process restarts with a clock a minute behind
+    gen = IdGenerator(0, clock=clock)
+
+    async def second(store: SQLiteStore) -> None:
+        room_id = gen.next_id()  # e.g. a room message numbered by the messaging core
+        assert room_id > stored
+        (a,) = [u.user_id for u in [await store.get_user_by_name("alice")] if u]
+        conv = (await store.conversations(a))[0].conv
+        msg = (await store.append(req(conv, a))).message
+        assert msg.msg_id > room_id and gen.next_id() > msg.msg_id
+
+    _run(second, path, ids=gen)
+    with pytest.raises(ValueError):
+        SQLiteStore(path, node_id=1, ids=gen)
+
+
+def test_ids_thread_safe() -> None:
+    gen = IdGenerator(7)
+    out: list[list[int]] = [[] for _ in range(4)]
+
+    def work(i: int) -> None:
+        out[i].extend(gen.next_id() for _ in range(5000))
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    everything = [x for chunk in out for x in chunk]
+    assert len(set(everything)) == len(everything)
+    for chunk in out:
+        assert chunk == sorted(chunk)
