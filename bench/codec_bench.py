@@ -20,9 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+# Run from a checkout without installing: the repository root goes first on the path.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from gochat.protocol import (  # noqa: E402  (path set up above so the script runs from a checkout)
+from gochat.protocol import (
     Codec,
     Deliver,
     Message,

@@ -71,12 +71,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         run(settings)
         return 0
     if args.command == "chat":
-        import asyncio
+        from gochat.cli_chat import chat_main
 
-        from gochat.cli_chat import run_chat
-
-        asyncio.run(run_chat(args))
-        return 0
+        return chat_main(args)
     from gochat import protocol
 
     print(f"gochat {__version__} (codec: {protocol.IMPLEMENTATION})")

@@ -987,6 +987,33 @@ def test_fake_auth_failures_and_token_refresh() -> None:
             with pytest.raises(AuthError) as e4:
                 await _connect(srv, same)
             assert e4.value.code == ErrorCode.TOKEN_EXPIRED
+
+            # a callable that cannot log in (bad password) is fatal at once, not retried
+            async def bad_password() -> str:
+                raise AuthError("bad credentials", code=ErrorCode.UNAUTHORIZED)
+
+            t0 = time.monotonic()
+            with pytest.raises(AuthError):
+                await _connect(srv, bad_password, connect_timeout=5)
+            assert time.monotonic() - t0 < 2
+
+            # invalidate(token) is called on rejection before asking again
+            class Source:
+                def __init__(self) -> None:
+                    self.current = "expired-3"
+                    self.invalidated: list[str] = []
+
+                async def __call__(self) -> str:
+                    return self.current
+
+                def invalidate(self, token: str) -> None:
+                    self.invalidated.append(token)
+                    self.current = "t-carol"
+
+            src = Source()
+            c = await _connect(srv, src)
+            assert c.user_id == 3 and src.invalidated == ["expired-3"]
+            await c.close()
             await a.close()
         finally:
             await srv.stop()
@@ -1075,3 +1102,37 @@ def test_fake_send_timeout_and_validation() -> None:
             await srv.stop()
 
     run(body())
+
+
+# ---------------------------------------------------------------------------------------------
+# gochat chat formatting
+# ---------------------------------------------------------------------------------------------
+
+
+def test_chat_formatting() -> None:
+    import argparse
+    from types import SimpleNamespace
+
+    from gochat.cli_chat import ChatSession, add_chat_arguments
+
+    s = ChatSession(SimpleNamespace(user_id=7), None, "alice")  # type: ignore[arg-type]
+    s.names[9] = "bob"
+    s.groups[50] = "team"
+    ts = int(time.mktime((2024, 5, 1, 13, 4, 5, 0, 0, -1)) * 1000)
+    m = Message(Kind.DIRECT, 9, 1, 1, 9, ts, b"\0" * 16, 1, b"hi")
+    assert s.format_message(m) == "[13:04:05] bob → you: hi"
+    mine = Message(Kind.DIRECT, 9, 2, 2, 7, ts, b"\0" * 16, 1, b"yo")
+    assert s.format_message(mine) == "[13:04:05] you → bob: yo"
+    g = Message(Kind.GROUP, 50, 3, 3, 11, ts, b"\0" * 16, 0, b"\1\2")
+    assert s.format_message(g) == "[13:04:05] 11 → #team: <2 bytes, content type 0>"
+    r = Message(Kind.ROOM, 4, 0, 4, 9, ts, b"\0" * 16, 1, b"x")
+    assert s.format_message(r) == "[13:04:05] bob → room:4: x"
+    assert s.format_event(Event(1, 0, 0, 9, 1)) == "* bob is online"
+    assert s.format_event(Event(4, 2, 50, 7, 9)) == "* you added bob to #team"
+    assert s.format_event(Event(5, 2, 50, 9, 9)) == "* bob left #team"
+    assert s.format_event(Event(2, 1, 9, 9, 1)) is None
+
+    p = argparse.ArgumentParser()
+    add_chat_arguments(p)
+    ns = p.parse_args(["--user", "alice", "--ws", "ws://a/ws", "--ws", "ws://b/ws", "--register"])
+    assert ns.ws == ["ws://a/ws", "ws://b/ws"] and ns.register and ns.to is None

@@ -60,8 +60,8 @@ BAD_BODY = ErrorCode.BAD_BODY
 
 # Both decoders run on every example, so keep the counts moderate: the codec suite stays well
 # under a minute on two cores.
-FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-THOROUGH = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FAST = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+THOROUGH = settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 @pytest.fixture(scope="module", params=["py-codec", "c-codec"])  # stateless: safe to share with @given

@@ -947,7 +947,10 @@ class Client:
             tok, self._next_token = self._next_token, None
             return tok
         if self._token_fn is not None:
-            return await self._token_fn()
+            try:
+                return await self._token_fn()
+            except AuthError as e:  # e.g. the password is wrong: retrying cannot help
+                raise _AuthRejected(e) from e
         assert self._token_str is not None
         return self._token_str
 

@@ -1,0 +1,126 @@
+"""Cluster seams: node registry, node-to-node broker, cluster presence, durable job streams.
+
+Each seam has an in-process implementation (embedded mode, tests) in
+:mod:`gochat.cluster.memory` and a Redis one in :mod:`gochat.cluster.redis`. The same behaviour
+tests run against both. Nothing here parses client frames: payloads are opaque bytes built by
+the messaging core (:mod:`gochat.cluster.envelope`).
+
+Figures from the architecture review: a node registers with a 90 s TTL renewed every 30 s,
+with metadata (addresses, version, weight, load), and deregisters on graceful shutdown.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+__all__ = [
+    "REGISTRY_RENEW_S",
+    "REGISTRY_TTL_S",
+    "Broker",
+    "JobHandler",
+    "JobQueue",
+    "NodeInfo",
+    "Presence",
+    "Registry",
+]
+
+REGISTRY_TTL_S = 90
+REGISTRY_RENEW_S = 30
+
+
+@dataclass(frozen=True, slots=True)
+class NodeInfo:
+    """What a node publishes about itself in the registry."""
+
+    node_id: str
+    ws_url: str
+    http_url: str
+    version: str
+    weight: int = 100
+    connections: int = 0
+    draining: bool = False
+    started_ms: int = 0
+    #: set by the registry when read
+    updated_ms: int = 0
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+@runtime_checkable
+class Registry(Protocol):
+    """Service registry: every live node, with a TTL so crashed nodes disappear by themselves."""
+
+    async def register(self, info: NodeInfo, load: Callable[[], NodeInfo] | None = None) -> None:
+        """Publish ``info`` with the TTL and keep renewing it every REGISTRY_RENEW_S (or the
+        configured interval), taking fresh metadata from ``load()`` when given. Re-registers by
+        itself after the backend comes back."""
+
+    async def deregister(self) -> None:
+        """Remove this node now (graceful shutdown) and stop renewing."""
+
+    async def nodes(self) -> list[NodeInfo]:
+        """The live nodes (their entries have not expired), sorted by node_id."""
+
+    def watch(self, callback: Callable[[list[NodeInfo]], None]) -> None:
+        """Call ``callback(nodes)`` whenever the set of nodes or their metadata change (at most
+        once per renew interval when nothing is announced, immediately on join/leave)."""
+
+    async def close(self) -> None: ...
+
+
+@runtime_checkable
+class Broker(Protocol):
+    """Node-to-node messaging (at most once; durable work goes through :class:`JobQueue`)."""
+
+    async def start(self, node_id: str, on_message: Callable[[bytes], None]) -> None:
+        """Subscribe to this node's channel and the cluster-wide channel; ``on_message`` gets
+        every payload sent to this node or broadcast. Re-subscribes by itself after the
+        backend restarts."""
+
+    async def send_to_node(self, node_id: str, payload: bytes) -> None: ...
+
+    async def broadcast(self, payload: bytes) -> None:
+        """Send to every node, this one included."""
+
+    async def close(self) -> None: ...
+
+
+@runtime_checkable
+class Presence(Protocol):
+    """Which nodes hold sessions of which users, multi-device safe."""
+
+    async def session_up(self, user_id: int, node_id: str, session_id: int) -> bool:
+        """Record a session; True when the user had no session anywhere before (came online)."""
+
+    async def session_down(self, user_id: int, node_id: str, session_id: int) -> bool:
+        """Remove exactly that session (a stale session never removes a newer one); True when
+        the user has no session left anywhere (went offline)."""
+
+    async def nodes_for(self, user_ids: Iterable[int]) -> dict[str, list[int]]:
+        """node_id -> those of ``user_ids`` with at least one session on that node."""
+
+    async def online(self, user_ids: Iterable[int]) -> dict[int, bool]: ...
+
+    async def drop_node(self, node_id: str) -> list[int]:
+        """Forget every session of a dead node; returns the users that went offline."""
+
+    async def close(self) -> None: ...
+
+
+JobHandler = Callable[[str, bytes], Awaitable[None]]
+
+
+@runtime_checkable
+class JobQueue(Protocol):
+    """Durable background work (Redis Streams with consumer groups): at least once, with
+    idempotent consumers (a job id is processed once even if delivered twice)."""
+
+    async def enqueue(self, stream: str, job_id: str, payload: bytes) -> None: ...
+
+    async def consume(self, stream: str, group: str, consumer: str, handler: JobHandler) -> None:
+        """Start consuming in the background: new jobs and jobs left pending by dead consumers
+        (claimed after an idle timeout) go to ``handler(job_id, payload)``; a job is
+        acknowledged after the handler returns, retried if it raises."""
+
+    async def close(self) -> None: ...
