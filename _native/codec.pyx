@@ -7,8 +7,9 @@ Cython modules cimport are declared (and mostly defined) in ``codec.pxd``.
 
 Decoding reads straight from the caller's buffer (no copies, no ``struct``), validates a frame
 completely (rules 1-9 of docs/protocol.md §2) before building anything, then builds the
-``gochat.protocol.frames`` objects. Encoding writes into one bytes object that grows in place,
-so ``encode`` allocates the result once and ``encode_many`` amortises growth.
+``gochat.protocol.frames`` objects, filling their slots from C (see ``_Builder``). Encoding
+writes into one bytes object that grows in place, so ``encode`` allocates the result once and
+``encode_many`` amortises growth.
 """
 
 cimport cython
@@ -648,7 +649,10 @@ cdef bytes _cmid_arg(object v, int op):
 
 
 cdef const char* _utf8_arg(object v, int op, str field, Py_ssize_t* n) except NULL:
-    """UTF-8 of a str field, cached on the str object (no copy for ASCII)."""
+    """UTF-8 of a str field, cached on the str object (no copy for ASCII).
+
+    The pointer lives as long as ``v``: callers keep their own reference to it.
+    """
     if not PyUnicode_Check(v):
         raise TypeError(f"{_op_name(op)} {field} must be str, not {type(v).__name__}")
     try:
@@ -731,7 +735,7 @@ cdef int _write_frame(WBuf* w, object f) except -1:
     cdef bytes b1, b2
     cdef uint8_t kind, u8
     cdef uint64_t a, c, d, e, u64
-    cdef object items
+    cdef object items, text, text2
 
     if op == OP_SEND:
         kind = _kind(f.kind, op, 1, 3)
@@ -783,7 +787,8 @@ cdef int _write_frame(WBuf* w, object f) except -1:
         if len(b1):
             memcpy(p + 26, PyBytes_AS_STRING(b1), len(b1))
     elif op == OP_AUTH:
-        s = _utf8_arg(f.token, op, "token", &n)
+        text = f.token  # keeps the str (and its cached UTF-8, which s points into) alive
+        s = _utf8_arg(text, op, "token", &n)
         if n < 1 or n > 4096:
             raise _encode_error(ERR_BAD_BODY, op, "token length out of range 1-4096")
         p = _start_frame(w, op, n, rid, flags)
@@ -887,7 +892,8 @@ cdef int _write_frame(WBuf* w, object f) except -1:
         p[0] = kind
         write_u64(p + 1, a)
     elif op == OP_CALL:
-        s = _utf8_arg(f.method, op, "method", &n)
+        text = f.method
+        s = _utf8_arg(text, op, "method", &n)
         if n < 1 or n > 64:
             raise _encode_error(ERR_BAD_BODY, op, "method length out of range 1-64")
         b1 = _bytes_arg(f.payload)
@@ -899,10 +905,12 @@ cdef int _write_frame(WBuf* w, object f) except -1:
     elif op == OP_GOAWAY:
         a = _uint(f.code, U16_MAX, op, "code")
         c = _uint(f.retry_after_ms, U32_MAX, op, "retry_after_ms")
-        s = _utf8_arg(f.url, op, "url", &n)
+        text = f.url
+        s = _utf8_arg(text, op, "url", &n)
         if n > <Py_ssize_t>U16_MAX:
             raise _encode_error(ERR_BAD_BODY, op, "url longer than 65535 bytes")
-        s2 = _utf8_arg(f.reason, op, "reason", &n2)
+        text2 = f.reason
+        s2 = _utf8_arg(text2, op, "reason", &n2)
         p = _start_frame(w, op, 8 + n + n2, rid, flags)
         write_u16(p, <uint16_t>a)
         write_u32(p + 2, <uint32_t>c)

@@ -40,11 +40,21 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--node-id", type=int, help="node id 0-1023 (default 0)")
     serve.add_argument("--jwt-algorithm", choices=("EdDSA", "RS256"), help="access-token algorithm")
     serve.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR")
+    serve.add_argument("--redis", dest="redis_url", metavar="URL", help="Redis URL: cluster mode (with --postgres)")
+    serve.add_argument("--postgres", dest="postgres_dsn", metavar="DSN", help="PostgreSQL DSN: cluster mode (with --redis)")
+    serve.add_argument("--workers", type=int, help="node processes sharing the ports (cluster mode)")
 
     chat = sub.add_parser("chat", help="terminal chat client", description="A small terminal chat client.")
     from gochat.cli_chat import add_chat_arguments
 
     add_chat_arguments(chat)
+    migrate = sub.add_parser(
+        "migrate",
+        help="create or upgrade the PostgreSQL schema",
+        description="Apply pending schema migrations to a PostgreSQL database (safe to run on every deploy).",
+    )
+    migrate.add_argument("--postgres", dest="postgres_dsn", metavar="DSN", help="PostgreSQL DSN (or GOCHAT_POSTGRES_DSN)")
+    migrate.add_argument("--schema", help="schema name (default gochat, or GOCHAT_POSTGRES_SCHEMA)")
     sub.add_parser("version", help="print the version and whether the native modules are loaded")
     return parser
 
@@ -60,6 +70,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             "node_id": args.node_id,
             "jwt_algorithm": args.jwt_algorithm,
             "log_level": args.log_level,
+            "redis_url": args.redis_url,
+            "postgres_dsn": args.postgres_dsn,
+            "workers": args.workers,
         }
         try:
             settings = load_settings(args.config, overrides=overrides)
@@ -68,12 +81,25 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         from gochat.server import run
 
-        run(settings)
-        return 0
+        return run(settings)
     if args.command == "chat":
         from gochat.cli_chat import chat_main
 
         return chat_main(args)
+    if args.command == "migrate":
+        import asyncio
+        import os
+
+        from gochat.store.postgres import migrate as run_migrations
+
+        dsn = args.postgres_dsn or os.environ.get(f"{ENV_PREFIX}POSTGRES_DSN", "")
+        schema = args.schema or os.environ.get(f"{ENV_PREFIX}POSTGRES_SCHEMA", "gochat")
+        if not dsn:
+            print("gochat: migrate needs --postgres DSN or GOCHAT_POSTGRES_DSN", file=sys.stderr)
+            return 2
+        version = asyncio.run(run_migrations(dsn, schema))
+        print(f"gochat: schema {schema!r} is at version {version}")
+        return 0
     from gochat import protocol
 
     print(f"gochat {__version__} (codec: {protocol.IMPLEMENTATION})")

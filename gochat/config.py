@@ -54,6 +54,19 @@ class Settings:
     max_group_members: int = _opt(10000, "largest group")
     drain_timeout_s: float = _opt(10.0, "on SIGTERM, how long to wait for in-flight sends to commit")
     log_level: str = _opt("INFO", "logging level: DEBUG, INFO, WARNING, ERROR")
+    # cluster mode (both URLs set): PostgreSQL store, Redis broker/presence/registry
+    redis_url: str = _opt("", "Redis URL for cluster mode, e.g. redis://127.0.0.1:6379/0")
+    postgres_dsn: str = _opt("", "PostgreSQL DSN for cluster mode, e.g. postgresql://gochat@db/gochat")
+    postgres_schema: str = _opt("gochat", "PostgreSQL schema holding gochat's tables")
+    redis_prefix: str = _opt("gochat:", "prefix of every Redis key and channel (isolates clusters)")
+    registry_ttl_s: int = _opt(90, "registry entry TTL; a node that stops renewing vanishes after it")
+    registry_renew_s: int = _opt(30, "registry renewal interval")
+    weight: int = _opt(100, "load-balancing weight announced in the registry")
+    workers: int = _opt(1, "node processes sharing the ports (SO_REUSEPORT); >1 needs cluster mode")
+
+    @property
+    def cluster(self) -> bool:
+        return bool(self.redis_url and self.postgres_dsn)
 
     @property
     def data_path(self) -> Path:
@@ -127,6 +140,14 @@ def _validate(s: Settings) -> None:
         raise ConfigError("max_body must be positive and fit in max_frame with the SEND header")
     if s.outbound_soft_limit > s.outbound_hard_limit:
         raise ConfigError("outbound_soft_limit must not exceed outbound_hard_limit")
+    if bool(s.redis_url) != bool(s.postgres_dsn):
+        raise ConfigError("cluster mode needs both redis_url and postgres_dsn")
+    if s.workers < 1 or (s.workers > 1 and not s.redis_url):
+        raise ConfigError("workers must be >= 1, and > 1 only in cluster mode (redis_url + postgres_dsn)")
+    if s.workers > 1 and (s.ws_port == 0 or s.http_port == 0):
+        raise ConfigError("workers > 1 need fixed ws_port and http_port to share")
+    if not 0 < s.registry_renew_s < s.registry_ttl_s:
+        raise ConfigError("registry_renew_s must be positive and below registry_ttl_s")
     for name in ("ws_port", "http_port"):
         if not 0 <= getattr(s, name) <= 65535:
             raise ConfigError(f"{name} out of range")

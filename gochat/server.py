@@ -10,18 +10,23 @@ import asyncio
 import logging
 import os
 import signal
+import socket
 import sys
+import time
 from pathlib import Path
 from typing import Any, cast
 
 from aiohttp import web
 from picows import ws_create_server
 
+from gochat import __version__
 from gochat._native.fanout import FanoutWriter
 from gochat._native.routing import RoutingTable
 from gochat.api.http import build_app
 from gochat.auth.keys import Algorithm, KeyRing
 from gochat.auth.service import AuthService
+from gochat.cluster.base import Broker, NodeInfo, Presence, Registry
+from gochat.cluster.link import ClusterLink
 from gochat.config import Settings
 from gochat.errors import ErrorCode
 from gochat.gateway.gateway import Gateway
@@ -29,6 +34,7 @@ from gochat.ids import IdGenerator
 from gochat.messaging.core import MessagingCore
 from gochat.messaging.presence import MemoryPresence
 from gochat.observability.metrics import Metrics
+from gochat.store import Store
 from gochat.store.sqlite import SQLiteStore
 
 __all__ = ["Server", "run"]
@@ -48,13 +54,24 @@ class Server:
         self.http_url = ""
         self._ws_server: asyncio.AbstractServer | None = None
         self._http_runner: web.AppRunner | None = None
+        self.cluster: ClusterLink | None = None
+        self._cluster_backends: tuple[Broker, Presence, Registry] | None = None
+        self.redis: Any = None
+        self.store: Store
+        self.node_name = f"{socket.gethostname()}-{os.getpid()}-{settings.node_id}"
+        self.started_ms = int(time.time() * 1000)
 
     async def start(self) -> None:
         s = self.settings
         data = Path(s.data_dir)
         data.mkdir(parents=True, exist_ok=True)
-        self.store = SQLiteStore(data / "gochat.db", node_id=s.node_id, ids=self.ids)
+        if s.cluster:
+            await self._open_cluster_backends()
+        else:
+            self.store = SQLiteStore(data / "gochat.db", node_id=s.node_id, ids=self.ids)
         await self.store.open()
+        # In a cluster every node must verify every node's tokens: they share the key file
+        # (same data_dir on one machine, or the file distributed as a secret; docs/cluster.md).
         keyring = KeyRing.load_or_create(data, algorithm=cast(Algorithm, s.jwt_algorithm))
         self.auth = AuthService(
             self.store, keyring, access_ttl_s=s.access_ttl_s, refresh_ttl_s=s.refresh_ttl_s
@@ -70,6 +87,9 @@ class Server:
         )
         self.auth.on_revoke(self._revoked)
         self.metrics.attach_data_plane(self.gateway.stats)
+        if self._cluster_backends is not None:
+            broker, presence, registry = self._cluster_backends
+            self.cluster = ClusterLink(self.node_name, broker, presence, registry, self.routing, self.writer)
 
         heartbeat = s.heartbeat_ms / 1000
         self._ws_server = await ws_create_server(
@@ -83,30 +103,98 @@ class Server:
             read_buffer_init_size=4096,
             logger_name="gochat.picows",
             reuse_address=True,
+            reuse_port=s.workers > 1,
         )
         ws_port = self._ws_server.sockets[0].getsockname()[1]
         self.ws_url = s.public_ws_url or f"ws://{s.host}:{ws_port}/ws"
 
         self._http_runner = web.AppRunner(build_app(self), access_log=None, handle_signals=False)
         await self._http_runner.setup()
-        site = web.TCPSite(self._http_runner, s.host, s.http_port, reuse_address=True)
+        site = web.TCPSite(
+            self._http_runner, s.host, s.http_port, reuse_address=True, reuse_port=s.workers > 1
+        )
         await site.start()
         http_port = self._http_runner.addresses[0][1]
         self.http_url = f"http://{s.host}:{http_port}"
-        log.info("gochat listening ws=%s http=%s data=%s", self.ws_url, self.http_url, data.resolve())
+        if self.cluster is not None:
+            self.core.cluster = self.cluster
+            self.cluster.on_presence = self.core.presence_changed
+            self.cluster.on_revoke = self._remote_revocation
+            self.cluster.on_kick = self._remote_kick
+            await self.cluster.start(self._node_info(), self._node_info)
+        log.info(
+            "gochat listening ws=%s http=%s data=%s node=%s",
+            self.ws_url,
+            self.http_url,
+            data.resolve(),
+            self.node_name,
+        )
 
-    def _revoked(self, user_id: int, jti: str) -> None:
-        self.gateway.kick_user(user_id, ErrorCode.TOKEN_REVOKED, "logged out", jti)
+    async def _open_cluster_backends(self) -> None:
+        import redis.asyncio as aioredis
 
-    def gateways(self) -> list[dict[str, Any]]:
+        from gochat.cluster.redis import RedisBroker, RedisPresence, RedisRegistry
+        from gochat.store.postgres import PostgresStore
+
+        s = self.settings
+        self.redis = aioredis.Redis.from_url(
+            s.redis_url, socket_timeout=5, socket_connect_timeout=5, health_check_interval=10
+        )
+        if s.node_id == 0:
+            # A snowflake node id (0-1023) unique among live nodes: taken from a cluster counter.
+            seq = int(await self.redis.incr(f"{s.redis_prefix}node-seq"))
+            self.ids = IdGenerator(seq % 1024)
+        self.node_name = f"{socket.gethostname()}-{os.getpid()}-{self.ids.node_id}"
+        self.store = PostgresStore(s.postgres_dsn, node_id=self.ids.node_id, ids=self.ids, schema=s.postgres_schema)
+        self._cluster_backends = (
+            RedisBroker(s.redis_url, s.redis_prefix),
+            RedisPresence(self.redis, s.redis_prefix),
+            RedisRegistry(self.redis, s.redis_prefix, ttl_s=s.registry_ttl_s, renew_s=s.registry_renew_s),
+        )
+
+    def _node_info(self) -> NodeInfo:
+        return NodeInfo(
+            node_id=self.node_name,
+            ws_url=self.ws_url,
+            http_url=self.http_url,
+            version=__version__,
+            weight=self.settings.weight,
+            connections=len(self.gateway.connections),
+            draining=self.draining,
+            started_ms=self.started_ms,
+        )
+
+    def _remote_revocation(self, user_id: int, expires_ms: int, revoked_id: str) -> None:
+        self.auth.apply_revocation(revoked_id, expires_ms)
+        self.gateway.kick_user(user_id, ErrorCode.TOKEN_REVOKED, "logged out", revoked_id)
+
+    def _remote_kick(self, user_id: int, code: int, reason: str) -> None:
+        self.gateway.kick_user(user_id, ErrorCode(code), reason)
+
+    def _revoked(self, user_id: int, revoked_id: str) -> None:
+        self.gateway.kick_user(user_id, ErrorCode.TOKEN_REVOKED, "logged out", revoked_id)
+        if self.cluster is not None:
+            expires_ms = int(time.time() * 1000) + self.settings.access_ttl_s * 1000
+            self.cluster.publish_revocation(user_id, expires_ms, revoked_id)
+
+    async def gateways(self) -> list[dict[str, Any]]:
+        """The live gateways (every registered node in cluster mode)."""
+        if self.cluster is not None:
+            nodes = await self.cluster.registry.nodes()
+        else:
+            nodes = [self._node_info()]
         return [
             {
-                "node_id": self.settings.node_id,
-                "url": self.ws_url,
-                "weight": 100,
-                "connections": len(self.gateway.connections),
-                "draining": self.draining,
+                "node_id": n.node_id,
+                "url": n.ws_url,
+                "http_url": n.http_url,
+                "weight": n.weight,
+                "connections": n.connections,
+                "draining": n.draining,
+                "version": n.version,
             }
+            for n in nodes
+            if not n.draining
         ]
 
     async def stop(self) -> None:
@@ -115,12 +203,21 @@ class Server:
             return
         self.draining = True
         log.info("gochat draining")
+        hint = ""
+        if self.cluster is not None:
+            await self.cluster.deregister()
+            others = sorted(self.cluster.other_nodes(), key=lambda n: n.connections / max(n.weight, 1))
+            hint = others[0].ws_url if others else ""
         if self._ws_server is not None:
             self._ws_server.close()
-        await self.gateway.drain(timeout=self.settings.drain_timeout_s)
+        await self.gateway.drain(url_hint=hint, timeout=self.settings.drain_timeout_s)
         if self._http_runner is not None:
             await self._http_runner.cleanup()
+        if self.cluster is not None:
+            await self.cluster.close()
         await self.store.close()
+        if self.redis is not None:
+            await self.redis.aclose()
         log.info("gochat stopped")
 
 
@@ -135,8 +232,33 @@ async def _serve(settings: Settings) -> None:
     await server.stop()
 
 
-def run(settings: Settings) -> None:
-    """Run a node until SIGINT/SIGTERM (uvloop when available)."""
+def _supervise(settings: Settings) -> int:
+    """``--workers N``: run N node processes that share the ports (SO_REUSEPORT); forward
+    SIGINT/SIGTERM to them and wait. Each worker is a full cluster node with its own node id."""
+    import subprocess
+
+    children = []
+    for index in range(settings.workers):
+        env = dict(os.environ, GOCHAT_WORKER_INDEX=str(index))
+        children.append(subprocess.Popen([sys.executable, "-m", "gochat.cli", *sys.argv[1:]], env=env))
+
+    def forward(signum: int, _frame: object) -> None:
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signum)
+
+    signal.signal(signal.SIGINT, forward)
+    signal.signal(signal.SIGTERM, forward)
+    return max(child.wait() for child in children)
+
+
+def run(settings: Settings) -> int:
+    """Run a node (or ``workers`` nodes) until SIGINT/SIGTERM, on uvloop."""
+    if settings.workers > 1 and "GOCHAT_WORKER_INDEX" not in os.environ:
+        return _supervise(settings)
+    index = int(os.environ.get("GOCHAT_WORKER_INDEX", "0"))
+    if index and settings.node_id:
+        settings = settings.replace(node_id=(settings.node_id + index) % 1024)
     logging.basicConfig(
         level=getattr(logging, settings.log_level.upper(), logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -149,3 +271,4 @@ def run(settings: Settings) -> None:
         asyncio.run(_serve(settings))
     else:
         uvloop.run(_serve(settings))
+    return 0

@@ -31,7 +31,9 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
 class GochatProcess:
     """A real ``gochat serve`` process on free ports with its own data directory."""
 
-    def __init__(self, data_dir: Path, extra_env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, data_dir: Path, extra_env: dict[str, str] | None = None, name: str | None = None
+    ) -> None:
         self.data_dir = data_dir
         self.extra_env = extra_env or {}
         self.ws_port = 0
@@ -39,7 +41,7 @@ class GochatProcess:
         self.ws_url = ""
         self.http_url = ""
         self.proc: subprocess.Popen[bytes] | None = None
-        self.log_path = data_dir.parent / f"{data_dir.name}-server.log"
+        self.log_path = data_dir.parent / f"{name or data_dir.name}-server.log"
         self._log: Any = None
 
     def start(self, timeout: float = 30.0) -> None:

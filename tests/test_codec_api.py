@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import inspect
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -28,6 +29,8 @@ from gochat.protocol import (
     Ping,
     Send,
     SendAck,
+    constants,
+    frames,
     native_codec,
     python_codec,
 )
@@ -253,12 +256,12 @@ def test_subclass_of_a_frame_encodes(codec: Codec) -> None:
 
 def test_encode_many(codec: Codec) -> None:
     records = [Message(1, 1, 9, n, n, 7, 0, CMID, bytes(n * 300)) for n in range(1, 6)]
-    frames: list[Frame] = [Ping(b"a", rid=1), HistoryResult(1, 9, records), Ping(b"b", rid=2)]
-    data = codec.encode_many(frames)
-    assert data == b"".join(codec.encode(f) for f in frames)
-    assert codec.decode(data) == frames
+    batch: list[Frame] = [Ping(b"a", rid=1), HistoryResult(1, 9, records), Ping(b"b", rid=2)]
+    data = codec.encode_many(batch)
+    assert data == b"".join(codec.encode(f) for f in batch)
+    assert codec.decode(data) == batch
     assert codec.encode_many([]) == b""
-    assert codec.encode_many(iter(frames)) == data  # any iterable
+    assert codec.encode_many(iter(batch)) == data  # any iterable
 
 
 def test_max_frame_above_u32(codec: Codec) -> None:
@@ -316,3 +319,27 @@ def test_protocol_doc_error_table_is_generated() -> None:
     assert text.count(begin) == 1 and text.count(end) == 1
     table = text[text.index(begin) + len(begin) : text.index(end)]
     assert table == markdown_error_table(), "regenerate it from gochat.errors.markdown_error_table()"
+
+
+def test_package_reexports_constants_and_frames() -> None:
+    for module in (constants, frames):
+        public = getattr(module, "__all__", None) or [n for n in vars(module) if n.isupper() or n[:1].isupper()]
+        for name in public:
+            if not name.startswith("_") and name not in ("Final", "ClassVar"):
+                assert getattr(gochat.protocol, name) is getattr(module, name), name
+                assert name in gochat.protocol.__all__, name
+
+
+def test_pxd_constants_mirror_python() -> None:
+    """codec.pxd repeats op codes, error codes and sizes as C enums; they must not drift."""
+    pxd = (ROOT / "_native" / "codec.pxd").read_text()
+    enums = {m[1]: int(m[2], 0) for m in re.finditer(r"^\s+([A-Z][A-Z0-9_]*) = (0x[0-9A-Fa-f]+|\d+)", pxd, re.M)}
+    ops = {name[3:]: value for name, value in enums.items() if name.startswith("OP_")}
+    assert ops == {op.name: int(op) for op in constants.Op}
+    for name, value in enums.items():
+        if name.startswith("ERR_"):
+            assert ErrorCode[name[4:]] == value, name
+    for name in ("HEADER_SIZE", "MESSAGE_RECORD_SIZE", "CLIENT_MSG_ID_SIZE", "DEFAULT_MAX_FRAME"):
+        assert enums[name] == getattr(constants, name), name
+    assert enums["PROTOCOL_VERSION"] == constants.VERSION
+    assert enums["DELIVER_FIXED_SIZE"] == constants.HEADER_SIZE + constants.MESSAGE_RECORD_SIZE

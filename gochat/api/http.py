@@ -165,7 +165,7 @@ async def jwks(request: web.Request) -> web.Response:
 
 
 async def gateways(request: web.Request) -> web.Response:
-    return _json({"gateways": request.app[_SERVER_KEY].gateways()})
+    return _json({"gateways": await request.app[_SERVER_KEY].gateways()})
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -182,6 +182,13 @@ async def readiness(request: web.Request) -> web.Response:
     except UnavailableError as exc:
         checks["store"] = f"unavailable: {exc.message}"
         ready = False
+    if server.redis is not None:
+        try:
+            await server.redis.ping()
+            checks["redis"] = "ok"
+        except Exception as exc:  # redis-py raises its own ConnectionError/TimeoutError types
+            checks["redis"] = f"unavailable: {exc}"
+            ready = False
     if server.draining:
         checks["gateway"] = "draining"
         ready = False

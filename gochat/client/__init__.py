@@ -21,6 +21,7 @@ from collections.abc import Coroutine
 from typing import Any, TypeVar
 
 from gochat.client.connection import NEWEST, Client, Item, TokenArg
+from gochat.client.discovery import Gateway, GatewayBalancer, Strategy
 from gochat.client.errors import (
     ClientClosedError,
     ConnectionLostError,
@@ -60,6 +61,8 @@ __all__ = [
     "ErrorCode",
     "Event",
     "EventType",
+    "Gateway",
+    "GatewayBalancer",
     "GochatError",
     "HistoryResult",
     "HttpApi",
@@ -70,6 +73,7 @@ __all__ = [
     "RequestError",
     "SendAck",
     "SeqTracker",
+    "Strategy",
     "TokenArg",
     "TokenSource",
     "Tokens",

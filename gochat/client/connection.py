@@ -22,6 +22,7 @@ from typing import Any, Final, TypeVar
 import orjson
 from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
 
+from gochat.client.discovery import GatewayBalancer
 from gochat.client.errors import (
     ClientClosedError,
     ConnectionLostError,
@@ -230,7 +231,7 @@ class Client:
 
     def __init__(
         self,
-        urls: Sequence[str],
+        urls: Sequence[str] | GatewayBalancer,
         token: TokenArg,
         *,
         reconnect: bool = True,
@@ -246,6 +247,10 @@ class Client:
         on_state: Callable[[str], None] | None = None,
     ) -> None:
         """Use :meth:`connect`; the constructor does no I/O."""
+        self._balancer: GatewayBalancer | None = None
+        if isinstance(urls, GatewayBalancer):
+            # discovery: URLs come from GET /v1/gateways, picked by the balancer's strategy
+            self._balancer, urls = urls, ["(discovered)"]
         if not urls:
             raise ValueError("at least one URL is required")
         self._urls = list(urls)
@@ -292,7 +297,7 @@ class Client:
     @classmethod
     async def connect(
         cls,
-        url: str | Sequence[str],
+        url: str | Sequence[str] | GatewayBalancer,
         token: TokenArg,
         *,
         reconnect: bool = True,
@@ -341,7 +346,9 @@ class Client:
         :raises AuthError: the token was rejected.
         :raises ConnectionLostError: no server could be reached within ``connect_timeout``.
         """
-        urls = [url] if isinstance(url, str) else list(url)
+        urls: Sequence[str] | GatewayBalancer = (
+            [url] if isinstance(url, str) else url if isinstance(url, GatewayBalancer) else list(url)
+        )
         self = cls(urls, token, reconnect=reconnect, backoff_initial=backoff_initial,
                    backoff_max=backoff_max, request_timeout=request_timeout, max_frame=max_frame,
                    connect_timeout=connect_timeout, resume=resume,
@@ -1005,6 +1012,8 @@ class Client:
                 url = url_hint or self._urls[self._url_idx]
                 url_hint = None
                 try:
+                    if self._balancer is not None and url == self._urls[self._url_idx]:
+                        url = await self._balancer.pick()
                     conn, token = await self._open(url)
                 except _AuthRejected as e:
                     self._fail(e.error, first)
@@ -1014,6 +1023,8 @@ class Client:
                 except Exception as e:
                     last_error = e
                     log.info("connecting to %s failed: %r", url, e)
+                    if self._balancer is not None:
+                        self._balancer.report_failure(url)
                     self._url_idx = (self._url_idx + 1) % len(self._urls)
                     if isinstance(e, GochatError) and 200 <= e.code < 300 and self._next_token is not None:
                         continue  # retry at once with the new token
@@ -1028,6 +1039,8 @@ class Client:
                         delay = min(delay, max(deadline - self._loop.time(), 0.0))
                     continue
 
+                if self._balancer is not None:
+                    self._balancer.report_success(url)
                 await self._established(conn, first)
                 await asyncio.shield(conn.done)
                 self._lost(conn)

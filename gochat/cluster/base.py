@@ -24,6 +24,7 @@ __all__ = [
     "NodeInfo",
     "Presence",
     "Registry",
+    "SessionLease",
 ]
 
 REGISTRY_TTL_S = 90
@@ -86,16 +87,33 @@ class Broker(Protocol):
     async def close(self) -> None: ...
 
 
+@dataclass(frozen=True, slots=True)
+class SessionLease:
+    """What :meth:`Presence.session_up` returns: truthy when the user came online; ``epoch`` is
+    the session's fencing token, to pass back to :meth:`Presence.session_down`."""
+
+    came_online: bool
+    epoch: int
+
+    def __bool__(self) -> bool:
+        return self.came_online
+
+
 @runtime_checkable
 class Presence(Protocol):
     """Which nodes hold sessions of which users, multi-device safe."""
 
-    async def session_up(self, user_id: int, node_id: str, session_id: int) -> bool:
-        """Record a session; True when the user had no session anywhere before (came online)."""
+    async def session_up(self, user_id: int, node_id: str, session_id: int) -> SessionLease:
+        """Record a session; the lease is truthy when the user had no session anywhere before
+        (came online). Its ``epoch`` increases with every session_up of the user."""
 
-    async def session_down(self, user_id: int, node_id: str, session_id: int) -> bool:
-        """Remove exactly that session (a stale session never removes a newer one); True when
-        the user has no session left anywhere (went offline)."""
+    async def session_down(
+        self, user_id: int, node_id: str, session_id: int, epoch: int | None = None
+    ) -> bool:
+        """Remove exactly that session: with ``epoch`` (from its lease) only if the stored
+        session still has that epoch, so a stale session never removes a newer one registered
+        under the same node and session id (``None``: remove whatever is stored). True when the
+        user has no session left anywhere (went offline)."""
 
     async def nodes_for(self, user_ids: Iterable[int]) -> dict[str, list[int]]:
         """node_id -> those of ``user_ids`` with at least one session on that node."""

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Coroutine
 from typing import Any
 
 from picows import WSUpgradeRequest, WSUpgradeResponse, WSUpgradeResponseWithListener
@@ -130,7 +130,11 @@ class Gateway:
         self.core.connection_closed(conn)
         if conn.authenticated and conn.session_id:
             self.routing.remove_connection(conn)
-            if self.presence.disconnected(conn.user_id):
+            went_offline = self.presence.disconnected(conn.user_id)
+            cluster = self.core.cluster
+            if cluster is not None:
+                self._background(cluster.session_down(conn.user_id, conn.session_id))
+            elif went_offline:
                 self.core.presence_changed(conn.user_id, False)
 
     def on_text(self, conn: Connection) -> None:
@@ -151,7 +155,11 @@ class Gateway:
         conn.authenticated = True
         conn.session_id = self.ids.next_id()
         self.routing.add_user_connection(conn)
-        if self.presence.connected(conn.user_id):
+        came_online = self.presence.connected(conn.user_id)
+        cluster = self.core.cluster
+        if cluster is not None:
+            self._background(cluster.session_up(conn.user_id, conn.session_id))
+        elif came_online:
             self.core.presence_changed(conn.user_id, True)
         conn.push(
             encode(
@@ -232,6 +240,14 @@ class Gateway:
         state.sid = claims.sid
         state.token_exp = claims.exp
         self._authenticated(conn, f.rid)
+
+    def _background(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = self.loop.create_task(coro)
+        self.inflight.add(task)
+        task.add_done_callback(self.inflight.discard)
+
+    def local_sessions(self) -> list[tuple[int, int]]:
+        return [(c.user_id, c.session_id) for c in self.connections.values() if c.authenticated]
 
     def _spawn(self, conn: Connection, rid: int, coro: Awaitable[bytes | None], timed: bool = False) -> None:
         task = self.loop.create_task(self._run(conn, rid, coro, timed))

@@ -19,6 +19,7 @@ import orjson
 
 from gochat._native.fanout import Connection, FanoutWriter
 from gochat._native.routing import RoutingTable
+from gochat.cluster.link import ClusterLink
 from gochat.config import Settings
 from gochat.errors import ErrorCode, RequestError
 from gochat.ids import IdGenerator
@@ -105,6 +106,8 @@ class MessagingCore:
         self.presence = presence
         self.ids = ids
         self.metrics = metrics
+        #: set in cluster mode: remote routing and cluster presence
+        self.cluster: ClusterLink | None = None
         self._direct: dict[tuple[int, int], int] = {}  # (lo, hi) -> conv
         self._members: dict[int, tuple[int, ...]] = {}  # group conv -> members (cache)
         self._members_inflight: dict[int, asyncio.Task[tuple[int, ...]]] = {}
@@ -230,26 +233,33 @@ class MessagingCore:
 
     def _fan_out(self, conn: Connection, m: StoredMessage, wire_conv: int, members: tuple[int, ...]) -> None:
         me = m.sender_id
-        routing, writer = self.routing, self.writer
         if m.kind == Kind.GROUP:
             data = encode_deliver(
                 m.kind, m.content_type, wire_conv, m.seq, m.msg_id, me, m.ts_ms, m.client_msg_id, m.body
             )
-            n = routing.fanout_users(writer, members, data, conn)
+            n = self._deliver(members, data, conn)
         else:
             peer = wire_conv
             # The sender's other devices see the conversation as "with peer" ...
             mine = encode_deliver(
                 m.kind, m.content_type, peer, m.seq, m.msg_id, me, m.ts_ms, m.client_msg_id, m.body
             )
-            n = routing.fanout_users(writer, (me,), mine, conn)
+            n = self._deliver((me,), mine, conn)
             if peer != me:
                 # ... the peer sees it as "with sender".
                 theirs = encode_deliver(
                     m.kind, m.content_type, me, m.seq, m.msg_id, me, m.ts_ms, m.client_msg_id, m.body
                 )
-                n += routing.fanout_users(writer, (peer,), theirs, None)
+                n += self._deliver((peer,), theirs, None)
         self.metrics.messages_delivered.inc(n)
+
+    def _deliver(self, user_ids: Any, data: bytes, skip: Connection | None, droppable: bool = False) -> int:
+        """Queue ``data`` to every session of ``user_ids``: local ones now, remote ones through the
+        cluster router (same bytes). Returns the number of local connections reached."""
+        n = self.routing.fanout_users(self.writer, user_ids, data, skip, droppable)
+        if self.cluster is not None:
+            self.cluster.route_users(user_ids, data, droppable)
+        return n
 
     def _send_room(self, conn: Connection, req: Send) -> bytes:
         state: SessionState = conn.state
@@ -261,6 +271,8 @@ class MessagingCore:
             Kind.ROOM, req.content_type, req.conv_id, 0, msg_id, conn.user_id, ts, req.client_msg_id, req.body
         )
         n = self.routing.fanout_room(self.writer, req.conv_id, data, conn, True)
+        if self.cluster is not None:
+            self.cluster.route_room(req.conv_id, data)
         self.metrics.messages_in.labels(kind="3").inc()
         self.metrics.messages_delivered.inc(n)
         return encode_send_ack(req.rid, 0, Kind.ROOM, req.conv_id, 0, msg_id, ts)
@@ -300,13 +312,13 @@ class MessagingCore:
         if kind == Kind.GROUP:
             members = self._members.get(wire_conv, ())
             data = encode_event(etype, kind, wire_conv, me, value)
-            self.routing.fanout_users(self.writer, members, data, conn, droppable)
+            self._deliver(members, data, conn, droppable)
         else:
             mine = encode_event(etype, kind, wire_conv, me, value)
-            self.routing.fanout_users(self.writer, (me,), mine, conn, droppable)
+            self._deliver((me,), mine, conn, droppable)
             if wire_conv != me:
                 theirs = encode_event(etype, kind, me, me, value)
-                self.routing.fanout_users(self.writer, (wire_conv,), theirs, None, droppable)
+                self._deliver((wire_conv,), theirs, None, droppable)
 
     async def typing(self, conn: Connection, req: Typing) -> None:
         me = conn.user_id
@@ -321,10 +333,10 @@ class MessagingCore:
         if req.kind == Kind.GROUP:
             data = encode_event(EventType.TYPING, req.kind, req.conv_id, me, value)
             members = self._members[req.conv_id]
-            self.routing.fanout_users(self.writer, members, data, conn, True)
+            self._deliver(members, data, conn, True)
         else:
             data = encode_event(EventType.TYPING, req.kind, me, me, value)
-            self.routing.fanout_users(self.writer, (req.conv_id,), data, None, True)
+            self._deliver((req.conv_id,), data, None, True)
 
     # ---- rooms -----------------------------------------------------------------------------
     def subscribe(self, conn: Connection, req: Subscribe) -> bytes:
@@ -381,7 +393,7 @@ class MessagingCore:
 
     def _group_event(self, members: tuple[int, ...], etype: int, conv: int, actor: int, value: int) -> None:
         data = encode_event(etype, Kind.GROUP, conv, actor, value)
-        self.routing.fanout_users(self.writer, members, data, None, False)
+        self._deliver(members, data, None, False)
 
     async def _group_create(self, conn: Connection, p: dict[str, Any]) -> dict[str, Any]:
         name = p.get("name", "")
@@ -466,6 +478,9 @@ class MessagingCore:
         if not isinstance(ids, list) or not all(isinstance(i, int) and i > 0 for i in ids) or len(ids) > 1000:
             raise _err(ErrorCode.BAD_REQUEST, "'user_ids' must be a list of at most 1000 user ids")
         self.presence.watch(conn, ids)
+        if self.cluster is not None:
+            online = await self.cluster.online(ids)
+            return {"online": {str(i): online.get(i, False) for i in ids}}
         return {"online": {str(i): self.presence.is_online(i) for i in ids}}
 
     async def _user_lookup(self, conn: Connection, p: dict[str, Any]) -> dict[str, Any]:

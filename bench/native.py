@@ -1,0 +1,51 @@
+"""Builds the bench's own native pieces into ``bench/build/`` (git-ignored): the Cython load
+generator listener (``_loadgen``) and the C floor server (``cfloor``). Rebuilt when the source is
+newer than the output."""
+
+from __future__ import annotations
+
+import importlib
+import shutil
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+from types import ModuleType
+
+HERE = Path(__file__).resolve().parent
+BUILD = HERE / "build"
+
+
+def _stale(out: Path, src: Path) -> bool:
+    return not out.exists() or out.stat().st_mtime < src.stat().st_mtime
+
+
+def cfloor() -> Path:
+    """Path of the compiled C floor server (built with ``cc -O2`` on first use)."""
+    src = HERE / "peers" / "cfloor.c"
+    out = BUILD / "cfloor"
+    if _stale(out, src):
+        BUILD.mkdir(exist_ok=True)
+        cc = shutil.which("cc") or shutil.which("gcc") or "cc"
+        subprocess.run([cc, "-O2", "-o", str(out), str(src)], check=True)
+    return out
+
+
+def loadgen() -> ModuleType:
+    """Import ``_loadgen`` (Cython on picows), compiling it first when needed."""
+    src = HERE / "_loadgen.pyx"
+    suffix = sysconfig.get_config_var("EXT_SUFFIX") or ".so"
+    out = BUILD / f"_loadgen{suffix}"
+    if _stale(out, src):
+        BUILD.mkdir(exist_ok=True)
+        code = (
+            "import sys; from setuptools import setup, Extension; from Cython.Build import cythonize;"
+            "import numpy;"
+            f"sys.argv=['setup','build_ext','--build-lib',{str(BUILD)!r},'--build-temp',{str(BUILD / 'tmp')!r}];"
+            f"setup(script_args=sys.argv[1:], ext_modules=cythonize([Extension('_loadgen',[{str(src)!r}],"
+            "extra_compile_args=['-O2'])], build_dir=" + repr(str(BUILD / "c")) + ", quiet=True))"
+        )
+        subprocess.run([sys.executable, "-c", code], check=True, cwd=str(BUILD), stdout=subprocess.DEVNULL)
+    if str(BUILD) not in sys.path:
+        sys.path.insert(0, str(BUILD))
+    return importlib.import_module("_loadgen")

@@ -1,0 +1,135 @@
+"""Node-to-node envelopes carried by the Broker.
+
+Binary, little-endian, versioned by the first byte. A DELIVER crosses the cluster already encoded
+as client frame bytes: the receiving node copies them into its local connections' buffers and
+never re-encodes (the same bytes a client receives).
+
+| type | layout after the type byte |
+|---|---|
+| 1 USERS | flags u8 (bit 0: droppable), count u32, count x user_id u64, frame bytes |
+| 2 ROOM | room_id u64, origin_conn u64 (0 = none), frame bytes |
+| 3 PRESENCE | user_id u64, online u8 |
+| 4 REVOKE | user_id u64, expires_ms u64, revoked_id UTF-8 |
+| 5 KICK | user_id u64, code u16, reason UTF-8 |
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import Final
+
+from gochat.errors import ErrorCode, GochatError
+
+__all__ = [
+    "KickEnvelope",
+    "PresenceEnvelope",
+    "RevokeEnvelope",
+    "RoomEnvelope",
+    "UsersEnvelope",
+    "decode_envelope",
+    "encode_kick",
+    "encode_presence",
+    "encode_revoke",
+    "encode_room",
+    "encode_users",
+]
+
+T_USERS: Final = 1
+T_ROOM: Final = 2
+T_PRESENCE: Final = 3
+T_REVOKE: Final = 4
+T_KICK: Final = 5
+
+_U64 = struct.Struct("<Q")
+_USERS_HEAD = struct.Struct("<BBI")
+_ROOM_HEAD = struct.Struct("<BQQ")
+_PRESENCE = struct.Struct("<BQB")
+_REVOKE_HEAD = struct.Struct("<BQQ")
+_KICK_HEAD = struct.Struct("<BQH")
+
+
+@dataclass(frozen=True, slots=True)
+class UsersEnvelope:
+    user_ids: tuple[int, ...]
+    frame: bytes
+    droppable: bool
+
+
+@dataclass(frozen=True, slots=True)
+class RoomEnvelope:
+    room_id: int
+    origin_conn: int
+    frame: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class PresenceEnvelope:
+    user_id: int
+    online: bool
+
+
+@dataclass(frozen=True, slots=True)
+class RevokeEnvelope:
+    user_id: int
+    expires_ms: int
+    revoked_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class KickEnvelope:
+    user_id: int
+    code: int
+    reason: str
+
+
+Envelope = UsersEnvelope | RoomEnvelope | PresenceEnvelope | RevokeEnvelope | KickEnvelope
+
+
+def encode_users(user_ids: tuple[int, ...] | list[int], frame: bytes, droppable: bool = False) -> bytes:
+    head = _USERS_HEAD.pack(T_USERS, 1 if droppable else 0, len(user_ids))
+    return head + struct.pack(f"<{len(user_ids)}Q", *user_ids) + frame
+
+
+def encode_room(room_id: int, origin_conn: int, frame: bytes) -> bytes:
+    return _ROOM_HEAD.pack(T_ROOM, room_id, origin_conn) + frame
+
+
+def encode_presence(user_id: int, online: bool) -> bytes:
+    return _PRESENCE.pack(T_PRESENCE, user_id, 1 if online else 0)
+
+
+def encode_revoke(user_id: int, expires_ms: int, revoked_id: str) -> bytes:
+    return _REVOKE_HEAD.pack(T_REVOKE, user_id, expires_ms) + revoked_id.encode()
+
+
+def encode_kick(user_id: int, code: int, reason: str) -> bytes:
+    return _KICK_HEAD.pack(T_KICK, user_id, code) + reason.encode()
+
+
+def decode_envelope(data: bytes) -> Envelope:
+    """Decode one envelope; raises GochatError(INTERNAL) on a malformed one."""
+    try:
+        kind = data[0]
+        if kind == T_USERS:
+            _, flags, count = _USERS_HEAD.unpack_from(data)
+            end = _USERS_HEAD.size + 8 * count
+            ids = struct.unpack_from(f"<{count}Q", data, _USERS_HEAD.size)
+            if len(data) < end:
+                raise ValueError("truncated user list")
+            return UsersEnvelope(ids, data[end:], bool(flags & 1))
+        if kind == T_ROOM:
+            _, room, origin = _ROOM_HEAD.unpack_from(data)
+            return RoomEnvelope(room, origin, data[_ROOM_HEAD.size :])
+        if kind == T_PRESENCE:
+            _, uid, online = _PRESENCE.unpack_from(data)
+            return PresenceEnvelope(uid, bool(online))
+        if kind == T_REVOKE:
+            _, uid, exp = _REVOKE_HEAD.unpack_from(data)
+            return RevokeEnvelope(uid, exp, data[_REVOKE_HEAD.size :].decode())
+        if kind == T_KICK:
+            _, uid, code = _KICK_HEAD.unpack_from(data)
+            return KickEnvelope(uid, code, data[_KICK_HEAD.size :].decode())
+    except (IndexError, struct.error, ValueError, UnicodeDecodeError) as exc:
+        raise GochatError(f"malformed cluster envelope: {exc}", code=ErrorCode.INTERNAL) from None
+    raise GochatError(f"unknown cluster envelope type {data[0] if data else None}", code=ErrorCode.INTERNAL)

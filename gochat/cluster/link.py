@@ -1,0 +1,230 @@
+"""A node's link to the rest of the cluster: remote routing, presence, revocations, registry.
+
+Local fan-out never waits for the cluster: the messaging core queues bytes to local connections
+first, then hands the same bytes to :meth:`ClusterLink.route_users`. One router task drains
+everything queued since its last turn, asks Presence where all the recipients are in one
+pipelined lookup, and publishes one envelope per (frame, node) in queue order, so a node
+receives the DELIVERs of a conversation in seq order. Pub/sub is at most once: a recipient that
+misses a push sees a seq gap (or reconnects) and recovers with SYNC/HISTORY, which read the
+durable store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from gochat._native.fanout import FanoutWriter
+from gochat._native.routing import RoutingTable
+from gochat.cluster.base import Broker, NodeInfo, Presence, Registry
+from gochat.cluster.envelope import (
+    KickEnvelope,
+    PresenceEnvelope,
+    RevokeEnvelope,
+    RoomEnvelope,
+    UsersEnvelope,
+    decode_envelope,
+    encode_kick,
+    encode_presence,
+    encode_revoke,
+    encode_room,
+    encode_users,
+)
+from gochat.errors import GochatError
+
+__all__ = ["ClusterLink"]
+
+log = logging.getLogger("gochat.cluster")
+
+_MAX_BATCH = 1024
+
+
+class ClusterLink:
+    def __init__(
+        self,
+        node_id: str,
+        broker: Broker,
+        presence: Presence,
+        registry: Registry,
+        routing: RoutingTable,
+        writer: FanoutWriter,
+    ) -> None:
+        self.node_id = node_id
+        self.broker = broker
+        self.presence = presence
+        self.registry = registry
+        self.routing = routing
+        self.writer = writer
+        #: set by the server: local reactions to cluster-wide events
+        self.on_presence: Callable[[int, bool], None] = lambda uid, online: None
+        self.on_revoke: Callable[[int, int, str], None] = lambda uid, exp, rid: None
+        self.on_kick: Callable[[int, int, str], None] = lambda uid, code, reason: None
+        self.nodes: list[NodeInfo] = []
+        self._queue: list[tuple[Iterable[int], bytes, bool]] = []
+        self._wake = asyncio.Event()
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._dead_handled: set[str] = set()
+        self.routed = 0
+        self.route_failures = 0
+
+    # ---- lifecycle ---------------------------------------------------------------------------
+    async def start(self, info: NodeInfo, load: Callable[[], NodeInfo]) -> None:
+        await self.broker.start(self.node_id, self._on_message)
+        await self.registry.register(info, load)
+        self.nodes = await self.registry.nodes()
+        self.registry.watch(self._nodes_changed)
+        self._tasks.append(asyncio.get_running_loop().create_task(self._router()))
+
+    async def deregister(self) -> None:
+        """Leave the registry first on drain, so clients stop being sent here."""
+        try:
+            await self.registry.deregister()
+        except GochatError as exc:
+            log.warning("deregister failed: %s", exc.message)
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for closer in (self.broker.close, self.registry.close, self.presence.close):
+            try:
+                await closer()
+            except Exception:
+                log.exception("closing %r failed", closer)
+
+    def other_nodes(self) -> list[NodeInfo]:
+        return [n for n in self.nodes if n.node_id != self.node_id and not n.draining]
+
+    # ---- outbound ----------------------------------------------------------------------------
+    def route_users(self, user_ids: Iterable[int], frame: bytes, droppable: bool = False) -> None:
+        """Deliver ``frame`` to the sessions of ``user_ids`` on the other nodes."""
+        self._queue.append((user_ids, frame, droppable))
+        self._wake.set()
+
+    def route_room(self, room_id: int, frame: bytes) -> None:
+        """Deliver a room message to the room's subscribers on every other node."""
+        payload = encode_room(room_id, 0, frame)
+        for node in self.other_nodes():
+            self._spawn(self.broker.send_to_node(node.node_id, payload))
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(self._guard(coro))
+        self._tasks.append(task)
+        task.add_done_callback(self._tasks.remove)
+
+    async def _guard(self, coro: Any) -> None:
+        try:
+            await coro
+        except GochatError as exc:
+            self.route_failures += 1
+            log.warning("cluster publish failed: %s", exc.message)
+
+    async def _router(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._queue:
+                batch, self._queue = self._queue[:_MAX_BATCH], self._queue[_MAX_BATCH:]
+                try:
+                    await self._route_batch(batch)
+                except GochatError as exc:
+                    # Broker or presence down: pushes are lost, the store is not. Clients
+                    # recover with SYNC when they notice the gap or reconnect.
+                    self.route_failures += len(batch)
+                    log.warning("cluster routing failed for %d frames: %s", len(batch), exc.message)
+                except Exception:
+                    self.route_failures += len(batch)
+                    log.exception("cluster routing failed")
+
+    async def _route_batch(self, batch: list[tuple[Iterable[int], bytes, bool]]) -> None:
+        wanted: set[int] = set()
+        for uids, _, _ in batch:
+            wanted.update(uids)
+        where = await self.presence.nodes_for(wanted)
+        user_nodes: dict[int, list[str]] = {}
+        for node, uids in where.items():
+            if node == self.node_id:
+                continue
+            for uid in uids:
+                user_nodes.setdefault(uid, []).append(node)
+        if not user_nodes:
+            return
+        for uids, frame, droppable in batch:
+            per_node: dict[str, list[int]] = {}
+            for uid in uids:
+                for node in user_nodes.get(uid, ()):
+                    per_node.setdefault(node, []).append(uid)
+            for node, targets in per_node.items():
+                await self.broker.send_to_node(node, encode_users(targets, frame, droppable))
+                self.routed += 1
+
+    # ---- presence and revocation ---------------------------------------------------------------
+    async def session_up(self, user_id: int, session_id: int) -> None:
+        try:
+            if await self.presence.session_up(user_id, self.node_id, session_id):
+                await self.broker.broadcast(encode_presence(user_id, True))
+        except GochatError as exc:
+            log.warning("presence up failed for user %d: %s", user_id, exc.message)
+
+    async def session_down(self, user_id: int, session_id: int) -> None:
+        try:
+            if await self.presence.session_down(user_id, self.node_id, session_id):
+                await self.broker.broadcast(encode_presence(user_id, False))
+        except GochatError as exc:
+            log.warning("presence down failed for user %d: %s", user_id, exc.message)
+
+    async def online(self, user_ids: list[int]) -> dict[int, bool]:
+        return await self.presence.online(user_ids)
+
+    def publish_revocation(self, user_id: int, expires_ms: int, revoked_id: str) -> None:
+        self._spawn(self.broker.broadcast(encode_revoke(user_id, expires_ms, revoked_id)))
+
+    def publish_kick(self, user_id: int, code: int, reason: str) -> None:
+        self._spawn(self.broker.broadcast(encode_kick(user_id, code, reason)))
+
+    async def reannounce(self, sessions: list[tuple[int, int]]) -> None:
+        """Re-record every local session (after the presence backend lost its data)."""
+        for user_id, session_id in sessions:
+            await self.presence.session_up(user_id, self.node_id, session_id)
+
+    # ---- inbound ---------------------------------------------------------------------------------
+    def _on_message(self, payload: bytes) -> None:
+        try:
+            env = decode_envelope(payload)
+        except GochatError as exc:
+            log.error("dropping cluster message: %s", exc.message)
+            return
+        if isinstance(env, UsersEnvelope):
+            self.routing.fanout_users(self.writer, env.user_ids, env.frame, None, env.droppable)
+        elif isinstance(env, RoomEnvelope):
+            self.routing.fanout_room(self.writer, env.room_id, env.frame, None, True)
+        elif isinstance(env, PresenceEnvelope):
+            self.on_presence(env.user_id, env.online)
+        elif isinstance(env, RevokeEnvelope):
+            self.on_revoke(env.user_id, env.expires_ms, env.revoked_id)
+        elif isinstance(env, KickEnvelope):
+            self.on_kick(env.user_id, env.code, env.reason)
+
+    def _nodes_changed(self, nodes: list[NodeInfo]) -> None:
+        alive = {n.node_id for n in nodes}
+        gone = [n.node_id for n in self.nodes if n.node_id not in alive and n.node_id != self.node_id]
+        self.nodes = nodes
+        for node in gone:
+            if node not in self._dead_handled:
+                self._dead_handled.add(node)
+                self._spawn(self._drop_node(node))
+        if self.node_id in alive:
+            self._dead_handled.discard(self.node_id)
+
+    async def _drop_node(self, node: str) -> None:
+        """A node left or died: its sessions are gone; announce who went offline."""
+        offline = await self.presence.drop_node(node)
+        log.info("node %s left the cluster; %d users went offline", node, len(offline))
+        for uid in offline:
+            await self.broker.broadcast(encode_presence(uid, False))
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
