@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 from gochat import __version__
 from gochat.config import ENV_PREFIX, load_settings
-from gochat.errors import ConfigError
+from gochat.errors import ConfigError, GochatError
 
 __all__ = ["main"]
 
@@ -97,7 +97,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not dsn:
             print("gochat: migrate needs --postgres DSN or GOCHAT_POSTGRES_DSN", file=sys.stderr)
             return 2
-        version = asyncio.run(run_migrations(dsn, schema))
+        try:
+            version = asyncio.run(run_migrations(dsn, schema))
+        except GochatError as exc:
+            print(f"gochat: migration failed: {exc.message}", file=sys.stderr)
+            return 1
         print(f"gochat: schema {schema!r} is at version {version}")
         return 0
     from gochat import protocol

@@ -7,6 +7,7 @@ routing. ``gochat serve`` calls :func:`run`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -28,7 +29,7 @@ from gochat.auth.service import AuthService
 from gochat.cluster.base import Broker, NodeInfo, Presence, Registry
 from gochat.cluster.link import ClusterLink
 from gochat.config import Settings
-from gochat.errors import ErrorCode
+from gochat.errors import ErrorCode, GochatError
 from gochat.gateway.gateway import Gateway
 from gochat.ids import IdGenerator
 from gochat.messaging.core import MessagingCore
@@ -57,6 +58,7 @@ class Server:
         self.cluster: ClusterLink | None = None
         self._cluster_backends: tuple[Broker, Presence, Registry] | None = None
         self.redis: Any = None
+        self._guard_task: asyncio.Task[None] | None = None
         self.store: Store
         self.node_name = f"{socket.gethostname()}-{os.getpid()}-{settings.node_id}"
         self.started_ms = int(time.time() * 1000)
@@ -122,6 +124,8 @@ class Server:
             self.cluster.on_revoke = self._remote_revocation
             self.cluster.on_kick = self._remote_kick
             await self.cluster.start(self._node_info(), self._node_info)
+            await self.redis.set(self._presence_mark, b"1")
+            self._guard_task = loop.create_task(self._presence_guard())
         log.info(
             "gochat listening ws=%s http=%s data=%s node=%s",
             self.ws_url,
@@ -152,6 +156,27 @@ class Server:
             RedisRegistry(self.redis, s.redis_prefix, ttl_s=s.registry_ttl_s, renew_s=s.registry_renew_s),
         )
 
+    @property
+    def _presence_mark(self) -> str:
+        return f"{self.settings.redis_prefix}pmark:{self.node_name}"
+
+    async def _presence_guard(self) -> None:
+        """Redis keeps nothing across a restart: when this node's marker key is gone, the
+        sessions it recorded are gone too, so record every local session again."""
+        assert self.cluster is not None
+        interval = min(self.settings.registry_renew_s, 5)
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                if await self.redis.exists(self._presence_mark):
+                    continue
+                sessions = self.gateway.local_sessions()
+                await self.cluster.reannounce(sessions)
+                await self.redis.set(self._presence_mark, b"1")
+                log.warning("presence data was lost (Redis restarted?): re-recorded %d sessions", len(sessions))
+            except Exception as exc:  # Redis still down: try again next time
+                log.info("presence guard: %r", exc)
+
     def _node_info(self) -> NodeInfo:
         return NodeInfo(
             node_id=self.node_name,
@@ -180,7 +205,12 @@ class Server:
     async def gateways(self) -> list[dict[str, Any]]:
         """The live gateways (every registered node in cluster mode)."""
         if self.cluster is not None:
-            nodes = await self.cluster.registry.nodes()
+            try:
+                nodes = await self.cluster.registry.nodes()
+            except GochatError as exc:
+                # Registry unreachable: the last list the watch delivered still helps clients.
+                log.warning("registry unavailable (%s); serving the last known gateways", exc.message)
+                nodes = list(self.cluster.nodes)
         else:
             nodes = [self._node_info()]
         return [
@@ -208,14 +238,23 @@ class Server:
             await self.cluster.deregister()
             others = sorted(self.cluster.other_nodes(), key=lambda n: n.connections / max(n.weight, 1))
             hint = others[0].ws_url if others else ""
+            log.debug("deregistered; reconnect hint %r", hint)
         if self._ws_server is not None:
             self._ws_server.close()
         await self.gateway.drain(url_hint=hint, timeout=self.settings.drain_timeout_s)
+        log.debug("gateway drained")
         if self._http_runner is not None:
             await self._http_runner.cleanup()
+        log.debug("HTTP API stopped")
         if self.cluster is not None:
+            if self._guard_task is not None:
+                self._guard_task.cancel()
             await self.cluster.close()
+            with contextlib.suppress(Exception):
+                await self.redis.delete(self._presence_mark)
+            log.debug("cluster link closed")
         await self.store.close()
+        log.debug("store closed")
         if self.redis is not None:
             await self.redis.aclose()
         log.info("gochat stopped")

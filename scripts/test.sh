@@ -31,4 +31,8 @@ fi
 "$VENV/bin/python" -c 'import gochat._native.codec, gochat._native.fanout, gochat._native.routing' \
   || { echo "test.sh: the native modules did not build" >&2; exit 1; }
 
+# PostgreSQL and Redis for the store, cluster and end-to-end tests: started (or installed and
+# started) when they are not already answering on 127.0.0.1:5432 / :6379.
+scripts/services.sh
+
 exec "$VENV/bin/python" -m pytest "$@"

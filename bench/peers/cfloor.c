@@ -4,6 +4,7 @@
  * other open connection, in connection order.
  *
  *   cfloor PORT [--coalesce]      (PORT 0 picks a free port; prints "listening PORT")
+ *   kill -USR1 PID                  prints "counters writes=W frames=F" (send(2) calls, frames)
  *
  * Default mode: one send(2) per message per socket, the moment the message is read ("one frame
  * per message per socket"). --coalesce: frames are appended to per-connection buffers while one
@@ -83,6 +84,8 @@ static int norder;
 static int *dirty_list, ndirty;
 static int coalesce, epfd;
 static unsigned long long n_writes, n_frames;
+static volatile sig_atomic_t dump_counters;
+static void on_usr1(int sig) { (void)sig; dump_counters = 1; }
 
 static void buf_put(buf_t *b, const void *d, size_t n) {
     if (b->len + n > b->cap) {
@@ -219,6 +222,7 @@ int main(int argc, char **argv) {
     int port = argc > 1 ? atoi(argv[1]) : 0;
     for (int i = 2; i < argc; i++) if (!strcmp(argv[i], "--coalesce")) coalesce = 1;
     signal(SIGPIPE, SIG_IGN);
+    struct sigaction sa = {.sa_handler = on_usr1}; sigaction(SIGUSR1, &sa, NULL);  /* no SA_RESTART */
     struct rlimit rl; getrlimit(RLIMIT_NOFILE, &rl); rl.rlim_cur = rl.rlim_max; setrlimit(RLIMIT_NOFILE, &rl);
     int maxfd = (int)rl.rlim_cur + 16;
     by_fd = calloc((size_t)maxfd, sizeof *by_fd); order = calloc((size_t)maxfd, sizeof(int));
@@ -239,6 +243,10 @@ int main(int argc, char **argv) {
     uint8_t rbuf[65536];
     for (;;) {
         int n = epoll_wait(epfd, evs, 1024, -1);
+        if (dump_counters) {
+            dump_counters = 0;
+            printf("counters writes=%llu frames=%llu\n", n_writes, n_frames); fflush(stdout);
+        }
         if (n < 0) { if (errno == EINTR) continue; perror("epoll_wait"); return 1; }
         nfree = 0;
         for (int i = 0; i < n; i++) {

@@ -90,7 +90,10 @@ class ClusterLink:
             task.cancel()
         for closer in (self.broker.close, self.registry.close, self.presence.close):
             try:
-                await closer()
+                # shutdown must finish even if a backend connection hangs
+                await asyncio.wait_for(closer(), 3.0)
+            except TimeoutError:
+                log.warning("closing %r timed out", closer)
             except Exception:
                 log.exception("closing %r failed", closer)
 
@@ -215,8 +218,7 @@ class ClusterLink:
             if node not in self._dead_handled:
                 self._dead_handled.add(node)
                 self._spawn(self._drop_node(node))
-        if self.node_id in alive:
-            self._dead_handled.discard(self.node_id)
+        self._dead_handled -= alive  # a node that came back may die again later
 
     async def _drop_node(self, node: str) -> None:
         """A node left or died: its sessions are gone; announce who went offline."""

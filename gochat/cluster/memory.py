@@ -91,7 +91,8 @@ class MemoryHub:
         self.epochs: dict[int, int] = {}
         # jobs
         self.streams: dict[str, _Stream] = {}
-        self.job_state: dict[tuple[str, str], tuple[str, float]] = {}  # -> (state, deadline)
+        # (stream, job_id) -> (groups that finished it, dedupe deadline)
+        self.job_state: dict[tuple[str, str], tuple[set[str], float]] = {}
         self.job_events: dict[str, asyncio.Event] = {}
 
     def check(self) -> None:
@@ -348,7 +349,8 @@ class MemoryJobQueue:
     Streams consumer groups: each job goes to one consumer of a group, stays pending until the
     handler returns, is claimed by any consumer of the group once it has been idle for
     ``claim_idle_ms`` (a running handler keeps its job fresh), and moves to a dead-letter list
-    after ``max_deliveries`` failed deliveries. Job ids are deduplicated per stream."""
+    after ``max_deliveries`` failed deliveries. Job ids are deduplicated per stream at enqueue,
+    and a group skips deliveries of a job it already finished."""
 
     def __init__(
         self,
@@ -364,7 +366,7 @@ class MemoryJobQueue:
         self.dedupe_ttl_s = dedupe_ttl_s
         self._tasks: list[asyncio.Task[None]] = []
 
-    def _state(self, stream: str, job_id: str) -> str | None:
+    def _state(self, stream: str, job_id: str) -> set[str] | None:
         st = self.hub.job_state.get((stream, job_id))
         if st is None or st[1] <= time.monotonic():
             return None
@@ -374,7 +376,7 @@ class MemoryJobQueue:
         self.hub.check()
         if self._state(stream, job_id) is not None:
             return  # duplicate enqueue: the job is already queued or done
-        self.hub.job_state[(stream, job_id)] = ("q", time.monotonic() + self.dedupe_ttl_s)
+        self.hub.job_state[(stream, job_id)] = (set(), time.monotonic() + self.dedupe_ttl_s)
         s = self.hub.stream(stream)
         s.last_id = next(s.seq)
         s.entries[s.last_id] = (job_id, bytes(payload))
@@ -424,7 +426,7 @@ class MemoryJobQueue:
             eid, _claimed = nxt
             pending = g.pending[eid]
             job_id, payload = s.entries[eid]
-            if self._state(stream, job_id) == "d":
+            if group in (self._state(stream, job_id) or ()):
                 g.pending.pop(eid, None)
                 continue
             if pending.deliveries > self.max_deliveries:
@@ -443,7 +445,9 @@ class MemoryJobQueue:
                 continue
             finally:
                 await _cancel([heartbeat])
-            self.hub.job_state[(stream, job_id)] = ("d", time.monotonic() + self.dedupe_ttl_s)
+            done = self._state(stream, job_id) or set()
+            done.add(group)
+            self.hub.job_state[(stream, job_id)] = (done, time.monotonic() + self.dedupe_ttl_s)
             g.pending.pop(eid, None)
 
     async def _heartbeat(self, pending: _Pending) -> None:

@@ -789,9 +789,10 @@ class RedisPresence(_Client):
 
 # --------------------------------------------------------------------------- job queue
 
-# KEYS: stream, marker; ARGV: job id, payload, dedupe ttl (s), maxlen
+# KEYS: stream, marker hash; ARGV: job id, payload, dedupe ttl (s), maxlen
 _ENQUEUE = """
-if redis.call('SET', KEYS[2], 'q', 'NX', 'EX', ARGV[3]) then
+if redis.call('HSETNX', KEYS[2], '_', 'q') == 1 then
+  redis.call('EXPIRE', KEYS[2], ARGV[3])
   return redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[4], '*', 'id', ARGV[1], 'p', ARGV[2])
 end
 return false
@@ -802,13 +803,14 @@ class RedisJobQueue(_Client):
     """:class:`~gochat.cluster.base.JobQueue` on Redis Streams with consumer groups.
 
     Keys: stream ``{prefix}jobs:{stream}`` (XADD MAXLEN ~ ``maxlen``: it bounds the backlog,
-    so size it above the largest backlog you accept), job marker ``{prefix}job:{stream}:{job_id}``
-    (``q`` from enqueue, ``d`` once handled; EX ``dedupe_ttl_s``), dead letters
-    ``{prefix}dead:{stream}``.
+    so size it above the largest backlog you accept), job marker hash
+    ``{prefix}job:{stream}:{job_id}`` (field ``_`` = ``q`` from enqueue, field ``{group}`` = ``d``
+    once that group handled it; EX ``dedupe_ttl_s``), dead letters ``{prefix}dead:{stream}``.
 
-    At least once and idempotent: a job id is enqueued once (SET NX in the same script as XADD);
-    a consumer skips (and acknowledges) a delivery whose marker says ``d``; it sets ``d`` and
-    XACKs in one transaction after the handler returns. While a handler runs its entry is kept
+    At least once and idempotent: a job id is enqueued once (HSETNX in the same script as XADD);
+    a consumer skips (and acknowledges) a delivery its group already finished; it marks the job
+    done for its group and XACKs in one transaction after the handler returns. Every group gets
+    every job (one group per kind of work: audit, push, ...). While a handler runs its entry is kept
     fresh (XCLAIM JUSTID every third of ``claim_idle_ms``), so only entries of dead consumers
     and failed attempts go idle; XAUTOCLAIM hands those to a live consumer after
     ``claim_idle_ms``. After ``max_deliveries`` failed deliveries a job moves to dead letters.
@@ -952,7 +954,7 @@ class RedisJobQueue(_Client):
         job_id = _s(fields.get(b"id", b""))
         payload = fields.get(b"p", b"")
         marker = self.marker_key(stream, job_id)
-        if await self.redis.get(marker) == b"d":
+        if await self.redis.hget(marker, group) == b"d":
             await self.redis.xack(key, group, eid)  # a duplicate delivery of a finished job
             return
         if deliveries > self.max_deliveries:
@@ -971,7 +973,8 @@ class RedisJobQueue(_Client):
         finally:
             await _cancel([heartbeat])
         pipe = self.redis.pipeline(transaction=True)
-        pipe.set(marker, b"d", ex=self.dedupe_ttl_s)
+        pipe.hset(marker, group, b"d")
+        pipe.expire(marker, self.dedupe_ttl_s)
         pipe.xack(key, group, eid)
         await pipe.execute()
 

@@ -45,6 +45,8 @@ __all__ = ["Gateway"]
 log = logging.getLogger("gochat.gateway")
 
 _RETRY_RATE_LIMITED_MS = 1000
+#: retry hint for retryable errors that name none (store or broker unavailable)
+_DEFAULT_RETRY_MS = 1000
 
 
 class Gateway:
@@ -273,6 +275,8 @@ class Gateway:
     # ---- errors ------------------------------------------------------------------------------
     def _error(self, conn: Connection, rid: int, code: int, message: str, retry_after_ms: int = 0) -> None:
         spec = ERRORS[ErrorCode(code)]
+        if spec.retryable and not retry_after_ms:
+            retry_after_ms = _DEFAULT_RETRY_MS
         self.metrics.errors.labels(code=str(int(code))).inc()
         conn.push(encode_error(rid, int(code), retry_after_ms, message or spec.description))
         if spec.fatal:

@@ -34,6 +34,7 @@ The store is bound to the event loop that called :meth:`PostgresStore.open`.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import re
 import time
@@ -268,6 +269,12 @@ async def _noop_reset(conn: Any) -> None:
     so skip asyncpg's default reset query (one round trip per release)."""
 
 
+#: asyncpg >= 0.30 accepts a custom pool ``reset``; older versions keep their default reset query.
+_POOL_RESET: Final[dict[str, Any]] = (
+    {"reset": _noop_reset} if "reset" in inspect.signature(asyncpg.create_pool).parameters else {}
+)
+
+
 def _message(row: Sequence[Any], offset: int = 0) -> StoredMessage:
     r = row
     o = offset
@@ -445,13 +452,16 @@ class PostgresStore:
             async with asyncio.timeout(self.connect_timeout + self.command_timeout):
                 pool = await asyncpg.create_pool(
                     self.dsn,
+                    **_POOL_RESET,
                     min_size=self.min_size,
                     max_size=self.max_size,
                     timeout=self.connect_timeout,
                     command_timeout=self.command_timeout,
-                    reset=_noop_reset,
                     server_settings={
                         "application_name": "gochat",
+                        # Plan every execution with its real arrays: the generic plan of the
+                        # group-commit statement is ~3x slower (measured), planning costs <0.5 ms.
+                        "plan_cache_mode": "force_custom_plan",
                         # a node that vanished mid-transaction must not hold row locks for long
                         "idle_in_transaction_session_timeout": str(int(self.command_timeout * 3000)),
                     },

@@ -1,0 +1,449 @@
+"""Processes of a bench run (servers under test, load generators) and what /proc says about them."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib.metadata
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "bench"
+PEERS = BENCH / "peers"
+NODE_DIR = PEERS / "node"
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# ---- /proc ---------------------------------------------------------------------------------------
+def cpu_ns(pid: int) -> int:
+    """CPU time (user + system) of every thread of ``pid``, in ns (schedstat)."""
+    total = 0
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except FileNotFoundError:
+        return 0
+    for tid in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                total += int(f.read().split()[0])
+        except (FileNotFoundError, ProcessLookupError, ValueError):
+            pass
+    return total
+
+
+def proc_status(pid: int) -> dict[str, int]:
+    """VmRSS, RssAnon, RssFile, VmHWM of ``pid`` in KiB."""
+    out: dict[str, int] = {}
+    with contextlib.suppress(FileNotFoundError), open(f"/proc/{pid}/status") as f:
+        for line in f:
+            key, _, rest = line.partition(":")
+            if key in ("VmRSS", "RssAnon", "RssFile", "VmHWM"):
+                out[key] = int(rest.split()[0])
+    return out
+
+
+def sockstat() -> dict[str, int]:
+    """TCP line of /proc/net/sockstat: inuse, orphan, tw, alloc, mem (pages)."""
+    with open("/proc/net/sockstat") as f:
+        for line in f:
+            if line.startswith("TCP:"):
+                parts = line.split()[1:]
+                return {parts[i]: int(parts[i + 1]) for i in range(0, len(parts) - 1, 2)}
+    return {}
+
+
+def slab_bytes(names: tuple[str, ...] = ("TCP", "sock_inode_cache", "dentry", "filp")) -> dict[str, int]:
+    """Bytes in the kernel slab caches that grow per TCP socket (needs root; {} otherwise)."""
+    out: dict[str, int] = {}
+    try:
+        with open("/proc/slabinfo") as f:
+            for line in f:
+                parts = line.split()
+                if parts and parts[0] in names:
+                    out[parts[0]] = int(parts[1]) * int(parts[3])
+    except OSError:
+        pass
+    return out
+
+
+# ---- machine facts -----------------------------------------------------------------------------
+def _cmd_out(args: list[str]) -> str:
+    try:
+        return subprocess.run(args, capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+
+
+def machine_facts() -> dict[str, Any]:
+    model = ""
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    mem_kb = 0
+    with contextlib.suppress(OSError), open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemTotal"):
+                mem_kb = int(line.split()[1])
+    versions: dict[str, str] = {"python": platform.python_version()}
+    for pkg in ("picows", "uvloop", "websockets", "aiohttp", "Cython", "numpy", "matplotlib"):
+        try:
+            versions[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            versions[pkg] = "not installed"
+    if shutil.which("node"):
+        versions["node"] = _cmd_out(["node", "--version"])
+        pkg = NODE_DIR / "node_modules" / "ws" / "package.json"
+        if pkg.exists():
+            versions["node-ws"] = json.loads(pkg.read_text())["version"]
+    versions["cc"] = _cmd_out(["cc", "--version"]).splitlines()[0] if shutil.which("cc") else ""
+    commit = _cmd_out(["git", "-C", str(ROOT), "rev-parse", "HEAD"])
+    dirty = bool(_cmd_out(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"]))
+    return {
+        "cpu_model": model,
+        "cpus": os.cpu_count(),
+        "mem_gib": round(mem_kb / 2**20, 1),
+        "kernel": platform.release(),
+        "nofile_limit": _nofile(),
+        "versions": versions,
+        "git_commit": commit + ("+dirty" if dirty else ""),
+        "clk_tck": os.sysconf("SC_CLK_TCK"),
+    }
+
+
+def _nofile() -> int:
+    import resource
+
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+
+
+# ---- CPU placement -------------------------------------------------------------------------------
+@dataclass
+class Placement:
+    server: str  # taskset cpu list for the server under test
+    load: str  # taskset cpu list for load generators
+
+    def prefix(self, cpus: str) -> list[str]:
+        return ["taskset", "-c", cpus] if cpus and shutil.which("taskset") else []
+
+    @classmethod
+    def default(cls) -> Placement:
+        n = os.cpu_count() or 1
+        if n < 2:
+            return cls("", "")
+        return cls("0", ",".join(str(i) for i in range(1, n)))
+
+
+# ---- servers under test --------------------------------------------------------------------------
+_LISTEN = re.compile(rb"listening (\d+)")
+_GOCHAT = re.compile(rb"gochat listening ws=(\S+) http=(\S+)")
+_COUNTERS = re.compile(rb"counters writes=(\d+) frames=(\d+)")
+
+
+@dataclass
+class Target:
+    name: str
+    kind: str  # "gochat" or "raw" (the shared broadcast protocol)
+    desc: str
+    coalesces: bool = False
+
+    def command(self) -> list[str]:
+        py = sys.executable
+        if self.name == "gochat":
+            return [py, "-m", "gochat.cli", "serve"]
+        if self.name == "cfloor":
+            from bench import native
+
+            return [str(native.cfloor()), "0"]
+        if self.name == "cfloor-coalesce":
+            from bench import native
+
+            return [str(native.cfloor()), "0", "--coalesce"]
+        if self.name == "picows":
+            return [py, str(PEERS / "picows_peer.py"), "0"]
+        if self.name == "aiohttp":
+            return [py, str(PEERS / "aiohttp_peer.py"), "0"]
+        if self.name == "websockets":
+            return [py, str(PEERS / "websockets_peer.py"), "0"]
+        if self.name == "websockets-relay":
+            return [py, str(PEERS / "websockets_peer.py"), "0", "--relay"]
+        if self.name == "node-ws":
+            return ["node", str(NODE_DIR / "server.js"), "0"]
+        raise ValueError(self.name)
+
+    def available(self) -> str | None:
+        """None when this target can run here, else why not."""
+        if self.name.startswith("websockets"):
+            try:
+                importlib.metadata.version("websockets")
+            except importlib.metadata.PackageNotFoundError:
+                return "websockets not installed (pip install -r bench/requirements.txt)"
+        if self.name == "node-ws":
+            if not shutil.which("node"):
+                return "node not installed"
+            if not (NODE_DIR / "node_modules" / "ws").exists():
+                if not shutil.which("npm"):
+                    return "npm not installed"
+                r = subprocess.run(["npm", "ci", "--no-audit", "--no-fund"], cwd=NODE_DIR, capture_output=True)
+                if r.returncode != 0:
+                    return "npm ci failed in bench/peers/node"
+        if self.name.startswith("cfloor") and not (shutil.which("cc") or shutil.which("gcc")):
+            return "no C compiler"
+        return None
+
+
+TARGETS: dict[str, Target] = {
+    t.name: t
+    for t in (
+        Target("gochat", "gochat", "gochat serve: picows + Cython coalescing FanoutWriter, real protocol", True),
+        Target("cfloor", "raw", "C epoll, one send(2) per message per socket (floor)"),
+        Target("cfloor-coalesce", "raw", "C epoll, per-batch coalescing: one send(2) per socket per epoll batch", True),
+        Target("picows", "raw", "bare picows (uvloop), transport.send per message per socket"),
+        Target("websockets", "raw", "websockets 'broadcast()' (asyncio API, uvloop)"),
+        Target("aiohttp", "raw", "aiohttp WebSocketResponse.send_bytes per socket (uvloop)"),
+        Target("node-ws", "raw", "Node 'ws' library, ws.send per socket"),
+        Target("websockets-relay", "raw", "websockets relay: forwards [dest][payload], stores nothing"),
+    )
+}
+
+
+@dataclass
+class ServerProc:
+    target: Target
+    placement: Placement
+    workdir: Path
+    env: dict[str, str] = field(default_factory=dict)
+    proc: asyncio.subprocess.Process | None = None
+    port: int = 0
+    ws_url: str = ""
+    http_url: str = ""
+    counters: tuple[int, int] | None = None
+    _counter_event: asyncio.Event = field(default_factory=asyncio.Event)
+    _reader: asyncio.Task[None] | None = None
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    async def start(self, timeout: float = 60.0) -> None:
+        cmd = self.target.command()
+        env = dict(os.environ)
+        env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+        if self.target.name == "gochat":
+            data = self.workdir / "gochat-data"
+            cmd += ["--data-dir", str(data), "--host", "127.0.0.1", "--ws-port", "0", "--http-port", "0"]
+            env.update(
+                {
+                    # The bench measures the data plane: the per-connection request rate limit
+                    # (a policy) would throttle the publisher and the storm.
+                    "GOCHAT_RATE_LIMIT_PER_S": "10000000",
+                    "GOCHAT_RATE_LIMIT_BURST": "10000000",
+                    "GOCHAT_ACCESS_TTL_S": "7200",
+                    "GOCHAT_LOG_LEVEL": "INFO",
+                }
+            )
+        env.update(self.env)
+        self.log_path = self.workdir / f"{self.target.name}-server.log"
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 (closed in stop)
+        self.proc = await asyncio.create_subprocess_exec(
+            *self.placement.prefix(self.placement.server),
+            *cmd,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+            stdin=asyncio.subprocess.DEVNULL,
+            env=env,
+            cwd=str(self.workdir),
+        )
+        ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._reader = asyncio.create_task(self._read(ready))
+        try:
+            await asyncio.wait_for(ready, timeout)
+        except TimeoutError:
+            await self.stop()
+            raise RuntimeError(f"{self.target.name} did not start; see {self.log_path}") from None
+
+    async def _read(self, ready: asyncio.Future[None]) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
+        while True:
+            line = await self.proc.stdout.readline()
+            if not line:
+                if not ready.done():
+                    ready.set_exception(RuntimeError(f"{self.target.name} exited; see {self.log_path}"))
+                return
+            self._log.write(line)
+            self._log.flush()
+            if not ready.done():
+                m = _GOCHAT.search(line)
+                if m:
+                    self.ws_url, self.http_url = m.group(1).decode(), m.group(2).decode()
+                    self.port = int(self.ws_url.rsplit(":", 1)[1].split("/")[0])
+                    ready.set_result(None)
+                    continue
+                m = _LISTEN.search(line)
+                if m and self.target.name != "gochat":
+                    self.port = int(m.group(1))
+                    self.ws_url = f"ws://127.0.0.1:{self.port}/ws"
+                    ready.set_result(None)
+                    continue
+            m = _COUNTERS.search(line)
+            if m:
+                self.counters = (int(m.group(1)), int(m.group(2)))
+                self._counter_event.set()
+
+    async def write_counters(self) -> dict[str, int] | None:
+        """Data-plane counters: gochat's /metrics, or cfloor's own (SIGUSR1)."""
+        if self.target.name == "gochat":
+            async with aiohttp.ClientSession() as http, http.get(f"{self.http_url}/metrics") as r:
+                text = await r.text()
+            out = {}
+            for name in ("gochat_socket_writes_total", "gochat_frames_out_total", "gochat_dropped_frames_total",
+                         "gochat_slow_consumer_disconnects_total", "gochat_bytes_out_total"):
+                m = re.search(rf"^{name} (\S+)$", text, re.M)
+                if m:
+                    out[name.removeprefix("gochat_").removesuffix("_total")] = int(float(m.group(1)))
+            return out
+        if self.target.name.startswith("cfloor") and self.proc is not None:
+            self._counter_event.clear()
+            self.proc.send_signal(signal.SIGUSR1)
+            try:
+                await asyncio.wait_for(self._counter_event.wait(), 5)
+            except TimeoutError:
+                return None
+            assert self.counters is not None
+            return {"socket_writes": self.counters[0], "frames_out": self.counters[1]}
+        return None
+
+    async def stop(self) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(self.proc.wait(), 20)
+            except TimeoutError:
+                self.proc.kill()
+                await self.proc.wait()
+        if self._reader is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._reader, 5)
+        with contextlib.suppress(Exception):
+            self._log.close()
+
+
+# ---- load generator processes --------------------------------------------------------------------
+class LoadProc:
+    """One ``python -m bench.loadgen`` process, driven over stdin/stdout JSON lines."""
+
+    def __init__(self, name: str, cfg: dict[str, Any], placement: Placement, workdir: Path) -> None:
+        self.name = name
+        self.cfg = cfg
+        self.placement = placement
+        self.workdir = workdir
+        self.proc: asyncio.subprocess.Process | None = None
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    async def start(self, timeout: float = 300.0) -> dict[str, Any]:
+        env = dict(os.environ)
+        env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+        self._err = open(self.workdir / f"loadgen-{self.name}.log", "ab")  # noqa: SIM115
+        self.proc = await asyncio.create_subprocess_exec(
+            *self.placement.prefix(self.placement.load),
+            sys.executable, "-m", "bench.loadgen", json.dumps(self.cfg),
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=self._err,
+            env=env,
+            cwd=str(ROOT),
+            limit=1 << 20,
+        )
+        return await self.expect("ready", timeout)
+
+    async def expect(self, event: str, timeout: float) -> dict[str, Any]:
+        assert self.proc is not None and self.proc.stdout is not None
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise RuntimeError(f"loadgen {self.name}: no '{event}' within {timeout}s")
+            line = await asyncio.wait_for(self.proc.stdout.readline(), left)
+            if not line:
+                raise RuntimeError(f"loadgen {self.name} exited (see {self.workdir}/loadgen-{self.name}.log)")
+            msg: dict[str, Any] = json.loads(line)
+            if msg.get("event") == event:
+                return msg
+            if msg.get("event") == "error":
+                raise RuntimeError(f"loadgen {self.name}: {msg.get('error')}")
+
+    async def cmd(self, line: str, event: str, timeout: float = 120.0) -> dict[str, Any]:
+        assert self.proc is not None and self.proc.stdin is not None
+        self.proc.stdin.write((line + "\n").encode())
+        await self.proc.stdin.drain()
+        return await self.expect(event, timeout)
+
+    async def stop(self) -> None:
+        if self.proc is None:
+            return
+        if self.proc.returncode is None:
+            with contextlib.suppress(Exception):
+                assert self.proc.stdin is not None
+                self.proc.stdin.write(b"quit\n")
+                await self.proc.stdin.drain()
+            try:
+                await asyncio.wait_for(self.proc.wait(), 15)
+            except TimeoutError:
+                self.proc.kill()
+                await self.proc.wait()
+        with contextlib.suppress(Exception):
+            self._err.close()
+
+
+# ---- gochat users ----------------------------------------------------------------------------
+async def gochat_users(http_url: str, n: int, prefix: str) -> list[tuple[int, str]]:
+    """Create ``n`` users through the HTTP API and log each in: [(user_id, access_token)]."""
+    out: list[tuple[int, str]] = [(0, "")] * n
+    sem = asyncio.Semaphore(4)
+    password = "bench-password-1"
+
+    async with aiohttp.ClientSession() as http:
+
+        async def one(i: int) -> None:
+            name = f"{prefix}{i}"
+            async with sem:
+                async with http.post(f"{http_url}/v1/users", json={"username": name, "password": password}) as r:
+                    if r.status != 201:
+                        raise RuntimeError(f"create user {name}: {r.status} {await r.text()}")
+                    uid = (await r.json())["user_id"]
+                async with http.post(
+                    f"{http_url}/v1/auth/login", json={"username": name, "password": password}
+                ) as r:
+                    if r.status != 200:
+                        raise RuntimeError(f"login {name}: {r.status} {await r.text()}")
+                    out[i] = (uid, (await r.json())["access_token"])
+
+        await asyncio.gather(*(one(i) for i in range(n)))
+    return out
+
+
+def source_ips(i: int, per: int = 1) -> list[str]:
+    """Distinct loopback source addresses for load process ``i`` (spreads the ephemeral ports)."""
+    return [f"127.0.{10 + i}.{1 + j}" for j in range(per)]
