@@ -1,0 +1,1 @@
+"""gochat's benchmarks: ``python -m bench SCENARIO`` (see ``bench/__main__.py`` and docs/benchmarks.md)."""

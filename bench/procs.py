@@ -262,7 +262,7 @@ class ServerProc:
             )
         env.update(self.env)
         self.log_path = self.workdir / f"{self.target.name}-server.log"
-        self._log = open(self.log_path, "ab")  # noqa: SIM115 (closed in stop)
+        self._log = open(self.log_path, "ab")
         self.proc = await asyncio.create_subprocess_exec(
             *self.placement.prefix(self.placement.server),
             *cmd,
@@ -272,6 +272,8 @@ class ServerProc:
             env=env,
             cwd=str(self.workdir),
         )
+        # for profilers that attach (profiles/record.sh)
+        (self.workdir / f"{self.target.name}-server.pid").write_text(str(self.proc.pid))
         ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._reader = asyncio.create_task(self._read(ready))
         try:
@@ -365,7 +367,7 @@ class LoadProc:
     async def start(self, timeout: float = 300.0) -> dict[str, Any]:
         env = dict(os.environ)
         env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-        self._err = open(self.workdir / f"loadgen-{self.name}.log", "ab")  # noqa: SIM115
+        self._err = open(self.workdir / f"loadgen-{self.name}.log", "ab")
         self.proc = await asyncio.create_subprocess_exec(
             *self.placement.prefix(self.placement.load),
             sys.executable, "-m", "bench.loadgen", json.dumps(self.cfg),
@@ -427,7 +429,7 @@ async def gochat_users(http_url: str, n: int, prefix: str) -> list[tuple[int, st
     async with aiohttp.ClientSession() as http:
 
         async def one(i: int) -> None:
-            name = f"{prefix}{i}"
+            name = f"bench_{prefix}{i}"
             async with sem:
                 async with http.post(f"{http_url}/v1/users", json={"username": name, "password": password}) as r:
                     if r.status != 201:

@@ -62,6 +62,11 @@ class Settings:
     registry_ttl_s: int = _opt(90, "registry entry TTL; a node that stops renewing vanishes after it")
     registry_renew_s: int = _opt(30, "registry renewal interval")
     weight: int = _opt(100, "load-balancing weight announced in the registry")
+    large_group_threshold: int = _opt(
+        500, "groups above this many members fan out across nodes through Redis Streams jobs"
+    )
+    fanout_shard_size: int = _opt(1000, "members per fan-out job of a large group")
+    grpc_health_port: int = _opt(0, "port of the gRPC health service (grpc.health.v1); 0 disables it")
     workers: int = _opt(1, "node processes sharing the ports (SO_REUSEPORT); >1 needs cluster mode")
 
     @property
@@ -148,7 +153,7 @@ def _validate(s: Settings) -> None:
         raise ConfigError("workers > 1 need fixed ws_port and http_port to share")
     if not 0 < s.registry_renew_s < s.registry_ttl_s:
         raise ConfigError("registry_renew_s must be positive and below registry_ttl_s")
-    for name in ("ws_port", "http_port"):
+    for name in ("ws_port", "http_port", "grpc_health_port"):
         if not 0 <= getattr(s, name) <= 65535:
             raise ConfigError(f"{name} out of range")
 

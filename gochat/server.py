@@ -26,7 +26,7 @@ from gochat._native.routing import RoutingTable
 from gochat.api.http import build_app
 from gochat.auth.keys import Algorithm, KeyRing
 from gochat.auth.service import AuthService
-from gochat.cluster.base import Broker, NodeInfo, Presence, Registry
+from gochat.cluster.base import Broker, JobQueue, NodeInfo, Presence, Registry
 from gochat.cluster.link import ClusterLink
 from gochat.config import Settings
 from gochat.errors import ErrorCode, GochatError
@@ -34,6 +34,7 @@ from gochat.gateway.gateway import Gateway
 from gochat.ids import IdGenerator
 from gochat.messaging.core import MessagingCore
 from gochat.messaging.presence import MemoryPresence
+from gochat.observability.grpc_health import GrpcHealth
 from gochat.observability.metrics import Metrics
 from gochat.store import Store
 from gochat.store.sqlite import SQLiteStore
@@ -56,9 +57,10 @@ class Server:
         self._ws_server: asyncio.AbstractServer | None = None
         self._http_runner: web.AppRunner | None = None
         self.cluster: ClusterLink | None = None
-        self._cluster_backends: tuple[Broker, Presence, Registry] | None = None
+        self._cluster_backends: tuple[Broker, Presence, Registry, JobQueue] | None = None
         self.redis: Any = None
         self._guard_task: asyncio.Task[None] | None = None
+        self.grpc_health: GrpcHealth | None = None
         self.store: Store
         self.node_name = f"{socket.gethostname()}-{os.getpid()}-{settings.node_id}"
         self.started_ms = int(time.time() * 1000)
@@ -90,8 +92,10 @@ class Server:
         self.auth.on_revoke(self._revoked)
         self.metrics.attach_data_plane(self.gateway.stats)
         if self._cluster_backends is not None:
-            broker, presence, registry = self._cluster_backends
-            self.cluster = ClusterLink(self.node_name, broker, presence, registry, self.routing, self.writer)
+            broker, presence, registry, jobs = self._cluster_backends
+            self.cluster = ClusterLink(
+                self.node_name, broker, presence, registry, self.routing, self.writer, jobs, s.fanout_shard_size
+            )
 
         heartbeat = s.heartbeat_ms / 1000
         self._ws_server = await ws_create_server(
@@ -118,6 +122,9 @@ class Server:
         await site.start()
         http_port = self._http_runner.addresses[0][1]
         self.http_url = f"http://{s.host}:{http_port}"
+        if s.grpc_health_port:
+            self.grpc_health = GrpcHealth(s.host, s.grpc_health_port, self._ready)
+            await self.grpc_health.start()
         if self.cluster is not None:
             self.core.cluster = self.cluster
             self.cluster.on_presence = self.core.presence_changed
@@ -137,7 +144,7 @@ class Server:
     async def _open_cluster_backends(self) -> None:
         import redis.asyncio as aioredis
 
-        from gochat.cluster.redis import RedisBroker, RedisPresence, RedisRegistry
+        from gochat.cluster.redis import RedisBroker, RedisJobQueue, RedisPresence, RedisRegistry
         from gochat.store.postgres import PostgresStore
 
         s = self.settings
@@ -154,6 +161,7 @@ class Server:
             RedisBroker(s.redis_url, s.redis_prefix),
             RedisPresence(self.redis, s.redis_prefix),
             RedisRegistry(self.redis, s.redis_prefix, ttl_s=s.registry_ttl_s, renew_s=s.registry_renew_s),
+            RedisJobQueue(self.redis, s.redis_prefix),
         )
 
     @property
@@ -196,6 +204,30 @@ class Server:
     def _remote_kick(self, user_id: int, code: int, reason: str) -> None:
         self.gateway.kick_user(user_id, ErrorCode(code), reason)
 
+    async def readiness(self) -> tuple[bool, dict[str, str]]:
+        """(ready, checks): dependencies reachable and not draining."""
+        checks: dict[str, str] = {}
+        ready = True
+        try:
+            await self.store.ping()
+            checks["store"] = "ok"
+        except GochatError as exc:
+            checks["store"] = f"unavailable: {exc.message}"
+            ready = False
+        if self.redis is not None:
+            try:
+                await asyncio.wait_for(self.redis.ping(), 2.0)
+                checks["redis"] = "ok"
+            except Exception as exc:  # redis-py raises its own ConnectionError/TimeoutError types
+                checks["redis"] = f"unavailable: {exc!r}"
+                ready = False
+        checks["gateway"] = "draining" if self.draining else "ok"
+        ready = ready and not self.draining
+        return ready, checks
+
+    async def _ready(self) -> bool:
+        return (await self.readiness())[0]
+
     def _revoked(self, user_id: int, revoked_id: str) -> None:
         self.gateway.kick_user(user_id, ErrorCode.TOKEN_REVOKED, "logged out", revoked_id)
         if self.cluster is not None:
@@ -233,6 +265,8 @@ class Server:
             return
         self.draining = True
         log.info("gochat draining")
+        if self.grpc_health is not None:
+            await self.grpc_health.draining()
         hint = ""
         if self.cluster is not None:
             await self.cluster.deregister()
@@ -255,6 +289,8 @@ class Server:
             log.debug("cluster link closed")
         await self.store.close()
         log.debug("store closed")
+        if self.grpc_health is not None:
+            await self.grpc_health.stop()
         if self.redis is not None:
             await self.redis.aclose()
         log.info("gochat stopped")

@@ -21,7 +21,7 @@ import orjson
 from aiohttp import web
 
 from gochat.auth.service import TokenPair
-from gochat.errors import ErrorCode, GochatError, UnavailableError
+from gochat.errors import ErrorCode, GochatError
 
 if TYPE_CHECKING:
     from gochat.server import Server
@@ -173,27 +173,7 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readiness(request: web.Request) -> web.Response:
-    server = request.app[_SERVER_KEY]
-    checks: dict[str, str] = {}
-    ready = True
-    try:
-        await server.store.ping()
-        checks["store"] = "ok"
-    except UnavailableError as exc:
-        checks["store"] = f"unavailable: {exc.message}"
-        ready = False
-    if server.redis is not None:
-        try:
-            await server.redis.ping()
-            checks["redis"] = "ok"
-        except Exception as exc:  # redis-py raises its own ConnectionError/TimeoutError types
-            checks["redis"] = f"unavailable: {exc}"
-            ready = False
-    if server.draining:
-        checks["gateway"] = "draining"
-        ready = False
-    else:
-        checks["gateway"] = "ok"
+    ready, checks = await request.app[_SERVER_KEY].readiness()
     return _json({"ready": ready, "checks": checks}, 200 if ready else 503)
 
 

@@ -14,12 +14,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from collections.abc import Callable, Iterable
 from typing import Any
 
 from gochat._native.fanout import FanoutWriter
 from gochat._native.routing import RoutingTable
-from gochat.cluster.base import Broker, NodeInfo, Presence, Registry
+from gochat.cluster.base import Broker, JobQueue, NodeInfo, Presence, Registry
 from gochat.cluster.envelope import (
     KickEnvelope,
     PresenceEnvelope,
@@ -40,6 +41,7 @@ __all__ = ["ClusterLink"]
 log = logging.getLogger("gochat.cluster")
 
 _MAX_BATCH = 1024
+FANOUT_STREAM = "fanout"
 
 
 class ClusterLink:
@@ -51,8 +53,12 @@ class ClusterLink:
         registry: Registry,
         routing: RoutingTable,
         writer: FanoutWriter,
+        jobs: JobQueue | None = None,
+        shard_size: int = 1000,
     ) -> None:
         self.node_id = node_id
+        self.jobs = jobs
+        self.shard_size = shard_size
         self.broker = broker
         self.presence = presence
         self.registry = registry
@@ -77,6 +83,8 @@ class ClusterLink:
         self.nodes = await self.registry.nodes()
         self.registry.watch(self._nodes_changed)
         self._tasks.append(asyncio.get_running_loop().create_task(self._router()))
+        if self.jobs is not None:
+            await self.jobs.consume(FANOUT_STREAM, FANOUT_STREAM, self.node_id, self._fanout_job)
 
     async def deregister(self) -> None:
         """Leave the registry first on drain, so clients stop being sent here."""
@@ -88,7 +96,10 @@ class ClusterLink:
     async def close(self) -> None:
         for task in self._tasks:
             task.cancel()
-        for closer in (self.broker.close, self.registry.close, self.presence.close):
+        closers = [self.broker.close, self.registry.close, self.presence.close]
+        if self.jobs is not None:
+            closers.insert(0, self.jobs.close)
+        for closer in closers:
             try:
                 # shutdown must finish even if a backend connection hangs
                 await asyncio.wait_for(closer(), 3.0)
@@ -105,6 +116,35 @@ class ClusterLink:
         """Deliver ``frame`` to the sessions of ``user_ids`` on the other nodes."""
         self._queue.append((user_ids, frame, droppable))
         self._wake.set()
+
+    def route_large(self, user_ids: Iterable[int], frame: bytes, droppable: bool = False) -> None:
+        """Large-group tier: split the recipients into shards and enqueue one durable job per
+        shard (Redis Streams); every node's consumer takes some, looks up presence for its shard
+        and publishes. Spreads the work of a 10k-member group over the cluster and survives the
+        death of a node mid-fan-out (pending jobs are claimed by another consumer)."""
+        if self.jobs is None:
+            self.route_users(user_ids, frame, droppable)
+            return
+        ids = list(user_ids)
+        origin = self.node_id.encode()
+        key = uuid.uuid4().hex
+        for i in range(0, len(ids), self.shard_size):
+            payload = bytes([len(origin)]) + origin + encode_users(ids[i : i + self.shard_size], frame, droppable)
+            self._spawn(self.jobs.enqueue(FANOUT_STREAM, f"{key}:{i}", payload))
+
+    async def _fanout_job(self, job_id: str, payload: bytes) -> None:
+        origin = payload[1 : 1 + payload[0]].decode()
+        env = decode_envelope(payload[1 + payload[0] :])
+        assert isinstance(env, UsersEnvelope)
+        where = await self.presence.nodes_for(env.user_ids)
+        for node, uids in where.items():
+            if node == origin:
+                continue  # the origin delivered to its own connections already
+            if node == self.node_id:
+                self.routing.fanout_users(self.writer, uids, env.frame, None, env.droppable)
+            else:
+                await self.broker.send_to_node(node, encode_users(uids, env.frame, env.droppable))
+            self.routed += 1
 
     def route_room(self, room_id: int, frame: bytes) -> None:
         """Deliver a room message to the room's subscribers on every other node."""

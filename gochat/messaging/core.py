@@ -258,7 +258,10 @@ class MessagingCore:
         cluster router (same bytes). Returns the number of local connections reached."""
         n = self.routing.fanout_users(self.writer, user_ids, data, skip, droppable)
         if self.cluster is not None:
-            self.cluster.route_users(user_ids, data, droppable)
+            if len(user_ids) > self.settings.large_group_threshold:
+                self.cluster.route_large(user_ids, data, droppable)
+            else:
+                self.cluster.route_users(user_ids, data, droppable)
         return n
 
     def _send_room(self, conn: Connection, req: Send) -> bytes:

@@ -34,7 +34,9 @@ REDIS_URL = os.environ.get("GOCHAT_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 
 
 class Cluster:
-    def __init__(self, root: Path, redis_url: str, n: int = 3, pg_dsn: str = PG_DSN) -> None:
+    def __init__(
+        self, root: Path, redis_url: str, n: int = 3, pg_dsn: str = PG_DSN, env: dict[str, str] | None = None
+    ) -> None:
         self.root = root
         self.schema = f"t_{uuid.uuid4().hex[:12]}"
         self.prefix = f"gct:{uuid.uuid4().hex[:12]}:"
@@ -50,6 +52,7 @@ class Cluster:
             "GOCHAT_REGISTRY_TTL_S": "3",
             "GOCHAT_REGISTRY_RENEW_S": "1",
             "GOCHAT_DRAIN_TIMEOUT_S": "5",
+            **(env or {}),
         }
         self.nodes = [GochatProcess(data, self.env, name=f"node{i}") for i in range(n)]
 
@@ -468,3 +471,121 @@ def test_postgres_outage_gives_retryable_errors_and_recovers(tmp_path: Path) -> 
     finally:
         cluster.stop()
         proxy.close()
+
+
+def test_grpc_health_check_and_watch(tmp_path: Path) -> None:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    port = _free_port()
+    node = GochatProcess(tmp_path / "data", {"GOCHAT_GRPC_HEALTH_PORT": str(port)})
+    node.start()
+    try:
+
+        async def scenario() -> None:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                stub = health_pb2_grpc.HealthStub(channel)
+                for service in ("", "gochat"):
+                    reply = await stub.Check(health_pb2.HealthCheckRequest(service=service))
+                    assert reply.status == health_pb2.HealthCheckResponse.SERVING
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    await stub.Check(health_pb2.HealthCheckRequest(service="nope"))
+                assert info.value.code() == grpc.StatusCode.NOT_FOUND
+                watch = stub.Watch(health_pb2.HealthCheckRequest(service=""))
+                first = await watch.read()
+                assert first.status == health_pb2.HealthCheckResponse.SERVING
+                loop = asyncio.get_running_loop()
+                stopping = loop.run_in_executor(None, node.terminate)
+                second = await asyncio.wait_for(watch.read(), 10)
+                assert second.status == health_pb2.HealthCheckResponse.NOT_SERVING
+                assert await stopping == 0
+
+        run(scenario())
+    finally:
+        node.stop()
+
+
+def test_workers_share_the_ports_as_cluster_nodes(tmp_path: Path) -> None:
+    c = Cluster(tmp_path, REDIS_URL, n=0)
+    c.migrate()
+    ws_port, http_port = _free_port(), _free_port()
+    env = dict(os.environ, **c.env, GOCHAT_LOG_LEVEL="INFO")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gochat.cli", "serve", "--data-dir", str(tmp_path / "shared-data"),
+         "--ws-port", str(ws_port), "--http-port", str(http_port), "--workers", "2"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+
+        async def scenario() -> None:
+            http_url = f"http://127.0.0.1:{http_port}"
+
+            async def two_nodes() -> bool:
+                try:
+                    return len(await gateways(http_url)) == 2
+                except (aiohttp.ClientError, KeyError):
+                    return False
+
+            await wait_until(two_nodes, timeout=30)
+            nodes = await gateways(http_url)
+            assert {g["url"] for g in nodes} == {f"ws://127.0.0.1:{ws_port}/ws"}
+            assert len({g["node_id"] for g in nodes}) == 2
+            alice = await create_user(http_url, "alice")
+            bob = await create_user(http_url, "bob")
+            # several connections land on both workers; messages cross between them
+            conns = [await connect(f"ws://127.0.0.1:{ws_port}/ws", bob.access_token) for _ in range(4)]
+            for c2 in conns:
+                await c2.expect(AuthOk)
+            ca = await online_url(f"ws://127.0.0.1:{ws_port}/ws", alice)
+            await asyncio.sleep(0.3)
+            ca.send(send_frame(Kind.DIRECT, bob.user_id, b"to every device", rid=1))
+            await ca.expect(SendAck)
+            for c2 in conns:
+                assert (await c2.expect(Deliver)).message.body == b"to every device"
+
+        run(scenario())
+        proc.terminate()
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        c.stop()
+
+
+async def online_url(url: str, user: UserCtx) -> RawClient:
+    c = await connect(url, user.access_token)
+    await c.expect(AuthOk)
+    return c
+
+
+def test_large_group_fans_out_through_stream_jobs(tmp_path: Path) -> None:
+    """With the large-group tier at 2 members, a 6-member group's messages go through Redis
+    Streams jobs consumed by all nodes; every member on every node still gets each message."""
+    c = Cluster(tmp_path, REDIS_URL, env={"GOCHAT_LARGE_GROUP_THRESHOLD": "2", "GOCHAT_FANOUT_SHARD_SIZE": "2"})
+    try:
+        c.start()
+
+        async def scenario() -> None:
+            import orjson
+
+            from gochat.protocol.frames import Call, CallResult
+
+            users = [await create_user(c.nodes[0].http_url, f"lg{i}") for i in range(6)]
+            conns = [await online(c.nodes[i % 3], u) for i, u in enumerate(users)]
+            await asyncio.sleep(0.3)
+            conns[0].send(Call("group.create", orjson.dumps({"name": "big", "members": [u.user_id for u in users[1:]]}), rid=1))
+            gid = orjson.loads((await conns[0].expect(CallResult, skip=(Event,))).payload)["group_id"]
+            for i in range(3):
+                conns[1].send(send_frame(Kind.GROUP, gid, b"big %d" % i, rid=10 + i))
+            for conn in conns[:1] + conns[2:]:
+                got = sorted([(await conn.expect(Deliver, skip=(Event,), timeout=10)).message.seq for _ in range(3)])
+                assert got == [1, 2, 3]
+            r = aioredis.Redis.from_url(c.redis_url)
+            try:
+                assert await r.xlen(f"{c.prefix}jobs:fanout") >= 3
+            finally:
+                await r.aclose()
+
+        run(scenario())
+    finally:
+        c.stop()

@@ -1,0 +1,274 @@
+"""Results: JSON, a markdown report with ratios against the targets of the issue, PNG plots."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+
+def _f(v: Any, digits: int = 1) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "–"
+    if isinstance(v, (int, float)):
+        if abs(v) >= 1000:
+            return f"{v:,.0f}"
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+def _ms(us: Any) -> str:
+    if us is None or (isinstance(us, float) and math.isnan(us)):
+        return "–"
+    return f"{us / 1000:.2f}"
+
+
+def _fanout_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [r for r in results if "capacity" in r]
+
+
+def fanout_table(results: list[dict[str, Any]]) -> str:
+    lines = [
+        "| subs | size | mode | target | deliveries/s | server CPU µs/delivery | deliveries/s per server core "
+        "| writes/frame | loss % | server CPU % | loadgen CPU % | p50 / p99 / p99.9 ms @50% | spread p50 / p99 ms |",
+        "|---:|---:|:-:|---|---:|---:|---:|---:|---:|---:|---:|---|---|",
+    ]
+    for r in sorted(_fanout_rows(results), key=lambda r: (r["subscribers"], r["size"], r["mode"])):
+        c, lat = r["capacity"], r["latency"]
+        lu, sp = lat["latency_us"], lat.get("spread_us") or {}
+        mode = r["mode"] if r["batch"] == 1 else f"{r['mode']} (×{r['batch']})"
+        lines.append(
+            f"| {r['subscribers']:,} | {r['size']} | {mode} "
+            f"| {r['target']} | {_f(c['deliveries_per_s'])} | {_f(c['server_cpu_us_per_delivery'], 2)} "
+            f"| {_f(c.get('deliveries_per_core_s'))} | {_f(c.get('writes_per_frame'), 3)} "
+            f"| {_f(c['loss_pct'], 2)} | {_f(c['server_cpu_pct'])} | {_f(c['load_cpu_pct'])} "
+            f"| {_ms(lu.get('p50'))} / {_ms(lu.get('p99'))} / {_ms(lu.get('p99.9'))} "
+            f"| {_ms(sp.get('p50'))} / {_ms(sp.get('p99'))} |"
+        )
+    skipped = [r for r in results if "skipped" in r or "error" in r]
+    for r in skipped:
+        lines.append(f"\n- {r['target']} (n={r.get('subscribers')}): {r.get('skipped') or r.get('error')}")
+    return "\n".join(lines)
+
+
+def fanout_ratios(results: list[dict[str, Any]]) -> str:
+    """gochat against the C floor and the other peers, per (subs, size, mode)."""
+    rows = _fanout_rows(results)
+    by: dict[tuple[int, int, str], dict[str, dict[str, Any]]] = {}
+    for r in rows:
+        by.setdefault((r["subscribers"], r["size"], r["mode"]), {})[r["target"]] = r["capacity"]
+    floor_a = {(n, s): t["cfloor"] for (n, s, m), t in by.items() if m == "a" and "cfloor" in t}
+    lines = [
+        "| subs | size | mode | vs | throughput ratio (gochat / other) | per-core ratio (other CPU/delivery ÷ gochat's) |",
+        "|---:|---:|:-:|---|---:|---:|",
+    ]
+    for (n, s, m), t in sorted(by.items()):
+        g = t.get("gochat")
+        if not g:
+            continue
+        others = dict(t)
+        others.pop("gochat")
+        if m == "b" and (n, s) in floor_a:
+            others["cfloor (mode a, per-message)"] = floor_a[(n, s)]
+        for name, o in sorted(others.items()):
+            thr = g["deliveries_per_s"] / o["deliveries_per_s"] if o["deliveries_per_s"] else None
+            eff = (
+                o["server_cpu_us_per_delivery"] / g["server_cpu_us_per_delivery"]
+                if o.get("server_cpu_us_per_delivery") and g.get("server_cpu_us_per_delivery")
+                else None
+            )
+            lines.append(f"| {n:,} | {s} | {m} | {name} | {_f(thr, 2)}× | {_f(eff, 2)}× |")
+    return "\n".join(lines)
+
+
+def direct_table(results: list[dict[str, Any]]) -> str:
+    lines = [
+        "| target | offered msgs/s | delivered msgs/s | loss % | server CPU µs/msg | server CPU % | loadgen CPU % "
+        "| p50 / p99 / p99.9 ms |",
+        "|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in results:
+        if "skipped" in r:
+            lines.append(f"| {r['target']} | skipped: {r['skipped']} |||||||")
+            continue
+        lu = r["latency_us"]
+        lines.append(
+            f"| {r['target']} | {_f(r['offered_msgs_per_s'])} | {_f(r['deliveries_per_s'])} | {_f(r['loss_pct'], 2)} "
+            f"| {_f(r['server_cpu_us_per_delivery'], 1)} | {_f(r['server_cpu_pct'])} | {_f(r['load_cpu_pct'])} "
+            f"| {_ms(lu.get('p50'))} / {_ms(lu.get('p99'))} / {_ms(lu.get('p99.9'))} |"
+        )
+    knees = direct_knees(results)
+    if knees:
+        lines.append("")
+        for name, k in knees.items():
+            lines.append(f"- {name}: highest rate delivered within the limits: {_f(k)} msgs/s")
+        if "gochat" in knees and "websockets-relay" in knees and knees["websockets-relay"]:
+            lines.append(f"- gochat / websockets relay: {knees['gochat'] / knees['websockets-relay']:.2f}×")
+    return "\n".join(lines)
+
+
+def direct_knees(results: list[dict[str, Any]]) -> dict[str, float]:
+    """Per target: the best delivered rate among steps with < 1 % loss and p99 ≤ 500 ms."""
+    out: dict[str, float] = {}
+    for r in results:
+        if "skipped" in r:
+            continue
+        ok = r["loss_pct"] <= 1.0 and r["latency_us"]["p99"] <= 500_000
+        if ok:
+            out[r["target"]] = max(out.get(r["target"], 0.0), r["deliveries_per_s"])
+    return out
+
+
+def memory_table(results: list[dict[str, Any]]) -> str:
+    lines = ["| target | connections | server RSS KiB | RssAnon KiB | TCP mem pages (system) | failed |",
+             "|---|---:|---:|---:|---:|---:|"]
+    fits = []
+    for r in results:
+        if "skipped" in r:
+            continue
+        for p in r["points"]:
+            lines.append(f"| {r['target']} | {p['connections']:,} | {p['rss_kib']:,} | {p['rss_anon_kib']:,} "
+                         f"| {p['tcp_mem_pages']:,} | {p.get('failed', 0)} |")
+        f = r["fit"]
+        if f:
+            slab = f.get("kernel_slab_bytes_per_conn_pair", {})
+            slab_s = ", ".join(f"{k} {v:,.0f}" for k, v in slab.items()) or "n/a"
+            fits.append(
+                f"- **{r['target']}**: user space {f['user_rss_bytes_per_conn'] / 1024:.2f} KiB RSS per connection "
+                f"({f['user_anon_bytes_per_conn'] / 1024:.2f} KiB anonymous); kernel, per loopback pair (both "
+                f"ends): TCP buffers {f['kernel_tcp_mem_bytes_per_conn_pair']:,.0f} B, slab {slab_s} B"
+            )
+    return "\n".join([*lines, "", *fits])
+
+
+def storm_table(results: list[dict[str, Any]]) -> str:
+    lines = ["| target | connections | failed | wall s | connect+auth /s | server CPU µs/connect "
+             "| per server core /s | server CPU % | loadgen CPU % |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in results:
+        lines.append(
+            f"| {r['target']} | {r['connections']:,} | {r['failed']} | {_f(r['wall_s'], 2)} | {_f(r['connects_per_s'])} "
+            f"| {_f(r['server_cpu_us_per_connect'])} | {_f(r['connects_per_core_s'])} | {_f(r['server_cpu_pct'])} "
+            f"| {_f(r['load_cpu_pct'])} |"
+        )
+    return "\n".join(lines)
+
+
+def markdown(doc: dict[str, Any]) -> str:
+    m = doc["machine"]
+    parts = [
+        f"# gochat bench: {doc['scenario']}",
+        "",
+        f"- command: `{doc['command']}`",
+        f"- started: {doc['started']}, took {doc['elapsed_s']:.0f} s",
+        f"- machine: {m['cpu_model']}, {m['cpus']} CPUs, {m['mem_gib']} GiB, Linux {m['kernel']}",
+        f"- placement: server on CPU `{doc['placement']['server']}`, load generators on CPU `{doc['placement']['load']}`",
+        f"- versions: {', '.join(f'{k} {v}' for k, v in m['versions'].items())}",
+        f"- gochat commit: {m['git_commit']}",
+        "",
+    ]
+    r = doc["results"]
+    if r.get("fanout"):
+        parts += ["## Room fan-out", "", "Capacity = closed loop (one batch in flight); latency = open loop at 50 % "
+                  "of that target's capacity.", "", fanout_table(r["fanout"]), "", "### Ratios", "",
+                  fanout_ratios(r["fanout"]), ""]
+    if r.get("direct"):
+        parts += ["## Direct messages (gochat: durable, SQLite group commit)", "", direct_table(r["direct"]), ""]
+    if r.get("memory"):
+        parts += ["## Memory per idle authenticated connection", "", memory_table(r["memory"]), ""]
+    if r.get("storm"):
+        parts += ["## Connect + authenticate storm", "", storm_table(r["storm"]), ""]
+    if doc.get("plots"):
+        parts += ["## Plots", ""] + [f"![{p}]({p})" for p in doc["plots"]] + [""]
+    return "\n".join(parts)
+
+
+def plots(doc: dict[str, Any], out: Path) -> list[str]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    made: list[str] = []
+    r = doc["results"]
+    rows = _fanout_rows(r.get("fanout") or [])
+    if rows:
+        for metric, label, fname in (
+            ("deliveries_per_s", "deliveries/s (capacity run)", "fanout_throughput.png"),
+            ("server_cpu_us_per_delivery", "server CPU µs per delivery (lower is better)", "fanout_cpu.png"),
+        ):
+            cases = sorted({(x["subscribers"], x["size"], x["mode"]) for x in rows})
+            targets = sorted({x["target"] for x in rows}, key=lambda t: (t != "gochat", t))
+            fig, ax = plt.subplots(figsize=(max(8, len(cases) * 1.6), 5))
+            width = 0.8 / max(1, len(targets))
+            for ti, t in enumerate(targets):
+                vals = []
+                for c in cases:
+                    hit = [x for x in rows if (x["subscribers"], x["size"], x["mode"]) == c and x["target"] == t]
+                    vals.append(hit[0]["capacity"].get(metric) or 0 if hit else 0)
+                ax.bar([i + ti * width for i in range(len(cases))], vals, width, label=t)
+            ax.set_xticks([i + 0.4 - width / 2 for i in range(len(cases))])
+            ax.set_xticklabels([f"{n:,} subs\n{s} B, mode {m}" for n, s, m in cases], fontsize=8)
+            ax.set_ylabel(label)
+            ax.legend(fontsize=8)
+            ax.set_title(f"Room fan-out: {label}")
+            fig.tight_layout()
+            fig.savefig(out / fname, dpi=110)
+            plt.close(fig)
+            made.append(fname)
+    d = [x for x in (r.get("direct") or []) if "skipped" not in x]
+    if d:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for t in sorted({x["target"] for x in d}):
+            pts = [x for x in d if x["target"] == t]
+            ax.plot([x["deliveries_per_s"] for x in pts], [x["latency_us"]["p99"] / 1000 for x in pts], "o-",
+                    label=f"{t} p99")
+            ax.plot([x["deliveries_per_s"] for x in pts], [x["latency_us"]["p50"] / 1000 for x in pts], "x--",
+                    label=f"{t} p50")
+        ax.set_xlabel("delivered msgs/s")
+        ax.set_ylabel("latency ms")
+        ax.set_yscale("log")
+        ax.legend(fontsize=8)
+        ax.set_title("Direct messages: latency vs throughput")
+        fig.tight_layout()
+        fig.savefig(out / "direct_latency.png", dpi=110)
+        plt.close(fig)
+        made.append("direct_latency.png")
+    mem = [x for x in (r.get("memory") or []) if "points" in x]
+    if mem:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for x in mem:
+            ax.plot([p["connections"] for p in x["points"]], [p["rss_kib"] / 1024 for p in x["points"]], "o-",
+                    label=f"{x['target']} RSS")
+        ax.set_xlabel("idle authenticated connections")
+        ax.set_ylabel("server RSS MiB")
+        ax.legend(fontsize=8)
+        ax.set_title("Memory per idle connection")
+        fig.tight_layout()
+        fig.savefig(out / "memory.png", dpi=110)
+        plt.close(fig)
+        made.append("memory.png")
+    return made
+
+
+def write(doc: dict[str, Any], out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    doc["plots"] = plots(doc, out)
+    (out / "results.json").write_text(json.dumps(doc, indent=1, default=_json_default))
+    (out / "results.md").write_text(markdown(doc))
+
+
+def _json_default(o: Any) -> Any:
+    try:
+        import numpy as np
+
+        if isinstance(o, np.generic):
+            return o.item()
+        if isinstance(o, np.ndarray):
+            return o.tolist()
+    except ImportError:
+        pass
+    return str(o)

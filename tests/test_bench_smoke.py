@@ -1,0 +1,70 @@
+"""Smoke test of the benchmark harness: ``python -m bench quick`` end to end on small counts.
+
+It starts real servers (gochat and at least two peers), the load generator processes and the
+peers, and checks that the result JSON has the expected shape and that messages were delivered.
+No timing is asserted: this machine's numbers are not a test oracle.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(400)
+def test_bench_quick_mode(tmp_path: Path) -> None:
+    out = tmp_path / "bench"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    r = subprocess.run(
+        [sys.executable, "-m", "bench", "quick", "--out", str(out)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=360,
+    )
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+    doc = json.loads((out / "results.json").read_text())
+    assert (out / "results.md").exists()
+
+    assert doc["scenario"] == "quick"
+    assert doc["command"].startswith("python -m bench quick")
+    for key in ("cpu_model", "cpus", "kernel", "versions", "git_commit"):
+        assert key in doc["machine"], key
+    results = doc["results"]
+    assert set(results) >= {"fanout", "direct", "memory", "storm"}
+
+    fanout = [row for row in results["fanout"] if "capacity" in row]
+    targets = {row["target"] for row in fanout}
+    assert "gochat" in targets
+    assert len(targets - {"gochat"}) >= 2, f"fewer than two peers ran: {results['fanout']}"
+    for row in fanout:
+        for phase in ("capacity", "latency"):
+            m = row[phase]
+            for key in ("deliveries", "deliveries_per_s", "server_cpu_us_per_delivery", "load_cpu_pct",
+                        "latency_us", "spread_us", "loss_pct"):
+                assert key in m, (row["target"], phase, key)
+            assert m["deliveries"] > 0, (row["target"], row["mode"], phase)
+            assert {"p50", "p99", "p99.9"} <= set(m["latency_us"])
+    gochat_modes = {row["mode"] for row in fanout if row["target"] == "gochat"}
+    assert gochat_modes == {"a", "b"}
+    gochat_b = next(row for row in fanout if row["target"] == "gochat" and row["mode"] == "b")
+    assert gochat_b["capacity"]["server_counters"]["socket_writes"] > 0
+
+    direct = [row for row in results["direct"] if row["target"] == "gochat"]
+    assert direct and all(row["deliveries"] > 0 for row in direct)
+
+    memory = next(row for row in results["memory"] if row["target"] == "gochat")
+    assert memory["points"][-1]["connections"] > 0
+    assert "user_rss_bytes_per_conn" in memory["fit"]
+
+    storm = results["storm"][0]
+    assert storm["connections"] > 0 and storm["connects_per_s"] > 0
