@@ -18,7 +18,6 @@ from picows.picows cimport WSListener, WSTransport
 
 cdef enum:
     HEADROOM = 16            # picows needs <= 10 bytes in front for a server-side header
-    SHRINK_ABOVE = 65536     # free the outbound block after a flush if it grew beyond this
 
 cdef class FanoutWriter
 

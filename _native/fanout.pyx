@@ -43,6 +43,10 @@ cdef class Connection(WSListener):
     # ---- picows callbacks ------------------------------------------------------------------
     cpdef on_ws_connected(self, WSTransport transport):
         self.transport = transport
+        # The upgrade request and response (headers in multidicts, ~2 KiB) are not needed once
+        # the handshake is done; the gateway read the Authorization header in its factory.
+        transport.request = None
+        transport.response = None
         self.handler.on_connected(self)
 
     cpdef on_ws_frame(self, WSTransport transport, WSFrame frame):
@@ -135,10 +139,11 @@ cdef class Connection(WSListener):
         self.writer.bytes_out += self.out_size
         self.transport.send_reuse_external_buffer(WSMsgType.BINARY, self.out + HEADROOM, self.out_size)
         self.out_size = 0
-        if self.out_cap > SHRINK_ABOVE:
-            free(self.out)
-            self.out = NULL
-            self.out_cap = 0
+        # Give the block back after every flush: an idle connection then holds no outbound
+        # memory, and malloc+free per tick is noise next to the send(2) it accompanies.
+        free(self.out)
+        self.out = NULL
+        self.out_cap = 0
         return 0
 
     cpdef bint take_tokens(self, double now, double n):

@@ -108,14 +108,16 @@ async def run(a: argparse.Namespace, argv: list[str]) -> Path:
         sizes = a.sizes or ([64] if quick else [64, 256])
         results["fanout"] = await fanout(ctx, targets, subs, sizes, a.batch, duration, progress)
     if scen in ("direct", "all", "quick"):
-        rates = a.rates or ([500, 1000] if quick else [500, 1000, 2000, 4000, 8000, 12000, 16000, 24000, 32000])
+        rates = a.rates or ([500, 1000] if quick else [1000, 2000, 4000, 8000, 12000, 16000, 24000, 32000, 48000])
         results["direct"] = await direct(
             ctx, ["gochat", "websockets-relay"], a.pairs or (8 if quick else 50), 64, rates,
-            1.5 if quick else min(duration, 5.0), progress,
+            1.5 if quick else (a.duration or 5.0), progress,
         )
     if scen in ("memory", "all", "quick"):
         steps = a.memory_steps or ([100, 200, 400] if quick else [2000, 6000, 10000, 14000, 18000])
-        results["memory"] = await memory(ctx, ["gochat", "picows"] if not quick else ["gochat"], steps, progress)
+        mem_targets = a.targets.split(",") if a.targets and scen == "memory" else (
+            ["gochat"] if quick else ["gochat", "picows"])
+        results["memory"] = await memory(ctx, mem_targets, steps, progress)
     if scen in ("storm", "all", "quick"):
         total = a.storm or (300 if quick else 10000)
         results["storm"] = await storm(ctx, total, 1 if quick else 4, 64, progress)

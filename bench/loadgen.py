@@ -246,23 +246,27 @@ class Pub(Role):
             self.waiting = None
             emit(event="done", sent=sent, start_ns=start, end_ns=now_ns(), stalls=stalls, seq_end=self.seq)
         elif cmd[0] == "rate":
+            # Open loop on a fixed schedule: every timer tick (>= 1 ms, the loop's resolution)
+            # sends the batches that are due, each as its own write, stamped with the send time.
             rate, k, duration = float(cmd[1]), int(cmd[2]), float(cmd[3])
             interval = k / rate * 1e9
             start = now_ns()
             n_batches = max(1, int(duration * rate / k))
             sent = 0
             max_lag = 0
-            for i in range(n_batches):
-                due = start + int(i * interval)
+            i = 0
+            while i < n_batches:
                 t = now_ns()
-                if due > t:
-                    await asyncio.sleep((due - t) / 1e9)
-                else:
-                    max_lag = max(max_lag, t - due)
-                write(self._batch(k))
-                sent += k
-                if i % 64 == 63:
-                    await asyncio.sleep(0)
+                due = min(n_batches, int((t - start) / interval) + 1)
+                if due <= i:
+                    await asyncio.sleep(max(0.001, (start + i * interval - t) / 1e9))
+                    continue
+                max_lag = max(max_lag, t - start - int(i * interval))
+                while i < due:
+                    write(self._batch(k))
+                    sent += k
+                    i += 1
+                await asyncio.sleep(0)
             emit(event="done", sent=sent, start_ns=start, end_ns=now_ns(), max_lag_ns=max_lag, seq_end=self.seq)
 
 
@@ -318,7 +322,7 @@ class Direct(Role):
                 t = now_ns()
                 due_count = min(total, int((t - start) * rate / 1e9) + 1)
                 if due_count <= i:
-                    await asyncio.sleep(max(0.0, ((i * 1e9 / rate) + start - t) / 1e9))
+                    await asyncio.sleep(max(0.001, ((i * 1e9 / rate) + start - t) / 1e9))
                     continue
                 max_lag = max(max_lag, t - start - int(i * 1e9 / rate))
                 while i < due_count:

@@ -5,6 +5,7 @@ newer than the output."""
 from __future__ import annotations
 
 import importlib
+import os
 import shutil
 import subprocess
 import sys
@@ -32,7 +33,24 @@ def cfloor() -> Path:
 
 
 def loadgen() -> ModuleType:
-    """Import ``_loadgen`` (Cython on picows), compiling it first when needed."""
+    """Import ``_loadgen`` (Cython on picows), compiling it first when needed; the pure-Python
+    twin ``bench._loadgen_py`` when that cannot be built or ``BENCH_PURE_PYTHON_LOADGEN=1``."""
+    if os.environ.get("BENCH_PURE_PYTHON_LOADGEN", "") not in ("", "0"):
+        return importlib.import_module("bench._loadgen_py")
+    try:
+        return _cython_loadgen()
+    except (ImportError, OSError, subprocess.CalledProcessError) as exc:
+        print(f"bench: Cython load generator unavailable ({exc!r}); using the pure-Python one", file=sys.stderr)
+        os.environ["BENCH_PURE_PYTHON_LOADGEN"] = "1"  # child processes follow
+        return importlib.import_module("bench._loadgen_py")
+
+
+def loadgen_impl() -> str:
+    """Which load generator implementation this process uses: "cython" or "python"."""
+    return "cython" if loadgen().__name__ == "_loadgen" else "python"
+
+
+def _cython_loadgen() -> ModuleType:
     src = HERE / "_loadgen.pyx"
     suffix = sysconfig.get_config_var("EXT_SUFFIX") or ".so"
     out = BUILD / f"_loadgen{suffix}"
@@ -45,6 +63,8 @@ def loadgen() -> ModuleType:
             f"setup(script_args=sys.argv[1:], ext_modules=cythonize([Extension('_loadgen',[{str(src)!r}],"
             "extra_compile_args=['-O2'])], build_dir=" + repr(str(BUILD / "c")) + ", quiet=True))"
         )
+        import Cython  # noqa: F401  (ImportError here: no Cython, use the Python twin)
+
         subprocess.run([sys.executable, "-c", code], check=True, cwd=str(BUILD), stdout=subprocess.DEVNULL)
     if str(BUILD) not in sys.path:
         sys.path.insert(0, str(BUILD))

@@ -124,8 +124,15 @@ def machine_facts() -> dict[str, Any]:
         "nofile_limit": _nofile(),
         "versions": versions,
         "git_commit": commit + ("+dirty" if dirty else ""),
+        "loadgen": _loadgen_impl(),
         "clk_tck": os.sysconf("SC_CLK_TCK"),
     }
+
+
+def _loadgen_impl() -> str:
+    from bench import native
+
+    return native.loadgen_impl()
 
 
 def _nofile() -> int:

@@ -102,19 +102,25 @@ def direct_table(results: list[dict[str, Any]]) -> str:
     if knees:
         lines.append("")
         for name, k in knees.items():
-            lines.append(f"- {name}: highest rate delivered within the limits: {_f(k)} msgs/s")
+            lines.append(f"- {name}: knee (highest step delivering ≥ 99 % of the offered rate with p99 ≤ 100 ms): "
+                         f"{_f(k)} msgs/s")
         if "gochat" in knees and "websockets-relay" in knees and knees["websockets-relay"]:
             lines.append(f"- gochat / websockets relay: {knees['gochat'] / knees['websockets-relay']:.2f}×")
     return "\n".join(lines)
 
 
 def direct_knees(results: list[dict[str, Any]]) -> dict[str, float]:
-    """Per target: the best delivered rate among steps with < 1 % loss and p99 ≤ 500 ms."""
+    """Per target: the best delivered rate among steps that deliver ≥ 99 % of the offered rate
+    with p99 ≤ 100 ms (the knee)."""
     out: dict[str, float] = {}
     for r in results:
         if "skipped" in r:
             continue
-        ok = r["loss_pct"] <= 1.0 and r["latency_us"]["p99"] <= 500_000
+        ok = (
+            r["deliveries_per_s"] >= 0.99 * r["offered_msgs_per_s"]
+            and r["loss_pct"] <= 1.0
+            and r["latency_us"]["p99"] <= 100_000
+        )
         if ok:
             out[r["target"]] = max(out.get(r["target"], 0.0), r["deliveries_per_s"])
     return out
@@ -155,6 +161,59 @@ def storm_table(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _cap(rows: list[dict[str, Any]], target: str, n: int, size: int, mode: str) -> dict[str, Any] | None:
+    for r in rows:
+        if (r["target"], r["subscribers"], r["size"], r["mode"]) == (target, n, size, mode):
+            return r
+    return None
+
+
+def targets_summary(results: dict[str, Any]) -> str:
+    """The issue's targets, each with the measured value and met / missed."""
+    out = ["| target | measured | verdict |", "|---|---|---|"]
+
+    def verdict(ok: bool) -> str:
+        return "met" if ok else "**missed**"
+
+    rows = _fanout_rows(results.get("fanout") or [])
+    cases = sorted({(r["subscribers"], r["size"]) for r in rows})
+    for n, size in cases:
+        g, f, w = (_cap(rows, t, n, size, "a") for t in ("gochat", "cfloor", "websockets"))
+        if g and f:
+            gc, fc = g["capacity"], f["capacity"]
+            per_core = fc["server_cpu_us_per_delivery"] / gc["server_cpu_us_per_delivery"]
+            out.append(f"| (a) {n:,} subs {size} B: ≥ 0.85× C floor | per core {per_core:.2f}×, "
+                       f"throughput {gc['deliveries_per_s'] / fc['deliveries_per_s']:.2f}× | {verdict(per_core >= 0.85)} |")
+        if g and w:
+            gc, wc = g["capacity"], w["capacity"]
+            per_core = wc["server_cpu_us_per_delivery"] / gc["server_cpu_us_per_delivery"]
+            out.append(f"| (a) {n:,} subs {size} B: ≥ 1.5× websockets | per core {per_core:.2f}×, "
+                       f"throughput {gc['deliveries_per_s'] / wc['deliveries_per_s']:.2f}× | {verdict(per_core >= 1.5)} |")
+        gb = _cap(rows, "gochat", n, size, "b")
+        if gb and f and n >= 10000:
+            gbc, fc = gb["capacity"], f["capacity"]
+            thr = gbc["deliveries_per_s"] / fc["deliveries_per_s"]
+            per_core = fc["server_cpu_us_per_delivery"] / gbc["server_cpu_us_per_delivery"]
+            p99 = gb["latency"]["latency_us"]["p99"] / 1000
+            out.append(f"| (b) {n:,} subs {size} B: ≥ 5× C floor per-message, p99 ≤ 50 ms | throughput {thr:.1f}×, "
+                       f"per core {per_core:.1f}×, p99 {p99:.0f} ms at 50 % load | "
+                       f"{verdict(thr >= 5)} / p99 {verdict(p99 <= 50)} |")
+    knees = direct_knees(results.get("direct") or [])
+    if "gochat" in knees and knees.get("websockets-relay"):
+        ratio = knees["gochat"] / knees["websockets-relay"]
+        out.append(f"| direct durable ≥ 2× websockets relay | {knees['gochat']:,.0f} vs ≥ "
+                   f"{knees['websockets-relay']:,.0f} msgs/s = {ratio:.2f}× | {verdict(ratio >= 2)} |")
+    for m in results.get("memory") or []:
+        if m.get("target") == "gochat" and m.get("fit"):
+            kib = m["fit"]["user_rss_bytes_per_conn"] / 1024
+            out.append(f"| idle memory ≤ 4 KiB user space per connection | {kib:.1f} KiB | {verdict(kib <= 4)} |")
+    for st in results.get("storm") or []:
+        per = st.get("connects_per_core_s") or 0
+        out.append(f"| connect+auth ≥ 5,000/s per core | {per:,.0f}/s per core ({st['connects_per_s']:,.0f}/s "
+                   f"measured) | {verdict(per >= 5000)} |")
+    return "\n".join(out) if len(out) > 2 else ""
+
+
 def markdown(doc: dict[str, Any]) -> str:
     m = doc["machine"]
     parts = [
@@ -165,10 +224,14 @@ def markdown(doc: dict[str, Any]) -> str:
         f"- machine: {m['cpu_model']}, {m['cpus']} CPUs, {m['mem_gib']} GiB, Linux {m['kernel']}",
         f"- placement: server on CPU `{doc['placement']['server']}`, load generators on CPU `{doc['placement']['load']}`",
         f"- versions: {', '.join(f'{k} {v}' for k, v in m['versions'].items())}",
-        f"- gochat commit: {m['git_commit']}",
+        f"- gochat commit: {m['git_commit']}; load generator listener: {m.get('loadgen', 'cython')}",
+        *[f"- note: {n}" for n in doc.get("notes", [])],
         "",
     ]
     r = doc["results"]
+    summary = targets_summary(r)
+    if summary:
+        parts += ["## Targets", "", summary, ""]
     if r.get("fanout"):
         parts += ["## Room fan-out", "", "Capacity = closed loop (one batch in flight); latency = open loop at 50 % "
                   "of that target's capacity.", "", fanout_table(r["fanout"]), "", "### Ratios", "",

@@ -12,7 +12,9 @@
 # Writes profiles/<scenario>.svg (flame graph), profiles/<scenario>.txt (collapsed stacks) and
 # profiles/<scenario>-top.md (top self/inclusive costs, from profiles/top.py). Needs py-spy
 # (pip install -r bench/requirements.txt) and ptrace rights over the server (root, or
-# kernel.yama.ptrace_scope=0). --native adds the C frames of the Cython modules and CPython.
+# kernel.yama.ptrace_scope=0). --native adds the C frames of the Cython modules and CPython;
+# py-spy pauses the server for each native sample, so the bench numbers of a profiled run are
+# not results (the profile is).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -54,14 +56,14 @@ case "$scenario" in
   fanout-a) until grep -q "subscribers ready" "$work/bench.log"; do sleep 0.2; done; sleep 2; secs=${SECS:-5} ;;
   fanout-b) until grep -q "mode a: latency" "$work/bench.log"; do sleep 0.2; done; sleep 1; secs=${SECS:-5} ;;
   storm) sleep 3; secs=${SECS:-4} ;;
-  direct) until grep -q "offered" "$work/bench.log" || ! kill -0 $bench_pid 2>/dev/null; do sleep 0.2; done; secs=${SECS:-8} ;;
+  direct) until grep -q "pairs ready" "$work/bench.log"; do sleep 0.2; done; sleep 2; secs=${SECS:-8} ;;
 esac
 echo "record.sh: profiling gochat pid $server for ${secs}s ($scenario)" >&2
-"$PYSPY" record --pid "$server" --native --rate 250 --duration "$secs" --nonblocking \
+"$PYSPY" record --pid "$server" --native --rate 200 --duration "$secs" \
   --format raw -o "$out/$scenario.txt" >/dev/null 2>&1 &
 spy_raw=$!
 wait $spy_raw || true
-"$PYSPY" record --pid "$server" --native --rate 250 --duration "$secs" --nonblocking \
+"$PYSPY" record --pid "$server" --native --rate 200 --duration "$secs" \
   -o "$out/$scenario.svg" >/dev/null 2>&1 || true
 wait $bench_pid || { echo "bench failed:" >&2; tail -20 "$work/bench.log" >&2; }
 "$PY" profiles/top.py "$out/$scenario.txt" > "$out/$scenario-top.md"

@@ -379,7 +379,7 @@ class PresenceBehaviour:
                 placements.append((u, first, i))
                 if i % 10 == 0:
                     placements.append((u, names[(i + 1) % 3], i + 100_000))
-            for u, n, sid in placements:
+            for u, n, _ in placements:
                 expected[n].append(u)
             for start in range(0, len(placements), 200):
                 await asyncio.gather(
@@ -523,7 +523,8 @@ class JobQueueBehaviour:
             q1 = b.jobs(claim_idle_ms=250)
             await q1.consume("work", "g", "c1", stuck)
             await q1.enqueue("work", "j1", b"x")
-            await asyncio.wait_for(started.wait(), 5)
+            async with asyncio.timeout(5):
+                await started.wait()
             await q1.close()  # the consumer dies mid-job: no ack
             q2 = b.jobs(claim_idle_ms=250)
             await q2.consume("work", "g", "c2", healthy)

@@ -360,6 +360,35 @@ def test_presence_ignores_nodes_whose_liveness_expired(redis_url: str) -> None:
     run_redis(body)
 
 
+def test_presence_drop_node_works_through_many_chunks(redis_url: str) -> None:
+    async def body(b: RedisBackend) -> None:
+        janitor = b._track(RedisPresence(b.url, b.prefix, chunk=7))
+        pa, pb = b.presence(), b.presence()
+        for u in range(100):
+            await pa.session_up(u, "A", 1000 + u)
+        for u in range(0, 100, 4):
+            await pb.session_up(u, "B", 2000 + u)
+        offline = await janitor.drop_node("A")
+        assert offline == [u for u in range(100) if u % 4]
+        assert await janitor.nodes_for(range(100)) == {"B": list(range(0, 100, 4))}
+        assert await b.admin.exists(f"{b.prefix}n:A", f"{b.prefix}pn:A") == 0
+
+    run_redis(body)
+
+
+def test_clients_with_decoded_responses_are_refused(redis_url: str) -> None:
+    async def main() -> None:
+        client = aioredis.Redis.from_url(redis_url, decode_responses=True)
+        try:
+            for cls in (RedisRegistry, RedisBroker, RedisPresence, RedisJobQueue):
+                with pytest.raises(ValueError):
+                    cls(client, "x:")
+        finally:
+            await client.aclose()
+
+    asyncio.run(main())
+
+
 async def _eq(coro: Awaitable[Any], value: Any) -> bool:
     return bool(await coro == value)
 

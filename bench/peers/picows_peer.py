@@ -1,11 +1,16 @@
 """Bare picows room broadcast (uvloop): one ``transport.send`` per message per socket.
 
     python bench/peers/picows_peer.py PORT
+
+Knobs for memory experiments (environment): ``BENCH_PICOWS_READ_BUFFER`` (picows
+``read_buffer_init_size``, default 4096 as gochat), ``BENCH_PICOWS_AIOFASTNET`` (``0``/``1``; default:
+picows decides).
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 
 import uvloop
@@ -33,7 +38,14 @@ class Peer(WSListener):  # type: ignore[misc]
 
 
 async def main(port: int) -> None:
-    server = await ws_create_server(lambda _req: Peer(), "127.0.0.1", port, read_buffer_init_size=4096)
+    fast = os.environ.get("BENCH_PICOWS_AIOFASTNET", "")
+    server = await ws_create_server(
+        lambda _req: Peer(),
+        "127.0.0.1",
+        port,
+        read_buffer_init_size=int(os.environ.get("BENCH_PICOWS_READ_BUFFER", "4096")),
+        use_aiofastnet=None if fast == "" else fast == "1",
+    )
     print(f"listening {server.sockets[0].getsockname()[1]}", flush=True)
     await asyncio.Event().wait()
 

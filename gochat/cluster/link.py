@@ -73,6 +73,10 @@ class ClusterLink:
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[Any]] = []
         self._dead_handled: set[str] = set()
+        self._epochs: dict[int, int] = {}  # session_id -> presence epoch
+        #: set by the server: (user_id, session_id) of every local authenticated session
+        self.local_sessions: Callable[[], list[tuple[int, int]]] = list
+        self._was_listed = False
         self.routed = 0
         self.route_failures = 0
 
@@ -102,7 +106,8 @@ class ClusterLink:
         for closer in closers:
             try:
                 # shutdown must finish even if a backend connection hangs
-                await asyncio.wait_for(closer(), 3.0)
+                async with asyncio.timeout(3.0):
+                    await closer()
             except TimeoutError:
                 log.warning("closing %r timed out", closer)
             except Exception:
@@ -206,14 +211,19 @@ class ClusterLink:
     # ---- presence and revocation ---------------------------------------------------------------
     async def session_up(self, user_id: int, session_id: int) -> None:
         try:
-            if await self.presence.session_up(user_id, self.node_id, session_id):
+            lease = await self.presence.session_up(user_id, self.node_id, session_id)
+            self._epochs[session_id] = lease.epoch
+            if lease.came_online:
                 await self.broker.broadcast(encode_presence(user_id, True))
         except GochatError as exc:
             log.warning("presence up failed for user %d: %s", user_id, exc.message)
 
     async def session_down(self, user_id: int, session_id: int) -> None:
+        # The epoch fences stale removals: a late "down" of an old session can never remove
+        # a newer recording of it (after a re-announce, say).
+        epoch = self._epochs.pop(session_id, None)
         try:
-            if await self.presence.session_down(user_id, self.node_id, session_id):
+            if await self.presence.session_down(user_id, self.node_id, session_id, epoch):
                 await self.broker.broadcast(encode_presence(user_id, False))
         except GochatError as exc:
             log.warning("presence down failed for user %d: %s", user_id, exc.message)
@@ -227,10 +237,12 @@ class ClusterLink:
     def publish_kick(self, user_id: int, code: int, reason: str) -> None:
         self._spawn(self.broker.broadcast(encode_kick(user_id, code, reason)))
 
-    async def reannounce(self, sessions: list[tuple[int, int]]) -> None:
-        """Re-record every local session (after the presence backend lost its data)."""
-        for user_id, session_id in sessions:
-            await self.presence.session_up(user_id, self.node_id, session_id)
+    async def reannounce(self, sessions: list[tuple[int, int]] | None = None) -> None:
+        """Re-record every local session (after the presence backend lost its data, or after
+        another node wrongly declared this one dead and dropped its sessions)."""
+        for user_id, session_id in sessions if sessions is not None else self.local_sessions():
+            lease = await self.presence.session_up(user_id, self.node_id, session_id)
+            self._epochs[session_id] = lease.epoch
 
     # ---- inbound ---------------------------------------------------------------------------------
     def _on_message(self, payload: bytes) -> None:
@@ -259,6 +271,13 @@ class ClusterLink:
                 self._dead_handled.add(node)
                 self._spawn(self._drop_node(node))
         self._dead_handled -= alive  # a node that came back may die again later
+        if self.node_id in alive:
+            self._was_listed = True
+        elif self._was_listed:
+            # Our entry vanished (a stall past the TTL, or Redis lost it): other nodes may have
+            # dropped our sessions. The registry re-registers us; record the sessions again.
+            self._was_listed = False
+            self._spawn(self.reannounce())
 
     async def _drop_node(self, node: str) -> None:
         """A node left or died: its sessions are gone; announce who went offline."""

@@ -126,13 +126,22 @@ class MemoryHub:
         return ev
 
 
-async def _cancel(tasks: Iterable[asyncio.Task[None]]) -> None:
-    tasks = [t for t in tasks if not t.done()]
-    for t in tasks:
+async def _wait_event(event: asyncio.Event, timeout_s: float) -> None:
+    """``event.wait()`` for at most ``timeout_s`` (asyncio.timeout: Python 3.11's wait_for can
+    swallow a cancellation that races with the inner wait finishing)."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(timeout_s):
+            await event.wait()
+
+
+async def _cancel(tasks: Iterable[asyncio.Task[None]], timeout_s: float = 5.0) -> None:
+    """Cancel background tasks and wait (bounded) until they are done; their errors are
+    dropped, a cancellation of the caller is not."""
+    live = [t for t in tasks if t is not None and not t.done()]
+    for t in live:
         t.cancel()
-    for t in tasks:
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await t
+    if live:
+        await asyncio.wait(live, timeout=timeout_s)
 
 
 class MemoryRegistry:
@@ -206,8 +215,7 @@ class MemoryRegistry:
 
     async def _watch_loop(self) -> None:
         while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._event.wait(), self.renew_s)
+            await _wait_event(self._event, self.renew_s)
             self._event.clear()
             if not self.hub.available:
                 continue
@@ -420,8 +428,7 @@ class MemoryJobQueue:
             nxt = self._next(s, g, consumer) if self.hub.available else None
             if nxt is None:
                 ev.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(ev.wait(), max(0.01, self.claim_idle_ms / 2000))
+                await _wait_event(ev, max(0.01, self.claim_idle_ms / 2000))
                 continue
             eid, _claimed = nxt
             pending = g.pending[eid]

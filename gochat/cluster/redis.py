@@ -97,13 +97,22 @@ async def _guard(what: str, timeout_s: float) -> AsyncIterator[None]:
         raise UnavailableError(f"redis unavailable ({what}): {exc or type(exc).__name__}") from exc
 
 
-async def _cancel(tasks: Iterable[asyncio.Task[Any] | None]) -> None:
+async def _wait_event(event: asyncio.Event, timeout_s: float) -> None:
+    """``event.wait()`` for at most ``timeout_s`` (asyncio.timeout: Python 3.11's wait_for can
+    swallow a cancellation that races with the inner wait finishing)."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(timeout_s):
+            await event.wait()
+
+
+async def _cancel(tasks: Iterable[asyncio.Task[Any] | None], timeout_s: float = 5.0) -> None:
+    """Cancel background tasks and wait (bounded) until they are done; their errors are
+    dropped, a cancellation of the caller is not."""
     live = [t for t in tasks if t is not None and not t.done()]
     for t in live:
         t.cancel()
-    for t in live:
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await t
+    if live:
+        await asyncio.wait(live, timeout=timeout_s)
 
 
 class _Client:
@@ -114,6 +123,8 @@ class _Client:
             self.redis = connect(redis, timeout_s=timeout_s)
             self._owned = True
         else:
+            if redis.connection_pool.connection_kwargs.get("decode_responses"):
+                raise ValueError("the cluster seams need a Redis client without decode_responses")
             self.redis = redis
             self._owned = False
         self.prefix = prefix
@@ -156,6 +167,7 @@ class _Subscriber:
         kwargs["socket_timeout"] = timeout_s
         kwargs["socket_connect_timeout"] = timeout_s
         kwargs.pop("health_check_interval", None)
+        kwargs["decode_responses"] = False
         self._pool = ConnectionPool(connection_class=base.connection_class, max_connections=4, **kwargs)
         self._client = Redis(connection_pool=self._pool)
         self.channels = list(channels)
@@ -447,8 +459,7 @@ class RedisRegistry(_Client):
         )
         await self._sub.start_in_background()
         while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._kick.wait(), self.renew_s)
+            await _wait_event(self._kick, self.renew_s)
             self._kick.clear()
             try:
                 nodes = await self.nodes()
@@ -602,14 +613,18 @@ return 0
 """
 )
 
-# KEYS: p:{uid} for a chunk of users
-# ARGV: node, (unused), liveness prefix, uid for each key
+# KEYS: n:{node}
+# ARGV: node, users per call, liveness prefix, user key prefix
+# Pops a chunk of the node's users and removes the node's sessions from each, atomically (a
+# failed call loses nothing: the next one carries on). Returns {popped, offline users}.
 _DROP_NODE = (
     _NODE_OF
     + _LIVE
     + """
+local uids = redis.call('SPOP', KEYS[1], ARGV[2])
 local offline = {}
-for i, key in ipairs(KEYS) do
+for _, uid in ipairs(uids) do
+  local key = ARGV[4] .. uid
   local live = 0
   for _, f in ipairs(redis.call('HKEYS', key)) do
     local node = node_of(f)
@@ -619,9 +634,9 @@ for i, key in ipairs(KEYS) do
       live = live + 1
     end
   end
-  if live == 0 then offline[#offline + 1] = ARGV[i + 3] end
+  if live == 0 then offline[#offline + 1] = uid end
 end
-return offline
+return {#uids, offline}
 """
 )
 
@@ -763,20 +778,17 @@ class RedisPresence(_Client):
         accepts sessions, to clear what a previous incarnation left)."""
         self._local_nodes.discard(node_id)
         offline: list[int] = []
-        key = self.node_users_key(node_id)
         async with self.guard("presence drop_node"):
             await self.redis.delete(self.live_prefix + node_id)
         while True:
             async with self.guard("presence drop_node"):
-                raw = await self.redis.spop(key, self.chunk)
-                if not raw:
-                    break
-                uids = [int(u) for u in raw]
-                res = await self._drop(
-                    keys=[self.user_key(u) for u in uids],
-                    args=[node_id, "", self.live_prefix, *uids],
+                popped, gone = await self._drop(
+                    keys=[self.node_users_key(node_id)],
+                    args=[node_id, self.chunk, self.live_prefix, f"{self.prefix}p:"],
                 )
-            offline.extend(int(u) for u in res)
+            offline.extend(int(u) for u in gone)
+            if not popped:
+                break
         return sorted(offline)
 
     async def close(self) -> None:

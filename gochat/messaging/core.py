@@ -70,7 +70,9 @@ class SessionState:
     __slots__ = ("auth_timer", "jti", "rooms", "send_gate", "sid", "token_exp")
 
     def __init__(self) -> None:
-        self.rooms: set[int] = set()
+        #: rooms this session subscribed to; an empty tuple until the first SUBSCRIBE, so an idle
+        #: connection carries no set (memory per idle connection is a target)
+        self.rooms: set[int] | tuple[()] = ()
         self.jti = ""
         #: the refresh-token family (login session) the access token belongs to
         self.sid = ""
@@ -347,13 +349,15 @@ class MessagingCore:
         if req.room_id not in state.rooms:
             if len(state.rooms) >= MAX_ROOMS_PER_SESSION:
                 raise _err(ErrorCode.BAD_REQUEST, f"at most {MAX_ROOMS_PER_SESSION} rooms per session")
+            if not isinstance(state.rooms, set):
+                state.rooms = set()
             state.rooms.add(req.room_id)
             self.routing.subscribe(req.room_id, conn)
         return encode(SubscribeOk(req.room_id, rid=req.rid))
 
     def unsubscribe(self, conn: Connection, req: Unsubscribe) -> bytes:
         state: SessionState = conn.state
-        if req.room_id in state.rooms:
+        if isinstance(state.rooms, set) and req.room_id in state.rooms:
             state.rooms.discard(req.room_id)
             self.routing.unsubscribe(req.room_id, conn)
         return encode(UnsubscribeOk(req.room_id, rid=req.rid))
@@ -363,7 +367,7 @@ class MessagingCore:
         if state is not None:
             for room in state.rooms:
                 self.routing.unsubscribe(room, conn)
-            state.rooms.clear()
+            state.rooms = ()
         self.presence.unwatch_all(conn)
 
     # ---- presence ----------------------------------------------------------------------------
