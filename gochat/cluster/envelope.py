@@ -11,6 +11,7 @@ never re-encodes (the same bytes a client receives).
 | 3 PRESENCE | user_id u64, online u8 |
 | 4 REVOKE | user_id u64, expires_ms u64, revoked_id UTF-8 |
 | 5 KICK | user_id u64, code u16, reason UTF-8 |
+| 6 BATCH | count u32, then count x (length u32, envelope) — several envelopes in one publish |
 """
 
 from __future__ import annotations
@@ -28,11 +29,13 @@ __all__ = [
     "RoomEnvelope",
     "UsersEnvelope",
     "decode_envelope",
+    "encode_batch",
     "encode_kick",
     "encode_presence",
     "encode_revoke",
     "encode_room",
     "encode_users",
+    "split_batch",
 ]
 
 T_USERS: Final = 1
@@ -40,6 +43,7 @@ T_ROOM: Final = 2
 T_PRESENCE: Final = 3
 T_REVOKE: Final = 4
 T_KICK: Final = 5
+T_BATCH: Final = 6
 
 _U64 = struct.Struct("<Q")
 _USERS_HEAD = struct.Struct("<BBI")
@@ -47,6 +51,8 @@ _ROOM_HEAD = struct.Struct("<BQQ")
 _PRESENCE = struct.Struct("<BQB")
 _REVOKE_HEAD = struct.Struct("<BQQ")
 _KICK_HEAD = struct.Struct("<BQH")
+_BATCH_HEAD = struct.Struct("<BI")
+_U32 = struct.Struct("<I")
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +111,34 @@ def encode_revoke(user_id: int, expires_ms: int, revoked_id: str) -> bytes:
 
 def encode_kick(user_id: int, code: int, reason: str) -> bytes:
     return _KICK_HEAD.pack(T_KICK, user_id, code) + reason.encode()
+
+
+def encode_batch(envelopes: list[bytes]) -> bytes:
+    """Several envelopes in one broker publish (the router sends one per node per turn)."""
+    parts = [_BATCH_HEAD.pack(T_BATCH, len(envelopes))]
+    for env in envelopes:
+        parts.append(_U32.pack(len(env)))
+        parts.append(env)
+    return b"".join(parts)
+
+
+def split_batch(data: bytes) -> list[bytes]:
+    """The envelopes of a BATCH (or ``[data]`` for a single envelope)."""
+    if not data or data[0] != T_BATCH:
+        return [data]
+    try:
+        _, count = _BATCH_HEAD.unpack_from(data)
+        out, pos = [], _BATCH_HEAD.size
+        for _ in range(count):
+            (size,) = _U32.unpack_from(data, pos)
+            pos += 4
+            if pos + size > len(data):
+                raise ValueError("truncated batch")
+            out.append(data[pos : pos + size])
+            pos += size
+        return out
+    except (struct.error, ValueError) as exc:
+        raise GochatError(f"malformed cluster batch: {exc}", code=ErrorCode.INTERNAL) from None
 
 
 def decode_envelope(data: bytes) -> Envelope:

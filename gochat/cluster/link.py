@@ -28,11 +28,13 @@ from gochat.cluster.envelope import (
     RoomEnvelope,
     UsersEnvelope,
     decode_envelope,
+    encode_batch,
     encode_kick,
     encode_presence,
     encode_revoke,
     encode_room,
     encode_users,
+    split_batch,
 )
 from gochat.errors import GochatError
 
@@ -40,7 +42,9 @@ __all__ = ["ClusterLink"]
 
 log = logging.getLogger("gochat.cluster")
 
-_MAX_BATCH = 1024
+_MAX_BATCH = 4096
+#: router backlog bound (frames); beyond it pushes are shed, see route_users
+_MAX_QUEUE = 100_000
 FANOUT_STREAM = "fanout"
 
 
@@ -79,6 +83,7 @@ class ClusterLink:
         self._was_listed = False
         self.routed = 0
         self.route_failures = 0
+        self.shed = 0
 
     # ---- lifecycle ---------------------------------------------------------------------------
     async def start(self, info: NodeInfo, load: Callable[[], NodeInfo]) -> None:
@@ -119,6 +124,11 @@ class ClusterLink:
     # ---- outbound ----------------------------------------------------------------------------
     def route_users(self, user_ids: Iterable[int], frame: bytes, droppable: bool = False) -> None:
         """Deliver ``frame`` to the sessions of ``user_ids`` on the other nodes."""
+        if len(self._queue) >= _MAX_QUEUE:
+            # The broker cannot keep up: shed pushes rather than memory. Stored messages are
+            # recovered by clients from the store (seq gap or reconnect); ephemeral ones are lost.
+            self.shed += 1
+            return
         self._queue.append((user_ids, frame, droppable))
         self._wake.set()
 
@@ -199,14 +209,21 @@ class ClusterLink:
                 user_nodes.setdefault(uid, []).append(node)
         if not user_nodes:
             return
+        # One publish per node per turn, carrying that node's envelopes in queue order.
+        outbox: dict[str, list[bytes]] = {}
         for uids, frame, droppable in batch:
             per_node: dict[str, list[int]] = {}
             for uid in uids:
                 for node in user_nodes.get(uid, ()):
                     per_node.setdefault(node, []).append(uid)
             for node, targets in per_node.items():
-                await self.broker.send_to_node(node, encode_users(targets, frame, droppable))
-                self.routed += 1
+                outbox.setdefault(node, []).append(encode_users(targets, frame, droppable))
+        sends = [
+            self.broker.send_to_node(node, envs[0] if len(envs) == 1 else encode_batch(envs))
+            for node, envs in outbox.items()
+        ]
+        await asyncio.gather(*sends)
+        self.routed += sum(len(envs) for envs in outbox.values())
 
     # ---- presence and revocation ---------------------------------------------------------------
     async def session_up(self, user_id: int, session_id: int) -> None:
@@ -246,6 +263,15 @@ class ClusterLink:
 
     # ---- inbound ---------------------------------------------------------------------------------
     def _on_message(self, payload: bytes) -> None:
+        try:
+            envelopes = split_batch(payload)
+        except GochatError as exc:
+            log.error("dropping cluster message: %s", exc.message)
+            return
+        for one in envelopes:
+            self._on_envelope(one)
+
+    def _on_envelope(self, payload: bytes) -> None:
         try:
             env = decode_envelope(payload)
         except GochatError as exc:
