@@ -206,14 +206,19 @@ cdef class FanoutWriter:
 
     def _flush(self):
         cdef list dirty = self.dirty
-        cdef Connection c
+        cdef Py_ssize_t i = 0, n = len(dirty)
         self.scheduled = False
         self.dirty = []
-        for c in dirty:
+        # One try block around the whole loop (not one per connection); a failing connection
+        # is logged and the loop resumes after it.
+        while i < n:
             try:
-                c.flush()
+                while i < n:
+                    (<Connection>dirty[i]).flush()
+                    i += 1
             except Exception:
-                _log.exception("flush failed for %r", c)
+                _log.exception("flush failed for %r", dirty[i])
+                i += 1
 
     cpdef flush_now(self):
         """Flush immediately (shutdown paths)."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -303,6 +304,11 @@ class Server:
 async def _serve(settings: Settings) -> None:
     server = Server(settings)
     await server.start()
+    # Everything allocated at start-up lives for the whole process: keep it out of the cyclic
+    # GC's scans, and let gen 0 grow (the data plane creates few cycles; profiles showed ~20 %
+    # of a busy loop in gc_collect_main with the default threshold of 700).
+    gc.freeze()
+    gc.set_threshold(100_000, 50, 100)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

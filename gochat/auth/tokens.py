@@ -47,6 +47,8 @@ ACCESS_TYPE: Final = "access"
 #: Deny-list key prefix for a revoked session (refresh-token family).
 FAMILY_PREFIX: Final = "fam:"
 MAX_TOKEN_LENGTH: Final = 8192
+#: verified tokens remembered (their signature is not checked again until they expire)
+VERIFIED_CACHE_SIZE = 65536
 MAX_REFRESH_TOKEN_LENGTH: Final = 256
 _REQUIRED: Final = ["iss", "sub", "jti", "iat", "exp"]
 
@@ -123,6 +125,7 @@ class TokenService:
         self.leeway_s = leeway_s
         self.clock = clock
         self._denied: dict[str, int] = {}  # jti or fam:<sid> -> expires_ms
+        self._verified: dict[str, Claims] = {}  # token -> claims, signature already checked
         self._last_prune_ms = 0
 
     def now_ms(self) -> int:
@@ -160,6 +163,23 @@ class TokenService:
         unknown key, wrong algorithm), TOKEN_EXPIRED or TOKEN_REVOKED."""
         if not isinstance(token, str) or not token or len(token) > MAX_TOKEN_LENGTH:
             raise _unauthorized()
+        cached = self._verified.get(token)
+        if cached is not None:
+            # Reconnect storms present the same tokens again: the signature of these exact
+            # bytes was checked already; expiry and the deny-list are checked on every use.
+            if self.clock() >= cached.exp + self.leeway_s:
+                del self._verified[token]
+                raise AuthError("token expired", code=ErrorCode.TOKEN_EXPIRED)
+            if self.is_revoked(cached):
+                raise AuthError("token revoked", code=ErrorCode.TOKEN_REVOKED)
+            return cached
+        claims = self._verify_signed(token)
+        if len(self._verified) >= VERIFIED_CACHE_SIZE:
+            del self._verified[next(iter(self._verified))]  # oldest first
+        self._verified[token] = claims
+        return claims
+
+    def _verify_signed(self, token: str) -> Claims:
         try:
             header = jwt.get_unverified_header(token)
         except jwt.PyJWTError as exc:

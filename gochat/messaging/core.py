@@ -108,6 +108,8 @@ class MessagingCore:
         self.presence = presence
         self.ids = ids
         self.metrics = metrics
+        # metric children bound once: labels() per message costs a lock and a dict lookup
+        self._messages_in: dict[int, Any] = {k: metrics.messages_in.labels(kind=str(int(k))) for k in Kind}
         #: set in cluster mode: remote routing and cluster presence
         self.cluster: ClusterLink | None = None
         self._direct: dict[tuple[int, int], int] = {}  # (lo, hi) -> conv
@@ -227,7 +229,7 @@ class MessagingCore:
                 gate.set_result(None)
             result = await pending
         m = result.message
-        self.metrics.messages_in.labels(kind=str(kind)).inc()
+        self._messages_in[kind].inc()
         if not result.duplicate:
             self._fan_out(conn, m, req.conv_id, members)
         flags = FLAG_DUPLICATE if result.duplicate else 0
@@ -278,7 +280,7 @@ class MessagingCore:
         n = self.routing.fanout_room(self.writer, req.conv_id, data, conn, True)
         if self.cluster is not None:
             self.cluster.route_room(req.conv_id, data)
-        self.metrics.messages_in.labels(kind="3").inc()
+        self._messages_in[Kind.ROOM].inc()
         self.metrics.messages_delivered.inc(n)
         return encode_send_ack(req.rid, 0, Kind.ROOM, req.conv_id, 0, msg_id, ts)
 
