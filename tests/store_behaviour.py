@@ -7,13 +7,21 @@ event loop via the ``run`` fixture, which opens a store, runs the test body and 
 
 Optional: a store with a ``stats`` attribute exposing ``transactions`` and ``appended`` counters
 (group commit) gets the batching test; others skip it.
+
+Also the helpers the backends' own tests share: :func:`run_store` (one store, one event loop)
+and :func:`acks_until_sigkill` / :func:`check_acked` (acknowledged appends survive SIGKILL).
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import signal
+import subprocess
+import sys
+import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
@@ -22,11 +30,13 @@ from gochat.errors import ErrorCode, GochatError, RequestError
 from gochat.store.base import AppendRequest, AppendResult, RefreshStatus, Store
 
 T = TypeVar("T")
+S = TypeVar("S", bound=Store)
 StoreFactory = Callable[[], Store]
 Runner = Callable[[Callable[[Store], Awaitable[T]]], T]
 
 DIRECT = 1
 GROUP = 2
+REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def cmid() -> bytes:
@@ -56,6 +66,67 @@ async def fill(store: Store, conv: int, sender: int, n: int, *, kind: int = DIRE
     )
 
 
+def run_store(make: Callable[[], S], body: Callable[[S], Awaitable[T]]) -> T:
+    """In a new event loop: ``make()`` a store, open it, run ``body(store)``, close it."""
+
+    async def main() -> T:
+        store = make()
+        await store.open()
+        try:
+            return await body(store)
+        finally:
+            await store.close()
+
+    return asyncio.run(main())
+
+
+def acks_until_sigkill(child: str, args: list[str], n: int) -> list[str]:
+    """Run the Python script ``child`` (it appends in a loop and prints one line per
+    acknowledged message: ``conv seq msg_id client_msg_id.hex() body.hex()``), SIGKILL it
+    right after its ``n``-th ack while it keeps appending; return every ack it printed."""
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", child, *args], stdout=subprocess.PIPE, env=env, text=True, bufsize=1
+    )
+    acks: list[str] = []
+    deadline = time.monotonic() + 30
+    try:
+        assert proc.stdout is not None
+        while len(acks) < n:
+            line = proc.stdout.readline()
+            assert line, "child exited before acknowledging"
+            acks.append(line)
+            assert time.monotonic() < deadline
+        proc.send_signal(signal.SIGKILL)  # right after an ack, while it keeps appending
+        acks.extend(proc.stdout.read().splitlines(keepends=True))  # acks printed before death count too
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    return acks
+
+
+async def check_acked(store: Store, acks: list[str]) -> None:
+    """Every acknowledged message (lines from :func:`acks_until_sigkill`) is stored as acked,
+    and the first conversation's seqs are gap-free."""
+    for line in acks:
+        conv, seq, msg_id, client_msg_id, body = line.split()
+        msgs, _ = await store.history(int(conv), int(seq), 1, False)
+        assert msgs, f"acknowledged message seq {seq} lost"
+        m = msgs[0]
+        assert (m.seq, m.msg_id, m.client_msg_id.hex(), m.body.hex()) == (
+            int(seq),
+            int(msg_id),
+            client_msg_id,
+            body,
+        )
+    # seqs are gap-free after recovery
+    first_conv = int(acks[0].split()[0])
+    hist, _ = await store.history(first_conv, 0, 100_000, True)
+    assert [m.seq for m in hist] == list(range(1, len(hist) + 1))
+    assert len(hist) >= len(acks)
+
+
 class StoreBehaviour:
     """Inherit and provide ``store_factory``."""
 
@@ -66,15 +137,7 @@ class StoreBehaviour:
     @pytest.fixture
     def run(self, store_factory: StoreFactory) -> Runner[Any]:
         def _run(body: Callable[[Store], Awaitable[T]]) -> T:
-            async def main() -> T:
-                store = store_factory()
-                await store.open()
-                try:
-                    return await body(store)
-                finally:
-                    await store.close()
-
-            return asyncio.run(main())
+            return run_store(store_factory, body)
 
         return _run
 

@@ -13,14 +13,10 @@ import asyncio
 import functools
 import os
 import secrets
-import signal
 import socket
-import subprocess
-import sys
 import textwrap
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
@@ -33,23 +29,36 @@ from gochat.store.base import AppendRequest, AppendResult, Store
 from gochat.store.postgres import MESSAGE_PARTITIONS, SCHEMA_VERSION, PostgresStore, migrate
 
 try:
-    from tests.store_behaviour import StoreBehaviour, StoreFactory, cmid, req, users
+    from tests.store_behaviour import (
+        DIRECT,
+        GROUP,
+        StoreBehaviour,
+        StoreFactory,
+        acks_until_sigkill,
+        check_acked,
+        cmid,
+        req,
+        run_store,
+        users,
+    )
     from tests.tcpproxy import TcpProxy
 except ImportError:  # tests/ is not a package: pytest put tests/ itself on sys.path
     from store_behaviour import (  # type: ignore[no-redef,import-not-found]
+        DIRECT,
+        GROUP,
         StoreBehaviour,
         StoreFactory,
+        acks_until_sigkill,
+        check_acked,
         cmid,
         req,
+        run_store,
         users,
     )
     from tcpproxy import TcpProxy  # type: ignore[no-redef,import-not-found]
 
 T = TypeVar("T")
-REPO_ROOT = Path(__file__).resolve().parent.parent
 DSN = os.environ.get("GOCHAT_TEST_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/test")
-DIRECT = 1
-GROUP = 2
 
 
 # ---- fixtures -----------------------------------------------------------------------------------
@@ -98,15 +107,8 @@ def pg_schema(postgres_dsn: str) -> Iterator[str]:
 
 
 def _run(body: Callable[[PostgresStore], Awaitable[T]], schema: str, **kwargs: Any) -> T:
-    async def main() -> T:
-        store = PostgresStore(kwargs.pop("dsn", DSN), schema=schema, min_size=1, max_size=4, **kwargs)
-        await store.open()
-        try:
-            return await body(store)
-        finally:
-            await store.close()
-
-    return asyncio.run(main())
+    dsn = kwargs.pop("dsn", DSN)
+    return run_store(lambda: PostgresStore(dsn, schema=schema, min_size=1, max_size=4, **kwargs), body)
 
 
 def _proxied(dsn: str, port: int) -> str:
@@ -431,43 +433,8 @@ CHILD = textwrap.dedent(
 
 
 def test_acked_appends_survive_sigkill(pg_schema: str) -> None:
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    proc = subprocess.Popen(
-        [sys.executable, "-c", CHILD, DSN, pg_schema], stdout=subprocess.PIPE, env=env, text=True, bufsize=1
-    )
-    acks: list[str] = []
-    deadline = time.monotonic() + 30
-    try:
-        assert proc.stdout is not None
-        while len(acks) < 50:
-            line = proc.stdout.readline()
-            assert line, "child exited before acknowledging"
-            acks.append(line)
-            assert time.monotonic() < deadline
-        proc.send_signal(signal.SIGKILL)  # right after an ack, while it keeps appending
-        acks.extend(proc.stdout.read().splitlines(keepends=True))
-    finally:
-        proc.kill()
-        proc.wait()
-    assert proc.returncode == -signal.SIGKILL
-
-    async def check(store: PostgresStore) -> None:
-        for line in acks:
-            conv, seq, msg_id, client_msg_id, body = line.split()
-            msgs, _ = await store.history(int(conv), int(seq), 1, False)
-            assert msgs, f"acknowledged message seq {seq} lost"
-            m = msgs[0]
-            assert (m.seq, m.msg_id, m.client_msg_id.hex(), m.body.hex()) == (
-                int(seq),
-                int(msg_id),
-                client_msg_id,
-                body,
-            )
-        hist, _ = await store.history(int(acks[0].split()[0]), 0, 100_000, True)
-        assert [m.seq for m in hist] == list(range(1, len(hist) + 1))
-        assert len(hist) >= len(acks)
-
-    _run(check, pg_schema)
+    acks = acks_until_sigkill(CHILD, [DSN, pg_schema], 50)
+    _run(lambda store: check_acked(store, acks), pg_schema)
 
 
 def test_deadlock_between_nodes_is_retried(pg_schema: str) -> None:

@@ -5,13 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
 import sqlite3
-import subprocess
-import sys
 import textwrap
 import threading
-import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -24,12 +20,27 @@ from gochat.store.base import AppendRequest, AppendResult, Store
 from gochat.store.sqlite import SCHEMA_VERSION, SQLiteStore
 
 try:
-    from tests.store_behaviour import StoreBehaviour, StoreFactory, req, users
+    from tests.store_behaviour import (
+        StoreBehaviour,
+        StoreFactory,
+        acks_until_sigkill,
+        check_acked,
+        req,
+        run_store,
+        users,
+    )
 except ImportError:  # tests/ is not a package: pytest put tests/ itself on sys.path
-    from store_behaviour import StoreBehaviour, StoreFactory, req, users  # type: ignore[no-redef,import-not-found]
+    from store_behaviour import (  # type: ignore[no-redef,import-not-found]
+        StoreBehaviour,
+        StoreFactory,
+        acks_until_sigkill,
+        check_acked,
+        req,
+        run_store,
+        users,
+    )
 
 T = TypeVar("T")
-REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 class TestSQLiteStore(StoreBehaviour):
@@ -40,15 +51,7 @@ class TestSQLiteStore(StoreBehaviour):
 
 
 def _run(coro_fn: Callable[[SQLiteStore], Awaitable[T]], path: Path, **kwargs: Any) -> T:
-    async def main() -> T:
-        store = SQLiteStore(path, **kwargs)
-        await store.open()
-        try:
-            return await coro_fn(store)
-        finally:
-            await store.close()
-
-    return asyncio.run(main())
+    return run_store(lambda: SQLiteStore(path, **kwargs), coro_fn)
 
 
 def test_store_satisfies_protocol(tmp_path: Path) -> None:
@@ -164,45 +167,8 @@ CHILD = textwrap.dedent(
 
 def test_acked_appends_survive_sigkill(tmp_path: Path) -> None:
     path = tmp_path / "durable.sqlite"
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    proc = subprocess.Popen(
-        [sys.executable, "-c", CHILD, str(path)], stdout=subprocess.PIPE, env=env, text=True, bufsize=1
-    )
-    acks: list[str] = []
-    deadline = time.monotonic() + 30
-    try:
-        assert proc.stdout is not None
-        while len(acks) < 40:
-            line = proc.stdout.readline()
-            assert line, "child exited before acknowledging"
-            acks.append(line)
-            assert time.monotonic() < deadline
-        proc.send_signal(signal.SIGKILL)  # right after an ack, while it keeps appending
-        acks.extend(proc.stdout.read().splitlines(keepends=True))  # acks printed before death count too
-    finally:
-        proc.kill()
-        proc.wait()
-    assert proc.returncode == -signal.SIGKILL
-
-    async def check(store: SQLiteStore) -> None:
-        for line in acks:
-            conv, seq, msg_id, client_msg_id, body = line.split()
-            msgs, _ = await store.history(int(conv), int(seq), 1, False)
-            assert msgs, f"acknowledged message seq {seq} lost"
-            m = msgs[0]
-            assert (m.seq, m.msg_id, m.client_msg_id.hex(), m.body.hex()) == (
-                int(seq),
-                int(msg_id),
-                client_msg_id,
-                body,
-            )
-        # seqs are gap-free after recovery
-        first_conv = int(acks[0].split()[0])
-        hist, _ = await store.history(first_conv, 0, 100_000, True)
-        assert [m.seq for m in hist] == list(range(1, len(hist) + 1))
-        assert len(hist) >= len(acks)
-
-    _run(check, path)
+    acks = acks_until_sigkill(CHILD, [str(path)], 40)
+    _run(lambda store: check_acked(store, acks), path)
 
 
 def test_cancelled_waiter_does_not_break_batch(tmp_path: Path) -> None:

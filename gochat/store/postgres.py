@@ -37,9 +37,8 @@ import asyncio
 import inspect
 import logging
 import re
-import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Final, TypeVar
 
@@ -56,6 +55,24 @@ from gochat.store.base import (
     StoredMessage,
     UserRecord,
 )
+from gochat.store.common import (
+    MAX_SEQ,
+    MSG_COLUMNS,
+    DirectConversationCache,
+    StoreCounters,
+    StoreStats,
+    conflict_error,
+    direct_peer,
+    history_page,
+    invalid_value_error,
+    message_from_row,
+    new_message,
+    now_ms,
+    resolve_ids,
+    unavailable,
+    validate_append,
+    validate_history,
+)
 
 __all__ = [
     "MESSAGE_PARTITIONS",
@@ -70,13 +87,7 @@ log = logging.getLogger("gochat.store.postgres")
 
 T = TypeVar("T")
 
-KIND_DIRECT: Final = 1
-KIND_GROUP: Final = 2
-KIND_ROOM: Final = 3
-CLIENT_MSG_ID_LEN: Final = 16
-_MAX_SEQ: Final = (1 << 63) - 1
 _MIN_INT64: Final = -(1 << 63)
-_DIRECT_CACHE_MAX: Final = 1 << 18
 _MAX_ROUNDS: Final = 8
 _MAX_TX_RETRIES: Final = 5
 _SCHEMA_NAME: Final = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
@@ -183,28 +194,12 @@ SCHEMA_VERSION: Final = len(MIGRATIONS)
 
 
 @dataclass(frozen=True, slots=True)
-class PostgresStoreStats:
+class PostgresStoreStats(StoreStats):
     """Counters (a snapshot). ``transactions`` counts committed write transactions (append
     batches and other writes); under concurrency it is far below ``appended`` (group commit)."""
 
-    transactions: int
-    appended: int
-    duplicates: int
-    jobs: int
-    largest_batch: int
-    failed_transactions: int
     #: batches re-run after a deadlock / serialization failure between nodes
     retried_transactions: int
-
-
-def _now_ms() -> int:
-    return time.time_ns() // 1_000_000
-
-
-def _unavailable(exc: BaseException, what: str = "storage unavailable") -> UnavailableError:
-    err = UnavailableError(what)
-    err.__cause__ = exc
-    return err
 
 
 def _is_request_error(exc: BaseException) -> bool:
@@ -236,25 +231,21 @@ def _map_exception(exc: BaseException) -> BaseException:
     if isinstance(exc, GochatError):
         return exc
     if isinstance(exc, asyncpg.IntegrityConstraintViolationError):
-        err = RequestError("conflicting state", code=ErrorCode.CONFLICT)
-        err.__cause__ = exc
-        return err
+        return conflict_error(exc)
     if _is_request_error(exc):
-        err = RequestError("invalid value", code=ErrorCode.BAD_REQUEST)
-        err.__cause__ = exc
-        return err
+        return invalid_value_error(exc)
     if isinstance(exc, TimeoutError):
-        return _unavailable(exc, "storage timed out")
+        return unavailable(exc, "storage timed out")
     if isinstance(exc, Exception):
         # connection errors, OSError, shutdown, out of resources, missing schema, bugs:
         # nothing was acknowledged, the client may retry
-        return _unavailable(exc)
+        return unavailable(exc)
     return exc
 
 
 def _check_int64(*values: int) -> None:
     for v in values:
-        if not isinstance(v, int) or not _MIN_INT64 <= v <= _MAX_SEQ:
+        if not isinstance(v, int) or not _MIN_INT64 <= v <= MAX_SEQ:
             raise RequestError("integer out of range", code=ErrorCode.BAD_REQUEST)
 
 
@@ -272,27 +263,6 @@ async def _noop_reset(conn: Any) -> None:
 #: asyncpg >= 0.30 accepts a custom pool ``reset``; older versions keep their default reset query.
 _POOL_RESET: Final[dict[str, Any]] = (
     {"reset": _noop_reset} if "reset" in inspect.signature(asyncpg.create_pool).parameters else {}
-)
-
-
-def _message(row: Sequence[Any], offset: int = 0) -> StoredMessage:
-    r = row
-    o = offset
-    return StoredMessage(
-        conv=r[o],
-        kind=r[o + 1],
-        seq=r[o + 2],
-        msg_id=r[o + 3],
-        sender_id=r[o + 4],
-        ts_ms=r[o + 5],
-        client_msg_id=bytes(r[o + 6]),
-        content_type=r[o + 7],
-        body=bytes(r[o + 8]),
-    )
-
-
-_MSG_COLUMNS: Final = (
-    "m.conv, c.kind, m.seq, m.msg_id, m.sender_id, m.ts_ms, m.client_msg_id, m.content_type, m.body"
 )
 
 
@@ -329,7 +299,7 @@ async def _migrate(conn: Any, schema: str) -> int:
                 return version
             target = version + 1
             await conn.execute(MIGRATIONS[target - 1].replace("{s}", s))
-            await conn.execute(f"INSERT INTO {s}.schema_version VALUES ($1, $2)", target, _now_ms())
+            await conn.execute(f"INSERT INTO {s}.schema_version VALUES ($1, $2)", target, now_ms())
             log.info("migrated PostgreSQL schema %s to version %d", schema, target)
 
 
@@ -349,7 +319,7 @@ async def migrate(dsn: str, schema: str = "gochat", *, timeout: float = 60.0) ->
     except GochatError:
         raise
     except Exception as exc:
-        raise _unavailable(exc, f"cannot migrate PostgreSQL schema {schema!r}: {exc}") from exc
+        raise unavailable(exc, f"cannot migrate PostgreSQL schema {schema!r}: {exc}") from exc
 
 
 # ---- queue entries ------------------------------------------------------------------------------
@@ -408,9 +378,7 @@ class PostgresStore:
         self.command_timeout = command_timeout
         self.connect_timeout = connect_timeout
         self.ping_timeout = ping_timeout
-        if ids is not None and ids.node_id != node_id:
-            raise ValueError(f"ids generator has node_id {ids.node_id}, store has {node_id}")
-        self._ids = ids if ids is not None else IdGenerator(node_id)
+        self._ids = resolve_ids(ids, node_id)
         self._pool: Any = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._accepting = False
@@ -418,30 +386,16 @@ class PostgresStore:
         self._pending = 0
         self._wakeup: asyncio.Event | None = None
         self._committer: asyncio.Task[None] | None = None
-        self._direct_cache: dict[tuple[int, int], int] = {}
-        self._direct_inflight: dict[tuple[int, int], asyncio.Task[int]] = {}
+        # bound to the event loop of open(): one single-flight lookup per pair
+        self._direct = DirectConversationCache(self._direct_lookup, per_loop=False, check=_check_int64)
         self._last_ts = 0
         self._sql_append = self._build_append_sql()
-        # counters
-        self._transactions = 0
-        self._appended = 0
-        self._duplicates = 0
-        self._jobs = 0
-        self._largest_batch = 0
-        self._failed = 0
+        self._counters = StoreCounters()
         self._retried = 0
 
     @property
     def stats(self) -> PostgresStoreStats:
-        return PostgresStoreStats(
-            self._transactions,
-            self._appended,
-            self._duplicates,
-            self._jobs,
-            self._largest_batch,
-            self._failed,
-            self._retried,
-        )
+        return PostgresStoreStats(*self._counters.values(), self._retried)
 
     # ---- lifecycle ---------------------------------------------------------------------------
 
@@ -469,12 +423,12 @@ class PostgresStore:
         except GochatError:
             raise
         except Exception as exc:
-            raise _unavailable(exc, f"cannot connect to PostgreSQL: {exc}") from exc
+            raise unavailable(exc, f"cannot connect to PostgreSQL: {exc}") from exc
         try:
             async with asyncio.timeout(self.command_timeout * 6), pool.acquire() as conn:
                 await _migrate(conn, self.schema)
                 s = self._s
-                now = _now_ms()
+                now = now_ms()
                 await conn.execute(f"DELETE FROM {s}.revoked_jtis WHERE expires_ms <= $1", now)
                 await conn.execute(f"DELETE FROM {s}.refresh_tokens WHERE expires_ms <= $1", now)
                 max_id = await conn.fetchval(f"SELECT max(msg_id) FROM {s}.messages")
@@ -482,7 +436,7 @@ class PostgresStore:
             pool.terminate()
             if isinstance(exc, GochatError | asyncio.CancelledError) or not isinstance(exc, Exception):
                 raise
-            raise _unavailable(exc, f"cannot open PostgreSQL store: {exc}") from exc
+            raise unavailable(exc, f"cannot open PostgreSQL store: {exc}") from exc
         if max_id is not None:
             self._ids.observe(max_id)
             self._last_ts = id_unix_ms(max_id)
@@ -589,10 +543,10 @@ class PostgresStore:
             result = await self._with_conn(in_tx if transaction else fn)
         except GochatError as exc:
             if isinstance(exc, UnavailableError):
-                self._failed += 1
+                self._counters.failed_transactions += 1
             raise
-        self._jobs += 1
-        self._transactions += 1
+        self._counters.jobs += 1
+        self._counters.transactions += 1
         return result
 
     # ---- group commit ------------------------------------------------------------------------
@@ -697,7 +651,7 @@ SELECT msg_id, seq FROM stored
                 fut.set_exception(e.error if e.error is not None else UnavailableError("not stored"))
 
     async def _commit_batch(self, batch: list[_Append]) -> None:
-        self._largest_batch = max(self._largest_batch, len(batch))
+        self._counters.batch(len(batch))
         pending = batch
         for _round in range(_MAX_ROUNDS):
             # One occurrence of each dedup key per round; repeats get the first one's message.
@@ -721,7 +675,7 @@ SELECT msg_id, seq FROM stored
             for e, first in repeats:
                 if first.result is not None:
                     e.result = AppendResult(first.result.message, duplicate=True)
-                    self._duplicates += 1
+                    self._counters.duplicates += 1
                 elif isinstance(first.error, RequestError) or first.retry or first in nxt:
                     nxt.append(e)  # the first failed on its own merits: this one gets its turn
                 else:
@@ -737,7 +691,7 @@ SELECT msg_id, seq FROM stored
             return
         reqs = [e.request for e in entries]
         msg_ids = [self._ids.next_id() for _ in reqs]
-        now = max(_now_ms(), self._last_ts)
+        now = max(now_ms(), self._last_ts)
         args = (
             [r.conv for r in reqs],
             [r.kind for r in reqs],
@@ -764,7 +718,7 @@ SELECT msg_id, seq FROM stored
                     )
                     await self._apply_isolated(entries)
                     return
-                self._failed += 1
+                self._counters.failed_transactions += 1
                 entries[0].error = exc
                 return
             except UnavailableError as exc:
@@ -773,13 +727,13 @@ SELECT msg_id, seq FROM stored
                     self._retried += 1
                     log.info("append batch rolled back (%s); retrying", cause)
                     continue
-                self._failed += 1
+                self._counters.failed_transactions += 1
                 log.warning("append batch failed, %d requests not acknowledged: %r", len(entries), cause)
                 for e in entries:
                     e.error = exc
                 return
         assert rows is not None
-        self._transactions += 1
+        self._counters.transactions += 1
         self._last_ts = now
         stored = {int(r[0]): int(r[1]) for r in rows}
         missing: list[int] = []
@@ -788,21 +742,8 @@ SELECT msg_id, seq FROM stored
             if seq is None:
                 missing.append(i)
                 continue
-            e.result = AppendResult(
-                StoredMessage(
-                    conv=req.conv,
-                    kind=req.kind,
-                    seq=seq,
-                    msg_id=msg_ids[i],
-                    sender_id=req.sender_id,
-                    ts_ms=now,
-                    client_msg_id=bytes(req.client_msg_id),
-                    content_type=req.content_type,
-                    body=bytes(req.body),
-                ),
-                duplicate=False,
-            )
-        self._appended += len(entries) - len(missing)
+            e.result = AppendResult(new_message(req, seq=seq, msg_id=msg_ids[i], ts_ms=now), duplicate=False)
+        self._counters.appended += len(entries) - len(missing)
         if missing:
             await self._explain([entries[i] for i in missing])
 
@@ -820,7 +761,7 @@ SELECT msg_id, seq FROM stored
         s = self._s
         reqs = [e.request for e in entries]
         sql = f"""
-SELECT r.ord, c2.kind AS req_kind, {_MSG_COLUMNS}
+SELECT r.ord, c2.kind AS req_kind, {MSG_COLUMNS}
 FROM unnest($1::bigint[], $2::bytea[], $3::bigint[], $4::integer[]) AS r(sender_id, client_msg_id, conv, ord)
 LEFT JOIN {s}.message_keys k ON k.sender_id = r.sender_id AND k.client_msg_id = r.client_msg_id
 LEFT JOIN {s}.messages m ON m.conv = k.conv AND m.msg_id = k.msg_id
@@ -844,8 +785,8 @@ LEFT JOIN {s}.conversations c2 ON c2.conv = r.conv
         for row in rows:
             e = entries[row[0]]
             if row["seq"] is not None:
-                e.result = AppendResult(_message(row, 2), duplicate=True)
-                self._duplicates += 1
+                e.result = AppendResult(message_from_row(row, 2), duplicate=True)
+                self._counters.duplicates += 1
             elif row["req_kind"] is None:
                 e.error = RequestError("no such conversation", code=ErrorCode.NOT_FOUND)
             elif row["req_kind"] != e.request.kind:
@@ -863,7 +804,7 @@ LEFT JOIN {s}.conversations c2 ON c2.conv = r.conv
                 " ON CONFLICT DO NOTHING RETURNING user_id",
                 username,
                 password_hash,
-                _now_ms(),
+                now_ms(),
             )
         )
         if uid is None:
@@ -1022,21 +963,8 @@ LEFT JOIN {s}.conversations c2 ON c2.conv = r.conv
     # ---- conversations -------------------------------------------------------------------------
 
     async def direct_conversation(self, a: int, b: int) -> int:
-        """Cached (a direct conversation never changes once created) and single-flight:
-        concurrent first calls for one pair share one lookup and resume in call order."""
-        lo, hi = (a, b) if a <= b else (b, a)
-        conv = self._direct_cache.get((lo, hi))
-        if conv is not None:
-            return conv
-        _check_int64(lo, hi)
-        key = (lo, hi)
-        task = self._direct_inflight.get(key)
-        if task is None:
-            task = asyncio.get_running_loop().create_task(self._direct_lookup(lo, hi))
-            self._direct_inflight[key] = task
-            task.add_done_callback(lambda _t: self._direct_inflight.pop(key, None))
-        # shield: a cancelled caller must not cancel the lookup the others wait for
-        return await asyncio.shield(task)
+        """Cached and single-flight (:class:`~gochat.store.common.DirectConversationCache`)."""
+        return await self._direct.get(a, b)
 
     async def _direct_lookup(self, lo: int, hi: int) -> int:
         s = self._s
@@ -1062,7 +990,7 @@ mem AS (
 SELECT (SELECT n FROM u), (SELECT conv FROM ins)
 """,
                     users,
-                    _now_ms(),
+                    now_ms(),
                     lo,
                     hi,
                     len(users),
@@ -1075,17 +1003,13 @@ SELECT (SELECT n FROM u), (SELECT conv FROM ins)
                 conv = await self._read(lambda conn: conn.fetchval(find_sql, lo, hi))
                 if conv is None:  # pragma: no cover - conversations are never deleted
                     raise UnavailableError("direct conversation vanished")
-        conv = int(conv)
-        if len(self._direct_cache) >= _DIRECT_CACHE_MAX:
-            self._direct_cache.clear()
-        self._direct_cache[(lo, hi)] = conv
-        return conv
+        return int(conv)
 
     async def create_group(self, owner_id: int, name: str, members: list[int]) -> GroupInfo:
         everyone = list(dict.fromkeys([owner_id, *members]))
         _check_int64(*everyone)
         s = self._s
-        now = _now_ms()
+        now = now_ms()
         row = await self._write(
             lambda conn: conn.fetchrow(
                 f"""
@@ -1161,7 +1085,7 @@ SELECT EXISTS (SELECT 1 FROM g), EXISTS (SELECT 1 FROM u), EXISTS (SELECT 1 FROM
 """,
                 conv,
                 user_id,
-                _now_ms(),
+                now_ms(),
             )
         )
         if not row[0]:
@@ -1220,19 +1144,14 @@ SELECT EXISTS (SELECT 1 FROM g), EXISTS (SELECT 1 FROM d)
         )
         out = []
         for conv, kind, lo, hi, last_seq, read_seq, name in rows:
-            peer = (hi if lo == user_id else lo) if kind == KIND_DIRECT else 0
+            peer = direct_peer(kind, lo, hi, user_id)
             out.append(ConversationState(int(conv), int(kind), int(peer), int(last_seq), int(read_seq), name))
         return out
 
     # ---- messages --------------------------------------------------------------------------------
 
     async def append(self, request: AppendRequest) -> AppendResult:
-        if len(request.client_msg_id) != CLIENT_MSG_ID_LEN:
-            raise RequestError("client_msg_id must be 16 bytes", code=ErrorCode.BAD_REQUEST)
-        if request.kind == KIND_ROOM:
-            raise RequestError("room messages are not stored", code=ErrorCode.BAD_REQUEST)
-        if request.kind not in (KIND_DIRECT, KIND_GROUP):
-            raise RequestError("unknown conversation kind", code=ErrorCode.BAD_REQUEST)
+        validate_append(request)
         # Values PostgreSQL cannot store fail here, alone, instead of breaking a batch.
         _check_int64(request.conv, request.sender_id, request.content_type)
         if not isinstance(request.body, bytes | bytearray | memoryview):
@@ -1243,38 +1162,37 @@ SELECT EXISTS (SELECT 1 FROM g), EXISTS (SELECT 1 FROM d)
     async def history(
         self, conv: int, from_seq: int, limit: int, backward: bool
     ) -> tuple[list[StoredMessage], bool]:
-        if limit < 1 or from_seq < 0:
-            raise RequestError("limit must be >= 1 and from_seq >= 0", code=ErrorCode.BAD_REQUEST)
+        validate_history(from_seq, limit)
         _check_int64(conv)
         s = self._s
-        limit = min(limit, _MAX_SEQ - 1)
-        from_seq = min(from_seq, _MAX_SEQ)
+        limit = min(limit, MAX_SEQ - 1)
+        from_seq = min(from_seq, MAX_SEQ)
         if backward:
-            start = from_seq if from_seq > 0 else _MAX_SEQ
+            start = from_seq if from_seq > 0 else MAX_SEQ
             rows = await self._read(
                 lambda conn: conn.fetch(
-                    f"SELECT {_MSG_COLUMNS} FROM {s}.messages m JOIN {s}.conversations c ON c.conv = m.conv"
+                    f"SELECT {MSG_COLUMNS} FROM {s}.messages m JOIN {s}.conversations c ON c.conv = m.conv"
                     " WHERE m.conv = $1 AND m.seq <= $2 ORDER BY m.seq DESC LIMIT $3",
                     conv,
                     start,
                     limit + 1,
                 )
             )
-            return [_message(r) for r in reversed(rows[:limit])], len(rows) > limit
-        rows = await self._read(
-            lambda conn: conn.fetch(
-                f"SELECT {_MSG_COLUMNS} FROM {s}.messages m JOIN {s}.conversations c ON c.conv = m.conv"
-                " WHERE m.conv = $1 AND m.seq >= $2 ORDER BY m.seq LIMIT $3",
-                conv,
-                from_seq,
-                limit + 1,
+        else:
+            rows = await self._read(
+                lambda conn: conn.fetch(
+                    f"SELECT {MSG_COLUMNS} FROM {s}.messages m JOIN {s}.conversations c ON c.conv = m.conv"
+                    " WHERE m.conv = $1 AND m.seq >= $2 ORDER BY m.seq LIMIT $3",
+                    conv,
+                    from_seq,
+                    limit + 1,
+                )
             )
-        )
-        return [_message(r) for r in rows[:limit]], len(rows) > limit
+        return history_page(rows, limit, backward)
 
     async def set_read(self, conv: int, user_id: int, seq: int) -> int:
         _check_int64(conv, user_id)
-        seq = min(max(seq, 0), _MAX_SEQ)
+        seq = min(max(seq, 0), MAX_SEQ)
         s = self._s
         row = await self._write(
             lambda conn: conn.fetchrow(

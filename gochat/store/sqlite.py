@@ -29,8 +29,7 @@ import logging
 import queue
 import sqlite3
 import threading
-import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future as ConcurrentFuture
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -48,19 +47,30 @@ from gochat.store.base import (
     StoredMessage,
     UserRecord,
 )
+from gochat.store.common import (
+    MAX_SEQ,
+    MSG_COLUMNS,
+    DirectConversationCache,
+    StoreCounters,
+    StoreStats,
+    conflict_error,
+    direct_peer,
+    history_page,
+    invalid_value_error,
+    message_from_row,
+    new_message,
+    now_ms,
+    resolve_ids,
+    unavailable,
+    validate_append,
+    validate_history,
+)
 
 __all__ = ["MIGRATIONS", "SCHEMA_VERSION", "SQLiteStore", "SQLiteStoreStats"]
 
 log = logging.getLogger("gochat.store.sqlite")
 
 T = TypeVar("T")
-
-KIND_DIRECT: Final = 1
-KIND_GROUP: Final = 2
-KIND_ROOM: Final = 3
-CLIENT_MSG_ID_LEN: Final = 16
-_MAX_SEQ: Final = (1 << 63) - 1
-_DIRECT_CACHE_MAX: Final = 1 << 18
 
 #: Versioned migrations. Entry ``i`` migrates the schema from version ``i`` to ``i + 1``; it runs
 #: in one transaction together with the ``schema_version`` row that records it. Append new
@@ -133,16 +143,9 @@ SCHEMA_VERSION: Final = len(MIGRATIONS)
 
 
 @dataclass(frozen=True, slots=True)
-class SQLiteStoreStats:
+class SQLiteStoreStats(StoreStats):
     """Writer counters (a snapshot). ``transactions`` counts committed write transactions;
     under concurrency it is far below ``appended`` (group commit)."""
-
-    transactions: int
-    appended: int
-    duplicates: int
-    jobs: int
-    largest_batch: int
-    failed_transactions: int
 
 
 # ---- queue entries ------------------------------------------------------------------------------
@@ -186,31 +189,17 @@ class _Rerun(Exception):
     """An unexpected per-request failure inside an un-isolated batch: redo it isolated."""
 
 
-def _now_ms() -> int:
-    return time.time_ns() // 1_000_000
-
-
-def _unavailable(exc: BaseException) -> UnavailableError:
-    err = UnavailableError("storage unavailable")
-    err.__cause__ = exc
-    return err
-
-
 def _map_exception(exc: BaseException) -> BaseException:
     """Map a failure of one request to what its caller sees."""
     if isinstance(exc, GochatError):
         return exc
     if isinstance(exc, sqlite3.IntegrityError):
-        err = RequestError("conflicting state", code=ErrorCode.CONFLICT)
-        err.__cause__ = exc
-        return err
+        return conflict_error(exc)
     if isinstance(exc, sqlite3.ProgrammingError | sqlite3.InterfaceError | OverflowError):
         # e.g. an integer outside the signed 64-bit range, a value of an unsupported type
-        err = RequestError("invalid value", code=ErrorCode.BAD_REQUEST)
-        err.__cause__ = exc
-        return err
+        return invalid_value_error(exc)
     if isinstance(exc, sqlite3.Error):
-        return _unavailable(exc)
+        return unavailable(exc)
     return exc
 
 
@@ -247,25 +236,6 @@ def _resolve(items: list[tuple[asyncio.Future[Any], bool, Any]]) -> None:
             fut.set_exception(value)
 
 
-_MSG_COLUMNS: Final = (
-    "m.conv, c.kind, m.seq, m.msg_id, m.sender_id, m.ts_ms, m.client_msg_id, m.content_type, m.body"
-)
-
-
-def _message(row: Sequence[Any]) -> StoredMessage:
-    return StoredMessage(
-        conv=row[0],
-        kind=row[1],
-        seq=row[2],
-        msg_id=row[3],
-        sender_id=row[4],
-        ts_ms=row[5],
-        client_msg_id=bytes(row[6]),
-        content_type=row[7],
-        body=bytes(row[8]),
-    )
-
-
 class SQLiteStore:
     """SQLite implementation of :class:`gochat.store.base.Store`.
 
@@ -295,11 +265,9 @@ class SQLiteStore:
         self.busy_timeout_ms = busy_timeout_ms
         self.max_batch = max_batch
         self.max_pending = max_pending
-        if ids is not None and ids.node_id != node_id:
-            raise ValueError(f"ids generator has node_id {ids.node_id}, store has {node_id}")
-        # Share the process's generator when there is one: two generators with one node id
-        # could hand out the same id. open() advances it past the largest stored msg_id.
-        self._ids = ids if ids is not None else IdGenerator(node_id)
+        # Share the process's generator when there is one; open() advances it past the
+        # largest stored msg_id.
+        self._ids = resolve_ids(ids, node_id)
         self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
         self._lock = threading.Lock()  # guards _accepting, _pending and queue ordering vs. _STOP
         self._accepting = False
@@ -309,29 +277,16 @@ class SQLiteStore:
         self._reader_local = threading.local()
         self._reader_conns: list[sqlite3.Connection] = []
         self._n_readers = readers
-        self._direct_cache: dict[tuple[int, int], int] = {}
-        self._direct_inflight: dict[tuple[asyncio.AbstractEventLoop, int, int], asyncio.Task[int]] = {}
+        # the store may be used from several event loops: single-flight per loop
+        self._direct = DirectConversationCache(self._direct_lookup, per_loop=True)
         self._last_ts = 0
-        # counters (written by the writer thread only)
-        self._transactions = 0
-        self._appended = 0
-        self._duplicates = 0
-        self._jobs = 0
-        self._largest_batch = 0
-        self._failed = 0
+        self._counters = StoreCounters()  # written by the writer thread only
 
     # ---- lifecycle ---------------------------------------------------------------------------
 
     @property
     def stats(self) -> SQLiteStoreStats:
-        return SQLiteStoreStats(
-            self._transactions,
-            self._appended,
-            self._duplicates,
-            self._jobs,
-            self._largest_batch,
-            self._failed,
-        )
+        return SQLiteStoreStats(*self._counters.values())
 
     def _connect(self, *, writer: bool) -> sqlite3.Connection:
         conn = sqlite3.connect(
@@ -374,7 +329,7 @@ class SQLiteStore:
                 if current < version:
                     for statement in _split_sql(MIGRATIONS[version - 1]):
                         conn.execute(statement)
-                    conn.execute("INSERT INTO schema_version VALUES (?, ?)", (version, _now_ms()))
+                    conn.execute("INSERT INTO schema_version VALUES (?, ?)", (version, now_ms()))
                     log.info("migrated database to schema version %d", version)
                 conn.execute("COMMIT")
             except BaseException:
@@ -396,7 +351,7 @@ class SQLiteStore:
             await asyncio.wrap_future(ready)
         except sqlite3.Error as exc:
             self._writer = None
-            raise _unavailable(exc) from exc
+            raise unavailable(exc) from exc
         except BaseException:
             self._writer = None
             raise
@@ -489,7 +444,7 @@ class SQLiteStore:
             return
         try:
             self._migrate(conn)
-            now = _now_ms()
+            now = now_ms()
             conn.execute("DELETE FROM revoked_jtis WHERE expires_ms <= ?", (now,))
             conn.execute("DELETE FROM refresh_tokens WHERE expires_ms <= ?", (now,))
             max_id = conn.execute("SELECT MAX(msg_id) FROM messages").fetchone()[0]
@@ -536,7 +491,7 @@ class SQLiteStore:
                 self._pending -= len(batch)
 
     def _run_batch(self, conn: sqlite3.Connection, batch: list[_Entry]) -> None:
-        self._largest_batch = max(self._largest_batch, len(batch))
+        self._counters.batch(len(batch))
         outcomes: list[tuple[_Entry, bool, Any]]
         try:
             try:
@@ -544,7 +499,7 @@ class SQLiteStore:
             except _Rerun:
                 outcomes = self._transaction(conn, batch, isolate=True)
         except BaseException as exc:
-            self._failed += 1
+            self._counters.failed_transactions += 1
             if _is_io_error(exc):
                 log.warning(
                     "sqlite write transaction failed (%d requests not acknowledged): %s", len(batch), exc
@@ -561,7 +516,7 @@ class SQLiteStore:
         outcomes: list[tuple[_Entry, bool, Any]] = []
         convs: dict[int, list[int]] = {}  # conv -> [kind, last_seq] within this transaction
         appended = duplicates = jobs = 0
-        now = max(_now_ms(), self._last_ts)
+        now = max(now_ms(), self._last_ts)
         conn.execute("BEGIN IMMEDIATE")
         try:
             for n, entry in enumerate(batch):
@@ -618,10 +573,11 @@ class SQLiteStore:
                     log.exception("ROLLBACK failed")
             raise
         self._last_ts = now
-        self._transactions += 1
-        self._appended += appended
-        self._duplicates += duplicates
-        self._jobs += jobs
+        counters = self._counters
+        counters.transactions += 1
+        counters.appended += appended
+        counters.duplicates += duplicates
+        counters.jobs += jobs
         return outcomes
 
     def _apply_append(
@@ -630,12 +586,12 @@ class SQLiteStore:
         # Dedup: the UNIQUE (sender_id, client_msg_id) index also sees rows inserted earlier in
         # this same transaction, so a duplicate inside one batch is found here too.
         row = conn.execute(
-            f"SELECT {_MSG_COLUMNS} FROM messages m JOIN conversations c ON c.conv = m.conv"
+            f"SELECT {MSG_COLUMNS} FROM messages m JOIN conversations c ON c.conv = m.conv"
             " WHERE m.sender_id = ? AND m.client_msg_id = ?",
             (req.sender_id, req.client_msg_id),
         ).fetchone()
         if row is not None:
-            return AppendResult(_message(row), duplicate=True)
+            return AppendResult(message_from_row(row), duplicate=True)
         state = convs.get(req.conv)
         if state is None:
             crow = conn.execute(
@@ -649,25 +605,14 @@ class SQLiteStore:
             return RequestError("conversation kind mismatch", code=ErrorCode.BAD_REQUEST)
         seq = last_seq + 1
         msg_id = self._ids.next_id()
-        body = bytes(req.body)
+        message = new_message(req, seq=seq, msg_id=msg_id, ts_ms=now)
         conn.execute(
             "INSERT INTO messages (conv, seq, msg_id, sender_id, ts_ms, client_msg_id, content_type, body)"
             " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (req.conv, seq, msg_id, req.sender_id, now, req.client_msg_id, req.content_type, body),
+            (req.conv, seq, msg_id, req.sender_id, now, req.client_msg_id, req.content_type, message.body),
         )
         conn.execute("UPDATE conversations SET last_seq = ? WHERE conv = ?", (seq, req.conv))
         state[1] = seq
-        message = StoredMessage(
-            conv=req.conv,
-            kind=kind,
-            seq=seq,
-            msg_id=msg_id,
-            sender_id=req.sender_id,
-            ts_ms=now,
-            client_msg_id=bytes(req.client_msg_id),
-            content_type=req.content_type,
-            body=body,
-        )
         return AppendResult(message, duplicate=False)
 
     def _deliver(self, outcomes: Iterable[tuple[_Entry, bool, Any]]) -> None:
@@ -687,7 +632,7 @@ class SQLiteStore:
             try:
                 cur = conn.execute(
                     "INSERT INTO users (username, password_hash, created_ms) VALUES (?, ?, ?)",
-                    (username, password_hash, _now_ms()),
+                    (username, password_hash, now_ms()),
                 )
             except sqlite3.IntegrityError as exc:
                 raise RequestError("username is taken", code=ErrorCode.CONFLICT) from exc
@@ -803,21 +748,8 @@ class SQLiteStore:
         ]
 
     async def direct_conversation(self, a: int, b: int) -> int:
-        """Cached (a direct conversation never changes once created) and single-flight:
-        concurrent first calls for one pair share one lookup and resume in call order."""
-        lo, hi = (a, b) if a <= b else (b, a)
-        conv = self._direct_cache.get((lo, hi))
-        if conv is not None:
-            return conv
-        loop = asyncio.get_running_loop()
-        key = (loop, lo, hi)
-        task = self._direct_inflight.get(key)
-        if task is None:
-            task = loop.create_task(self._direct_lookup(lo, hi))
-            self._direct_inflight[key] = task
-            task.add_done_callback(lambda _t: self._direct_inflight.pop(key, None))
-        # shield: a cancelled caller must not cancel the lookup the others wait for
-        return await asyncio.shield(task)
+        """Cached and single-flight (:class:`~gochat.store.common.DirectConversationCache`)."""
+        return await self._direct.get(a, b)
 
     async def _direct_lookup(self, lo: int, hi: int) -> int:
         def find(conn: sqlite3.Connection) -> int | None:
@@ -828,7 +760,6 @@ class SQLiteStore:
 
         conv = await self._read(find)
         if conv is not None:
-            self._remember_direct(lo, hi, conv)
             return conv
 
         def create(conn: sqlite3.Connection) -> int:
@@ -837,7 +768,7 @@ class SQLiteStore:
                 return existing
             if self._missing_users(conn, (lo, hi)):
                 raise RequestError("no such user", code=ErrorCode.NOT_FOUND)
-            now = _now_ms()
+            now = now_ms()
             cur = conn.execute(
                 "INSERT INTO conversations (kind, name, owner_id, created_ms, last_seq, user_lo, user_hi)"
                 " VALUES (1, '', 0, ?, 0, ?, ?)",
@@ -851,14 +782,7 @@ class SQLiteStore:
             )
             return new_conv
 
-        conv = await self._write(create)
-        self._remember_direct(lo, hi, conv)
-        return conv
-
-    def _remember_direct(self, lo: int, hi: int, conv: int) -> None:
-        if len(self._direct_cache) >= _DIRECT_CACHE_MAX:
-            self._direct_cache.clear()
-        self._direct_cache[(lo, hi)] = conv
+        return await self._write(create)
 
     @staticmethod
     def _group_info(conn: sqlite3.Connection, conv: int) -> GroupInfo | None:
@@ -880,7 +804,7 @@ class SQLiteStore:
             everyone = [owner_id, *members]
             if self._missing_users(conn, everyone):
                 raise RequestError("no such user", code=ErrorCode.NOT_FOUND)
-            now = _now_ms()
+            now = now_ms()
             cur = conn.execute(
                 "INSERT INTO conversations (kind, name, owner_id, created_ms, last_seq) VALUES (2, ?, ?, ?, 0)",
                 (name, owner_id, now),
@@ -917,7 +841,7 @@ class SQLiteStore:
             # A new member starts with everything before the join marked read.
             cur = conn.execute(
                 "INSERT OR IGNORE INTO members (conv, user_id, joined_ms, read_seq) VALUES (?, ?, ?, ?)",
-                (conv, user_id, _now_ms(), last_seq),
+                (conv, user_id, now_ms(), last_seq),
             )
             return cur.rowcount == 1
 
@@ -955,7 +879,7 @@ class SQLiteStore:
             )
             out = []
             for conv, kind, lo, hi, last_seq, read_seq, name in rows:
-                peer = (hi if lo == user_id else lo) if kind == KIND_DIRECT else 0
+                peer = direct_peer(kind, lo, hi, user_id)
                 out.append(ConversationState(conv, kind, peer, last_seq, read_seq, name))
             return out
 
@@ -964,38 +888,30 @@ class SQLiteStore:
     # ---- messages --------------------------------------------------------------------------------
 
     async def append(self, request: AppendRequest) -> AppendResult:
-        if len(request.client_msg_id) != CLIENT_MSG_ID_LEN:
-            raise RequestError("client_msg_id must be 16 bytes", code=ErrorCode.BAD_REQUEST)
-        if request.kind == KIND_ROOM:
-            raise RequestError("room messages are not stored", code=ErrorCode.BAD_REQUEST)
-        if request.kind not in (KIND_DIRECT, KIND_GROUP):
-            raise RequestError("unknown conversation kind", code=ErrorCode.BAD_REQUEST)
+        validate_append(request)
         result: AppendResult = await self._submit(lambda loop, fut: _Append(loop, fut, request))
         return result
 
     async def history(
         self, conv: int, from_seq: int, limit: int, backward: bool
     ) -> tuple[list[StoredMessage], bool]:
-        if limit < 1 or from_seq < 0:
-            raise RequestError("limit must be >= 1 and from_seq >= 0", code=ErrorCode.BAD_REQUEST)
+        validate_history(from_seq, limit)
 
         def read(conn: sqlite3.Connection) -> tuple[list[StoredMessage], bool]:
             if backward:
-                start = from_seq if from_seq > 0 else _MAX_SEQ
+                start = from_seq if from_seq > 0 else MAX_SEQ
                 rows = conn.execute(
-                    f"SELECT {_MSG_COLUMNS} FROM messages m JOIN conversations c ON c.conv = m.conv"
+                    f"SELECT {MSG_COLUMNS} FROM messages m JOIN conversations c ON c.conv = m.conv"
                     " WHERE m.conv = ? AND m.seq <= ? ORDER BY m.seq DESC LIMIT ?",
                     (conv, start, limit + 1),
                 ).fetchall()
-                more = len(rows) > limit
-                return [_message(r) for r in reversed(rows[:limit])], more
-            rows = conn.execute(
-                f"SELECT {_MSG_COLUMNS} FROM messages m JOIN conversations c ON c.conv = m.conv"
-                " WHERE m.conv = ? AND m.seq >= ? ORDER BY m.seq LIMIT ?",
-                (conv, from_seq, limit + 1),
-            ).fetchall()
-            more = len(rows) > limit
-            return [_message(r) for r in rows[:limit]], more
+            else:
+                rows = conn.execute(
+                    f"SELECT {MSG_COLUMNS} FROM messages m JOIN conversations c ON c.conv = m.conv"
+                    " WHERE m.conv = ? AND m.seq >= ? ORDER BY m.seq LIMIT ?",
+                    (conv, from_seq, limit + 1),
+                ).fetchall()
+            return history_page(rows, limit, backward)
 
         return await self._read(read)
 
