@@ -86,6 +86,7 @@ async def run(a: argparse.Namespace, argv: list[str]) -> Path:
     native.loadgen()
     native.cfloor()
     ctx = Ctx(placement, work, quick)
+    facts = machine_facts()  # before anything runs: the commit the servers start from
     t0 = time.monotonic()
     results: dict[str, Any] = {}
 
@@ -128,9 +129,13 @@ async def run(a: argparse.Namespace, argv: list[str]) -> Path:
         "started": stamp,
         "elapsed_s": time.monotonic() - t0,
         "placement": {"server": placement.server, "load": placement.load},
-        "machine": machine_facts(),
+        "machine": facts,
         "results": results,
     }
+    end_commit = machine_facts()["git_commit"]
+    if end_commit != facts["git_commit"]:
+        doc["notes"] = [f"the working tree changed during the run: {facts['git_commit']} at the start, "
+                        f"{end_commit} at the end; servers started later ran the newer code"]
     report.write(doc, out)
     log(f"done in {doc['elapsed_s']:.0f}s: {out / 'results.md'}")
     return out

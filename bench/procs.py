@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import importlib.metadata
 import json
 import os
@@ -115,7 +116,8 @@ def machine_facts() -> dict[str, Any]:
             versions["node-ws"] = json.loads(pkg.read_text())["version"]
     versions["cc"] = _cmd_out(["cc", "--version"]).splitlines()[0] if shutil.which("cc") else ""
     commit = _cmd_out(["git", "-C", str(ROOT), "rev-parse", "HEAD"])
-    dirty = bool(_cmd_out(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"]))
+    diff = _cmd_out(["git", "-C", str(ROOT), "diff", "HEAD"])
+    dirty = f"+dirty.{hashlib.sha1(diff.encode()).hexdigest()[:8]}" if diff else ""
     return {
         "cpu_model": model,
         "cpus": os.cpu_count(),
@@ -123,7 +125,7 @@ def machine_facts() -> dict[str, Any]:
         "kernel": platform.release(),
         "nofile_limit": _nofile(),
         "versions": versions,
-        "git_commit": commit + ("+dirty" if dirty else ""),
+        "git_commit": commit + dirty,
         "loadgen": _loadgen_impl(),
         "clk_tck": os.sysconf("SC_CLK_TCK"),
     }
