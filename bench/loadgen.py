@@ -33,7 +33,8 @@ import numpy as np
 import uvloop
 from picows import WSMsgType, ws_connect
 
-from bench import native
+from bench import _loadgen_py, native
+from bench.peers import brokers
 
 lg = native.loadgen()
 now_ns = lg.monotonic_ns
@@ -70,6 +71,10 @@ class Role:
         self.cfg = cfg
         self.url: str = cfg["url"]
         self.gochat: bool = cfg.get("gochat", False)
+        # "ws" (gochat and the WebSocket peers), or a broker adapter: "nats" (NATS text protocol over
+        # WebSocket), "redis" (RESP over TCP); those record with the Python Recorder
+        self.proto: str = cfg.get("proto", "ws")
+        self.Recorder = lg.Recorder if self.proto == "ws" else _loadgen_py.Recorder
         srcs = cfg.get("src") or ["127.0.0.1"]
         self.srcs = itertools.cycle(srcs if isinstance(srcs, list) else [srcs])
         self.tokens = itertools.cycle(cfg.get("tokens") or [""])
@@ -95,8 +100,14 @@ class Role:
             fut.set_result(None)
 
     async def connect(
-        self, recorder: Any, *, subscribe: int | None = None, authenticate: bool = True, notify: Any = None
+        self, recorder: Any, *, subscribe: int | None = None, authenticate: bool = True, notify: Any = None,
+        listen: bool = True,
     ) -> Any:
+        if self.proto != "ws":
+            t, lst = await brokers.connect(self.proto, self.url, next(self.srcs), recorder, notify, listen)
+            if lst is not None:
+                self.listeners.append(lst)
+            return t, lst
         index = next(self._ids)
         token = next(self.tokens)
         fut: asyncio.Future[Any] = self.loop.create_future()
@@ -153,8 +164,11 @@ class Role:
 class Payloads:
     """Builds the wire bytes of message ``seq`` for one target (room or direct)."""
 
-    def __init__(self, gochat: bool, size: int, kind: int, conv: int, prefix: bytes = b"") -> None:
+    def __init__(
+        self, gochat: bool, size: int, kind: int, conv: int, prefix: bytes = b"", proto: str = "ws"
+    ) -> None:
         self.gochat = gochat
+        self.proto = proto
         self.size = size
         self.kind = kind
         self.conv = conv
@@ -167,6 +181,8 @@ class Payloads:
             cmid = struct.pack("<QQ", os.getpid(), seq)
             send = struct.pack("<BBQ", self.kind, 0, self.conv if conv is None else conv) + cmid + body
             body = gframe(OP_SEND, send, rid=seq & 0xFFFFFFFF)
+        if self.proto != "ws":
+            return brokers.wrap(self.proto, body, ws_client_frame)
         return ws_client_frame(body)
 
 
@@ -174,7 +190,7 @@ class Payloads:
 class Sub(Role):
     async def start(self) -> None:
         c = self.cfg
-        self.rec = lg.Recorder(int(c.get("maxseq", 1 << 20)), int(c.get("offset", 0)))
+        self.rec = self.Recorder(int(c.get("maxseq", 1 << 20)), int(c.get("offset", 0)))
         ok, bad = await self.connect_many(
             int(c["count"]), int(c.get("conc", 100)), recorder=self.rec, subscribe=c.get("room")
         )
@@ -205,11 +221,12 @@ class Pub(Role):
     async def start(self) -> None:
         c = self.cfg
         room = int(c.get("room", 1))
-        self.probe_rec = lg.Recorder(int(c.get("maxseq", 1 << 20)), 0)
+        self.probe_rec = self.Recorder(int(c.get("maxseq", 1 << 20)), 0)
         self.waiting: tuple[int, asyncio.Future[None]] | None = None
-        self.pub_t, _ = await self.connect(lg.Recorder(16, 0), subscribe=room if self.gochat else None)
+        self.pub_t, _ = await self.connect(self.Recorder(16, 0), subscribe=room if self.gochat else None,
+                                           listen=False)
         await self.connect(self.probe_rec, subscribe=room if self.gochat else None, notify=self._probe)
-        self.payloads = Payloads(self.gochat, int(c["size"]), KIND_ROOM, room)
+        self.payloads = Payloads(self.gochat, int(c["size"]), KIND_ROOM, room, proto=self.proto)
         self.seq = 0
         emit(event="ready", errors=self.errors[:5])
 

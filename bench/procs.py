@@ -104,7 +104,7 @@ def machine_facts() -> dict[str, Any]:
             if line.startswith("MemTotal"):
                 mem_kb = int(line.split()[1])
     versions: dict[str, str] = {"python": platform.python_version()}
-    for pkg in ("picows", "uvloop", "websockets", "aiohttp", "Cython", "numpy", "matplotlib"):
+    for pkg in ("picows", "uvloop", "websockets", "aiohttp", "socketify", "Cython", "numpy", "matplotlib"):
         try:
             versions[pkg] = importlib.metadata.version(pkg)
         except importlib.metadata.PackageNotFoundError:
@@ -114,6 +114,9 @@ def machine_facts() -> dict[str, Any]:
         pkg = NODE_DIR / "node_modules" / "ws" / "package.json"
         if pkg.exists():
             versions["node-ws"] = json.loads(pkg.read_text())["version"]
+    from bench.peers import brokers
+
+    versions.update(brokers.versions())
     versions["cc"] = _cmd_out(["cc", "--version"]).splitlines()[0] if shutil.which("cc") else ""
     commit = _cmd_out(["git", "-C", str(ROOT), "rev-parse", "HEAD"])
     diff = _cmd_out(["git", "-C", str(ROOT), "diff", "HEAD"])
@@ -172,6 +175,7 @@ class Target:
     kind: str  # "gochat" or "raw" (the shared broadcast protocol)
     desc: str
     coalesces: bool = False
+    proto: str = "ws"  # "ws", or a broker the load generator adapts to: "nats" (over WS), "redis" (TCP)
 
     def command(self) -> list[str]:
         py = sys.executable
@@ -195,10 +199,21 @@ class Target:
             return [py, str(PEERS / "websockets_peer.py"), "0", "--relay"]
         if self.name == "node-ws":
             return ["node", str(NODE_DIR / "server.js"), "0"]
+        if self.name == "socketify":
+            return [py, str(PEERS / "socketify_peer.py"), "0"]
         raise ValueError(self.name)
 
     def available(self) -> str | None:
         """None when this target can run here, else why not."""
+        if self.proto != "ws":
+            from bench.peers import brokers
+
+            return brokers.available(self.proto)
+        if self.name == "socketify":
+            try:
+                importlib.metadata.version("socketify")
+            except importlib.metadata.PackageNotFoundError:
+                return "socketify not installed (pip install socketify)"
         if self.name.startswith("websockets"):
             try:
                 importlib.metadata.version("websockets")
@@ -229,8 +244,21 @@ TARGETS: dict[str, Target] = {
         Target("aiohttp", "raw", "aiohttp WebSocketResponse.send_bytes per socket (uvloop)"),
         Target("node-ws", "raw", "Node 'ws' library, ws.send per socket"),
         Target("websockets-relay", "raw", "websockets relay: forwards [dest][payload], stores nothing"),
+        Target("socketify", "raw", "socketify (uWebSockets), ws.publish to a topic every connection joins"),
+        Target("nats", "raw", "nats-server WebSocket listener: PUB/SUB, NATS text protocol in WS frames",
+               proto="nats"),
+        Target("redis", "raw", "broker hop reference: Redis PUBLISH to SUBSCRIBEd RESP connections, "
+               "plain TCP, not WebSocket", proto="redis"),
     )
 }
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 @dataclass
@@ -253,7 +281,13 @@ class ServerProc:
         return self.proc.pid
 
     async def start(self, timeout: float = 60.0) -> None:
-        cmd = self.target.command()
+        if self.target.proto != "ws":
+            from bench.peers import brokers
+
+            self.port = _free_port()
+            cmd = brokers.server_command(self.target.proto, self.port, self.workdir)
+        else:
+            cmd = self.target.command()
         env = dict(os.environ)
         env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
         if self.target.name == "gochat":
@@ -301,6 +335,14 @@ class ServerProc:
                 return
             self._log.write(line)
             self._log.flush()
+            if not ready.done() and self.target.proto != "ws":
+                from bench.peers import brokers
+
+                if brokers.READY[self.target.proto].search(line):
+                    scheme = "tcp" if self.target.proto == "redis" else "ws"
+                    self.ws_url = f"{scheme}://127.0.0.1:{self.port}"
+                    ready.set_result(None)
+                continue
             if not ready.done():
                 m = _GOCHAT.search(line)
                 if m:
