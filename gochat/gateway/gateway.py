@@ -31,12 +31,10 @@ from gochat.messaging.presence import MemoryPresence
 from gochat.observability.metrics import Metrics
 from gochat.protocol import (
     CLIENT_OPS,
-    EventType,
     Op,
     decode,
     encode,
     encode_error,
-    encode_event,
 )
 from gochat.protocol.frames import AuthOk, GoAway, Pong
 
@@ -300,10 +298,6 @@ class Gateway:
             conn.push(encode(GoAway(int(code), 0, "", reason)))
             conn.close_with(close_code_for(code), reason)
         return len(conns)
-
-    def announce_event(self, user_ids: list[int], etype: EventType, actor: int, value: int) -> None:
-        data = encode_event(int(etype), 0, 0, actor, value)
-        self.routing.fanout_users(self.writer, user_ids, data, None, True)
 
     async def drain(self, url_hint: str = "", timeout: float = 10.0) -> None:
         """Stop taking work: GOAWAY everyone, let in-flight requests commit, close."""
