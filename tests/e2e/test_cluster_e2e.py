@@ -443,11 +443,9 @@ def test_postgres_outage_gives_retryable_errors_and_recovers(tmp_path: Path) -> 
             assert (await ca.expect(SendAck)).seq == 1
             await cb.expect(Deliver)
             proxy.call(proxy.proxy.cut, reset=True)
-            started = time.monotonic()
             ca.send(send_frame(Kind.DIRECT, bob.user_id, b"during", rid=2))
-            err = await ca.expect_error(ErrorCode.UNAVAILABLE, timeout=30)
+            err = await ca.expect_error(ErrorCode.UNAVAILABLE, timeout=30)  # answered, never hangs
             assert err.rid == 2 and err.retry_after_ms > 0
-            assert time.monotonic() - started < 30
             async with aiohttp.ClientSession() as http, http.get(f"{a_node.http_url}/readiness") as r:
                 assert r.status == 503
             await cb.no_frame(0.5)  # nothing delivered that was not stored
