@@ -15,6 +15,11 @@ Scenarios:
 Everything (servers, load generators, peers) is started here; the server under test is pinned
 with ``taskset`` to ``--server-cpus`` and the load generators to ``--load-cpus``. Results go to
 ``--out`` (default ``bench/results/<UTC time>-<scenario>/``): results.json, results.md, PNGs, logs.
+
+Every server under test runs under an LD_PRELOAD shim (``bench/peers/syscount.c``, built into
+``bench/build/``) that counts its socket write syscalls: the "writes/frame" column, for every
+target (``BENCH_NO_SYSCOUNT=1`` turns it off). ``--repeat N`` runs each fan-out capacity
+measurement N times and reports median (min–max); ``all`` defaults to 3.
 """
 
 from __future__ import annotations
@@ -55,6 +60,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--sizes", type=_ints, help="fanout: payload sizes in bytes (default 64,256)")
     p.add_argument("--batch", type=int, default=8, help="fanout mode (b): publishes per tick (default 8)")
     p.add_argument("--duration", type=float, help="seconds per measured run (default 6; at most 20)")
+    p.add_argument("--repeat", type=int,
+                   help="fanout: capacity runs per case, reported as median (min–max) (default 3 for "
+                        "'all', else 1)")
     p.add_argument("--rates", type=_floats, help="direct: offered msgs/s steps")
     p.add_argument("--pairs", type=int, help="direct: sender/receiver pairs (default 50)")
     p.add_argument("--memory-steps", type=_ints, help="memory: connection counts (default 2000,...,18000)")
@@ -64,6 +72,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     a = p.parse_args(argv)
     if a.duration is not None and not 0 < a.duration <= 20:
         p.error("--duration must be in (0, 20]")
+    if a.repeat is not None and not 1 <= a.repeat <= 9:
+        p.error("--repeat must be in [1, 9]")
     return a
 
 
@@ -85,7 +95,9 @@ async def run(a: argparse.Namespace, argv: list[str]) -> Path:
     # Build the native pieces once, before anything is timed.
     native.loadgen()
     native.cfloor()
-    ctx = Ctx(placement, work, quick)
+    native.syscount()
+    repeat = a.repeat or (3 if a.scenario == "all" else 1)
+    ctx = Ctx(placement, work, quick, repeat)
     facts = machine_facts()  # before anything runs: the commit the servers start from
     t0 = time.monotonic()
     results: dict[str, Any] = {}
@@ -129,6 +141,7 @@ async def run(a: argparse.Namespace, argv: list[str]) -> Path:
         "started": stamp,
         "elapsed_s": time.monotonic() - t0,
         "placement": {"server": placement.server, "load": placement.load},
+        "repeat": repeat,
         "machine": facts,
         "results": results,
     }

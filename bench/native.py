@@ -1,6 +1,6 @@
 """Builds the bench's own native pieces into ``bench/build/`` (git-ignored): the Cython load
-generator listener (``_loadgen``) and the C floor server (``cfloor``). Rebuilt when the source is
-newer than the output."""
+generator listener (``_loadgen``), the C floor server (``cfloor``) and the LD_PRELOAD write-syscall
+counter (``libsyscount.so``). Rebuilt when the source is newer than the output."""
 
 from __future__ import annotations
 
@@ -29,6 +29,25 @@ def cfloor() -> Path:
         BUILD.mkdir(exist_ok=True)
         cc = shutil.which("cc") or shutil.which("gcc") or "cc"
         subprocess.run([cc, "-O2", "-o", str(out), str(src)], check=True)
+    return out
+
+
+def syscount() -> Path | None:
+    """Path of the LD_PRELOAD socket-write counter (``bench/peers/syscount.c``, built with
+    ``cc -O2 -shared -fPIC``), or None when it cannot be built (no C compiler): the bench then
+    reports write counts only for the targets with their own counters."""
+    src = HERE / "peers" / "syscount.c"
+    out = BUILD / "libsyscount.so"
+    if _stale(out, src):
+        cc = shutil.which("cc") or shutil.which("gcc")
+        if cc is None:
+            return None
+        BUILD.mkdir(exist_ok=True)
+        tmp = out.with_suffix(f".{os.getpid()}.tmp")
+        r = subprocess.run([cc, "-O2", "-shared", "-fPIC", "-o", str(tmp), str(src), "-ldl"])
+        if r.returncode != 0:
+            return None
+        tmp.replace(out)  # atomic: a server starting elsewhere never preloads a half-written file
     return out
 
 

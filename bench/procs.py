@@ -12,6 +12,7 @@ import platform
 import re
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -81,6 +82,48 @@ def slab_bytes(names: tuple[str, ...] = ("TCP", "sock_inode_cache", "dentry", "f
     except OSError:
         pass
     return out
+
+
+def proc_io(pid: int) -> dict[str, int]:
+    """/proc/PID/io (all threads): ``syscw`` counts write(2)/writev(2) calls on any fd, not
+    send/sendto/sendmsg; {} when unreadable."""
+    out: dict[str, int] = {}
+    with contextlib.suppress(OSError, ValueError), open(f"/proc/{pid}/io") as f:
+        for line in f:
+            key, _, rest = line.partition(":")
+            out[key] = int(rest)
+    return out
+
+
+# ---- socket-write counter: the LD_PRELOAD shim bench/peers/syscount.c ------------------------------
+SYSCOUNT_CALLS = ("write", "writev", "send", "sendto", "sendmsg", "sendmmsg")
+# magic, pid, one u64 per call, bytes, eagain, other (non-socket calls), sendmmsg messages
+_SYSCOUNT = struct.Struct("<8sQ6QQQQQ")
+
+
+def read_syscount(d: Path) -> dict[str, int] | None:
+    """Sum of the shim's counters over every process that wrote a page into ``d`` (one
+    ``<pid>.cnt`` each); None when no process loaded the shim. ``calls`` = all socket write calls."""
+    total = dict.fromkeys((*SYSCOUNT_CALLS, "bytes", "eagain", "other", "sendmmsg_msgs"), 0)
+    seen = 0
+    for path in d.glob("*.cnt"):
+        try:
+            raw = path.read_bytes()[: _SYSCOUNT.size]
+        except OSError:
+            continue
+        if len(raw) < _SYSCOUNT.size:
+            continue
+        magic, _pid, *vals = _SYSCOUNT.unpack(raw)
+        if magic != b"SYSCNT01":
+            continue
+        seen += 1
+        for key, v in zip(total, vals, strict=True):
+            total[key] += v
+    if not seen:
+        return None
+    total["calls"] = sum(total[k] for k in SYSCOUNT_CALLS)
+    total["processes"] = seen
+    return total
 
 
 # ---- machine facts -----------------------------------------------------------------------------
@@ -272,6 +315,8 @@ class ServerProc:
     ws_url: str = ""
     http_url: str = ""
     counters: tuple[int, int] | None = None
+    # the LD_PRELOAD shim's page directory (None: the shim is not in use for this server)
+    syscount_dir: Path | None = None
     _counter_event: asyncio.Event = field(default_factory=asyncio.Event)
     _reader: asyncio.Task[None] | None = None
 
@@ -304,6 +349,7 @@ class ServerProc:
                 }
             )
         env.update(self.env)
+        self._preload_syscount(env)
         self.log_path = self.workdir / f"{self.target.name}-server.log"
         self._log = open(self.log_path, "ab")
         self.proc = await asyncio.create_subprocess_exec(
@@ -360,6 +406,29 @@ class ServerProc:
             if m:
                 self.counters = (int(m.group(1)), int(m.group(2)))
                 self._counter_event.set()
+
+    def _preload_syscount(self, env: dict[str, str]) -> None:
+        """Start the server (only it: the load generators get the plain environment) under the
+        socket-write counter, with a fresh page directory."""
+        from bench import native
+
+        if os.environ.get("BENCH_NO_SYSCOUNT", "") not in ("", "0"):
+            return
+        lib = native.syscount()
+        if lib is None:
+            return
+        d = self.workdir / f"syscount-{self.target.name}"
+        d.mkdir(parents=True, exist_ok=True)
+        for old in d.glob("*.cnt"):
+            old.unlink()
+        env["LD_PRELOAD"] = f"{lib}:{env['LD_PRELOAD']}" if env.get("LD_PRELOAD") else str(lib)
+        env["BENCH_SYSCOUNT_DIR"] = str(d)
+        self.syscount_dir = d
+
+    def socket_writes(self) -> dict[str, int] | None:
+        """The shim's counters now (cumulative since the server started); None without the shim
+        or when the server never loaded it (a static binary)."""
+        return read_syscount(self.syscount_dir) if self.syscount_dir is not None else None
 
     async def write_counters(self) -> dict[str, int] | None:
         """Data-plane counters: gochat's /metrics, or cfloor's own (SIGUSR1)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -28,41 +29,107 @@ def _fanout_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [r for r in results if "capacity" in r]
 
 
+def _values(row: dict[str, Any], key: str) -> list[float]:
+    """Every capacity run's ``key`` of a fan-out row (one value without ``--repeat``)."""
+    st = (row.get("capacity_stats") or {}).get(key)
+    if st:
+        return [float(v) for v in st["values"]]
+    v = row["capacity"].get(key)
+    return [float(v)] if v is not None else []
+
+
+def _median(row: dict[str, Any], key: str) -> Any:
+    st = (row.get("capacity_stats") or {}).get(key)
+    return st["median"] if st else row["capacity"].get(key)
+
+
+def ratio_stats(num: list[float], den: list[float]) -> dict[str, Any] | None:
+    """num / den over every pair of runs (the targets' repeats are not simultaneous, so no run of
+    one pairs with a particular run of the other): median, and min–max = the extreme pairs."""
+    pairs = sorted(a / b for a in num for b in den if b)
+    if not pairs:
+        return None
+    return {"median": round(statistics.median(pairs), 4), "min": round(pairs[0], 4), "max": round(pairs[-1], 4),
+            "pairs": len(pairs)}
+
+
+def _fr(r: dict[str, Any] | None, digits: int = 2) -> str:
+    """A ratio: "0.87×", with "(min–max)" when it comes from repeated runs."""
+    if r is None:
+        return "–"
+    if r["pairs"] > 1:
+        return f"{r['median']:.{digits}f}× ({r['min']:.{digits}f}–{r['max']:.{digits}f})"
+    return f"{r['median']:.{digits}f}×"
+
+
+def _range(row: dict[str, Any], key: str, digits: int) -> str:
+    st = (row.get("capacity_stats") or {}).get(key)
+    if st and st["min"] != st["max"]:
+        return f"{_f(st['median'], digits)} ({_f(st['min'], digits)}–{_f(st['max'], digits)})"
+    return _f(row["capacity"].get(key), digits)
+
+
+_WRITES_MARK = {"shim": "", "proc-io-syscw": "†", "own-counters": "‡"}
+
+
 def fanout_table(results: list[dict[str, Any]]) -> str:
     lines = [
         "| subs | size | mode | target | deliveries/s | server CPU µs/delivery | deliveries/s per server core "
         "| writes/frame | loss % | server CPU % | loadgen CPU % | p50 / p99 / p99.9 ms @50% | spread p50 / p99 ms |",
         "|---:|---:|:-:|---|---:|---:|---:|---:|---:|---:|---:|---|---|",
     ]
+    sources: set[str] = set()
+    repeats = 1
     for r in sorted(_fanout_rows(results), key=lambda r: (r["subscribers"], r["size"], r["mode"])):
         c, lat = r["capacity"], r["latency"]
         lu, sp = lat["latency_us"], lat.get("spread_us") or {}
         mode = r["mode"] if r["batch"] == 1 else f"{r['mode']} (×{r['batch']})"
+        repeats = max(repeats, (r.get("capacity_stats") or {}).get("n", 1))
+        cpu = _median(r, "server_cpu_us_per_delivery")
+        mark = ""
+        if c.get("writes_per_frame") is not None:
+            mark = _WRITES_MARK.get(c.get("writes_source", "own-counters"), "")
+            sources.add(c.get("writes_source", "own-counters"))
         lines.append(
             f"| {r['subscribers']:,} | {r['size']} | {mode} "
-            f"| {r['target']} | {_f(c['deliveries_per_s'])} | {_f(c['server_cpu_us_per_delivery'], 2)} "
-            f"| {_f(c.get('deliveries_per_core_s'))} | {_f(c.get('writes_per_frame'), 3)} "
+            f"| {r['target']} | {_f(_median(r, 'deliveries_per_s'))} | {_range(r, 'server_cpu_us_per_delivery', 2)} "
+            f"| {_f(1e6 / cpu if cpu and r.get('capacity_stats') else c.get('deliveries_per_core_s'))} "
+            f"| {_f(c.get('writes_per_frame'), 3)}{mark} "
             f"| {_f(c['loss_pct'], 2)} | {_f(c['server_cpu_pct'])} | {_f(c['load_cpu_pct'])} "
             f"| {_ms(lu.get('p50'))} / {_ms(lu.get('p99'))} / {_ms(lu.get('p99.9'))} "
             f"| {_ms(sp.get('p50'))} / {_ms(sp.get('p99'))} |"
         )
+    notes = []
+    if repeats > 1:
+        notes.append(f"- {repeats} capacity runs per row: deliveries/s and server CPU µs/delivery are the median "
+                     "(server CPU: median (min–max)); the other capacity columns are from the run with the "
+                     "median server CPU per delivery.")
+    if "shim" in sources:
+        notes.append("- writes/frame: the server's socket write calls (write, writev, send, sendto, sendmsg, "
+                     "sendmmsg, counted by the LD_PRELOAD shim `bench/peers/syscount.c`) per frame delivered "
+                     "(subscribers + probe), capacity run.")
+    if "proc-io-syscw" in sources:
+        notes.append("- † a Go server (nats-server): Go makes its syscalls without libc, so the shim cannot see "
+                     "them; counted from `/proc/PID/io` syscw instead (write/writev calls on any fd, which "
+                     "is what Go uses on sockets).")
+    if "own-counters" in sources:
+        notes.append("- ‡ writes/frame from the server's own counters (gochat's `/metrics`, the C floor's "
+                     "SIGUSR1 dump): socket writes per frame it wrote; targets without one show –.")
     skipped = [r for r in results if "skipped" in r or "error" in r]
     for r in skipped:
         lines.append(f"\n- {r['target']} (n={r.get('subscribers')}): {r.get('skipped') or r.get('error')}")
-    return "\n".join(lines)
+    return "\n".join([*lines, "", *notes])
 
 
-def fanout_ratios(results: list[dict[str, Any]]) -> str:
-    """gochat against the C floor and the other peers, per (subs, size, mode)."""
-    rows = _fanout_rows(results)
+def fanout_ratio_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """gochat against every other target, per (subs, size, mode): the per-core ratio (other's
+    server CPU per delivery ÷ gochat's) and the throughput ratio (gochat's deliveries/s ÷ other's),
+    each as median and min–max over the pairs of repeated runs."""
     by: dict[tuple[int, int, str], dict[str, dict[str, Any]]] = {}
-    for r in rows:
-        by.setdefault((r["subscribers"], r["size"], r["mode"]), {})[r["target"]] = r["capacity"]
+    for r in _fanout_rows(results):
+        by.setdefault((r["subscribers"], r["size"], r["mode"]), {})[r["target"]] = r
     floor_a = {(n, s): t["cfloor"] for (n, s, m), t in by.items() if m == "a" and "cfloor" in t}
-    lines = [
-        "| subs | size | mode | vs | throughput ratio (gochat / other) | per-core ratio (other CPU/delivery ÷ gochat's) |",
-        "|---:|---:|:-:|---|---:|---:|",
-    ]
+    out: list[dict[str, Any]] = []
     for (n, s, m), t in sorted(by.items()):
         g = t.get("gochat")
         if not g:
@@ -72,13 +139,24 @@ def fanout_ratios(results: list[dict[str, Any]]) -> str:
         if m == "b" and (n, s) in floor_a:
             others["cfloor (mode a, per-message)"] = floor_a[(n, s)]
         for name, o in sorted(others.items()):
-            thr = g["deliveries_per_s"] / o["deliveries_per_s"] if o["deliveries_per_s"] else None
-            eff = (
-                o["server_cpu_us_per_delivery"] / g["server_cpu_us_per_delivery"]
-                if o.get("server_cpu_us_per_delivery") and g.get("server_cpu_us_per_delivery")
-                else None
-            )
-            lines.append(f"| {n:,} | {s} | {m} | {name} | {_f(thr, 2)}× | {_f(eff, 2)}× |")
+            out.append({
+                "subscribers": n, "size": s, "mode": m, "vs": name,
+                "per_core": ratio_stats(_values(o, "server_cpu_us_per_delivery"),
+                                        _values(g, "server_cpu_us_per_delivery")),
+                "throughput": ratio_stats(_values(g, "deliveries_per_s"), _values(o, "deliveries_per_s")),
+            })
+    return out
+
+
+def fanout_ratios(results: list[dict[str, Any]]) -> str:
+    """gochat against the C floor and the other peers, per (subs, size, mode)."""
+    lines = [
+        "| subs | size | mode | vs | throughput ratio (gochat / other) | per-core ratio (other CPU/delivery ÷ gochat's) |",
+        "|---:|---:|:-:|---|---:|---:|",
+    ]
+    for x in fanout_ratio_rows(results):
+        lines.append(f"| {x['subscribers']:,} | {x['size']} | {x['mode']} | {x['vs']} | {_fr(x['throughput'])} "
+                     f"| {_fr(x['per_core'])} |")
     return "\n".join(lines)
 
 
@@ -179,25 +257,26 @@ def targets_summary(results: dict[str, Any]) -> str:
     cases = sorted({(r["subscribers"], r["size"]) for r in rows})
     for n, size in cases:
         g, f, w = (_cap(rows, t, n, size, "a") for t in ("gochat", "cfloor", "websockets"))
-        if g and f:
-            gc, fc = g["capacity"], f["capacity"]
-            per_core = fc["server_cpu_us_per_delivery"] / gc["server_cpu_us_per_delivery"]
-            out.append(f"| (a) {n:,} subs {size} B: ≥ 0.85× C floor | per core {per_core:.2f}×, "
-                       f"throughput {gc['deliveries_per_s'] / fc['deliveries_per_s']:.2f}× | {verdict(per_core >= 0.85)} |")
-        if g and w:
-            gc, wc = g["capacity"], w["capacity"]
-            per_core = wc["server_cpu_us_per_delivery"] / gc["server_cpu_us_per_delivery"]
-            out.append(f"| (a) {n:,} subs {size} B: ≥ 1.5× websockets | per core {per_core:.2f}×, "
-                       f"throughput {gc['deliveries_per_s'] / wc['deliveries_per_s']:.2f}× | {verdict(per_core >= 1.5)} |")
+        for other, label, goal in ((f, "C floor", 0.85), (w, "websockets", 1.5)):
+            if not (g and other):
+                continue
+            per_core = ratio_stats(_values(other, "server_cpu_us_per_delivery"),
+                                   _values(g, "server_cpu_us_per_delivery"))
+            thr = ratio_stats(_values(g, "deliveries_per_s"), _values(other, "deliveries_per_s"))
+            if per_core is None or thr is None:
+                continue
+            out.append(f"| (a) {n:,} subs {size} B: ≥ {goal}× {label} | per core {_fr(per_core)}, "
+                       f"throughput {_fr(thr)} | {verdict(per_core['median'] >= goal)} |")
         gb = _cap(rows, "gochat", n, size, "b")
         if gb and f and n >= 10000:
-            gbc, fc = gb["capacity"], f["capacity"]
-            thr = gbc["deliveries_per_s"] / fc["deliveries_per_s"]
-            per_core = fc["server_cpu_us_per_delivery"] / gbc["server_cpu_us_per_delivery"]
+            thr_r = ratio_stats(_values(gb, "deliveries_per_s"), _values(f, "deliveries_per_s"))
+            core_r = ratio_stats(_values(f, "server_cpu_us_per_delivery"), _values(gb, "server_cpu_us_per_delivery"))
+            if thr_r is None or core_r is None:
+                continue
             p99 = gb["latency"]["latency_us"]["p99"] / 1000
-            out.append(f"| (b) {n:,} subs {size} B: ≥ 5× C floor per-message, p99 ≤ 50 ms | throughput {thr:.1f}×, "
-                       f"per core {per_core:.1f}×, p99 {p99:.0f} ms at 50 % load | "
-                       f"{verdict(thr >= 5)} / p99 {verdict(p99 <= 50)} |")
+            out.append(f"| (b) {n:,} subs {size} B: ≥ 5× C floor per-message, p99 ≤ 50 ms | throughput "
+                       f"{_fr(thr_r, 1)}, per core {_fr(core_r, 1)}, p99 {p99:.0f} ms at 50 % load | "
+                       f"{verdict(thr_r['median'] >= 5)} / p99 {verdict(p99 <= 50)} |")
     knees = direct_knees(results.get("direct") or [])
     if "gochat" in knees and knees.get("websockets-relay"):
         ratio = knees["gochat"] / knees["websockets-relay"]
@@ -223,6 +302,7 @@ def markdown(doc: dict[str, Any]) -> str:
         f"- started: {doc['started']}, took {doc['elapsed_s']:.0f} s",
         f"- machine: {m['cpu_model']}, {m['cpus']} CPUs, {m['mem_gib']} GiB, Linux {m['kernel']}",
         f"- placement: server on CPU `{doc['placement']['server']}`, load generators on CPU `{doc['placement']['load']}`",
+        *([f"- repeats: {doc['repeat']} capacity runs per fan-out case"] if doc.get("repeat", 1) > 1 else []),
         f"- versions: {', '.join(f'{k} {v}' for k, v in m['versions'].items())}",
         f"- gochat commit: {m['git_commit']}; load generator listener: {m.get('loadgen', 'cython')}",
         *[f"- note: {n}" for n in doc.get("notes", [])],
@@ -271,7 +351,7 @@ def plots(doc: dict[str, Any], out: Path) -> list[str]:
                 vals = []
                 for c in cases:
                     hit = [x for x in rows if (x["subscribers"], x["size"], x["mode"]) == c and x["target"] == t]
-                    vals.append(hit[0]["capacity"].get(metric) or 0 if hit else 0)
+                    vals.append((_median(hit[0], metric) or 0) if hit else 0)
                 ax.bar([i + ti * width for i in range(len(cases))], vals, width, label=t)
             ax.set_xticks([i + 0.4 - width / 2 for i in range(len(cases))])
             ax.set_xticklabels([f"{n:,} subs\n{s} B, mode {m}" for n, s, m in cases], fontsize=8)
@@ -320,6 +400,8 @@ def plots(doc: dict[str, Any], out: Path) -> list[str]:
 def write(doc: dict[str, Any], out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     doc["plots"] = plots(doc, out)
+    if (doc.get("results") or {}).get("fanout"):
+        doc["fanout_ratios"] = fanout_ratio_rows(doc["results"]["fanout"])
     (out / "results.json").write_text(json.dumps(doc, indent=1, default=_json_default))
     (out / "results.md").write_text(markdown(doc))
 

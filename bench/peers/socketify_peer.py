@@ -1,6 +1,9 @@
 """socketify (Python bindings of uWebSockets) room broadcast: every connection subscribes to one
-topic on open, and each binary message is published to it with ``ws.publish`` (uWS' pub/sub, which
-skips the sender), so the fan-out loop runs in uWebSockets' C++ (corked, one write per socket).
+topic on open, and each binary message is published to it with ``ws.publish`` (uWS' pub/sub), so
+the fan-out loop runs in uWebSockets' C++ (corked, one write per socket). socketify's
+``ws.publish`` is the app-wide publish, which includes the sender (the write counter showed one
+extra write per message), so a connection leaves the topic when it first sends: like the other
+peers, a message goes to every other connection.
 
     python bench/peers/socketify_peer.py PORT   (0: a free port)
 """
@@ -27,6 +30,8 @@ def on_open(ws: object) -> None:
 
 def on_message(ws: object, message: bytes, opcode: OpCode) -> None:
     if opcode == OpCode.BINARY:
+        if ws.is_subscribed(TOPIC):  # type: ignore[attr-defined]
+            ws.unsubscribe(TOPIC)  # type: ignore[attr-defined]
         ws.publish(TOPIC, message, OpCode.BINARY)  # type: ignore[attr-defined]
 
 
