@@ -72,6 +72,7 @@ class Gateway:
         self.inflight: set[asyncio.Task[None]] = set()
         self.draining = False
         self._picows_max_message = settings.max_frame * 4
+        core.request_failed = self.request_failed
 
     # ---- listener factory ------------------------------------------------------------------
     def listener_factory(self, request: WSUpgradeRequest) -> Any:
@@ -209,7 +210,13 @@ class Gateway:
             return
         core = self.core
         if op == Op.SEND:
-            self._spawn(conn, f.rid, core.send(conn, f), timed=True)
+            try:
+                if core.send_soon(conn, f, self.loop.time()):
+                    return
+            except GochatError as exc:
+                self._error(conn, f.rid, exc.code, exc.message, exc.retry_after_ms)
+                return
+            self._spawn(conn, f.rid, core.send(conn, f))
         elif op == Op.AUTH:
             self._error(conn, f.rid, ErrorCode.ALREADY_AUTHENTICATED, "")
         elif op == Op.SYNC:
@@ -249,26 +256,28 @@ class Gateway:
     def local_sessions(self) -> list[tuple[int, int]]:
         return [(c.user_id, c.session_id) for c in self.connections.values() if c.authenticated]
 
-    def _spawn(self, conn: Connection, rid: int, coro: Awaitable[bytes | None], timed: bool = False) -> None:
-        task = self.loop.create_task(self._run(conn, rid, coro, timed))
+    def _spawn(self, conn: Connection, rid: int, coro: Awaitable[bytes | None]) -> None:
+        task = self.loop.create_task(self._run(conn, rid, coro))
         self.inflight.add(task)
         task.add_done_callback(self.inflight.discard)
 
-    async def _run(self, conn: Connection, rid: int, coro: Awaitable[bytes | None], timed: bool) -> None:
-        started = self.loop.time()
+    async def _run(self, conn: Connection, rid: int, coro: Awaitable[bytes | None]) -> None:
         try:
             reply = await coro
-        except GochatError as exc:
-            self._error(conn, rid, exc.code, exc.message, exc.retry_after_ms)
+        except Exception as exc:
+            self.request_failed(conn, rid, exc)
             return
-        except Exception:
-            log.exception("request failed (rid %d, user %d)", rid, conn.user_id)
-            self._error(conn, rid, ErrorCode.INTERNAL, "", 0)
-            return
-        if timed:
-            self.metrics.send_latency.observe(self.loop.time() - started)
         if reply is not None:
             conn.push(reply)
+
+    def request_failed(self, conn: Connection, rid: int, exc: BaseException) -> None:
+        """Answer a failed request with ERROR: its own code for a :class:`GochatError`,
+        INTERNAL (logged) for anything else."""
+        if isinstance(exc, GochatError):
+            self._error(conn, rid, exc.code, exc.message, exc.retry_after_ms)
+            return
+        log.error("request failed (rid %d, user %d)", rid, conn.user_id, exc_info=exc)
+        self._error(conn, rid, ErrorCode.INTERNAL, "", 0)
 
     # ---- errors ------------------------------------------------------------------------------
     def _error(self, conn: Connection, rid: int, code: int, message: str, retry_after_ms: int = 0) -> None:
@@ -308,6 +317,11 @@ class Gateway:
         self.writer.flush_now()
         if self.inflight:
             await asyncio.wait(list(self.inflight), timeout=timeout)
+        try:
+            # fast-path SENDs are not tasks: their commits and ACKs are awaited here
+            await asyncio.wait_for(self.core.sends_settled(), timeout)
+        except TimeoutError:
+            log.warning("drain: SENDs still uncommitted after %.1f s", timeout)
         for conn in list(self.connections.values()):
             conn.close_with(1001, "going away")
         self.writer.flush_now()

@@ -9,10 +9,10 @@ message (twice for a direct conversation: the two sides address it by different 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import orjson
@@ -54,7 +54,7 @@ from gochat.protocol.frames import (
     Unsubscribe,
     UnsubscribeOk,
 )
-from gochat.store import AppendRequest, Store, StoredMessage
+from gochat.store import AppendRequest, AppendResult, Store, StoredMessage
 
 __all__ = ["MessagingCore", "SessionState"]
 
@@ -86,6 +86,19 @@ def _now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
+def _unreported(conn: Connection, rid: int, exc: BaseException) -> None:
+    log.error("request %d of %r failed with no gateway attached: %r", rid, conn, exc)
+
+
+def _settle(
+    fut: asyncio.Future[tuple[AppendResult | None, BaseException | None]],
+    result: AppendResult | None,
+    error: BaseException | None,
+) -> None:
+    if not fut.done():  # the waiting task was cancelled: the outcome has no reader
+        fut.set_result((result, error))
+
+
 def _err(code: ErrorCode, message: str = "") -> RequestError:
     return RequestError(message, code=code)
 
@@ -108,8 +121,12 @@ class MessagingCore:
         self.presence = presence
         self.ids = ids
         self.metrics = metrics
-        # metric children bound once: labels() per message costs a lock and a dict lookup
-        self._messages_in: dict[int, Any] = {k: metrics.messages_in.labels(kind=str(int(k))) for k in Kind}
+        self._loop_time = asyncio.get_running_loop().time
+        #: fast-path SENDs enqueued and not yet answered (drain waits for them)
+        self._sends_in_flight = 0
+        self._sends_idle: asyncio.Future[None] | None = None
+        #: reports a failed request to its connection (set by the gateway, which owns errors)
+        self.request_failed: Callable[[Connection, int, BaseException], None] = _unreported
         #: set in cluster mode: remote routing and cluster presence
         self.cluster: ClusterLink | None = None
         self._direct: dict[tuple[int, int], int] = {}  # (lo, hi) -> conv
@@ -193,47 +210,121 @@ class MessagingCore:
         return await self._direct_conv(me, conv_id), ()
 
     # ---- SEND ---------------------------------------------------------------------------------
-    async def send(self, conn: Connection, req: Send) -> bytes:
+    def send_soon(self, conn: Connection, req: Send, started: float) -> bool:
+        """The SEND fast path: no coroutine, Task or Future per message.
+
+        Handles ``req`` now when nothing has to be looked up first: a room message is fanned out
+        and acknowledged at once; a direct or group message whose conversation is cached is
+        enqueued on the store, and :meth:`_send_committed` acknowledges and fans it out after
+        the commit. Returns False (nothing done) when :meth:`send` must run as a task instead.
+        Request errors raise :class:`~gochat.errors.GochatError`.
+        """
+        kind = self._check_send(req)
+        if kind == Kind.ROOM:
+            conn.push(self._send_room(conn, req))
+            self.metrics.hot.send_latency.observe(self._loop_time() - started)
+            return True
+        prev = conn.state.send_gate
+        if prev is not None and not prev.done():
+            return False  # an earlier SEND of this connection is still resolving its target
+        me = conn.user_id
+        target = self._cached_target(me, kind, req.conv_id)
+        if target is None:
+            return False
+        conv, members = target
+        self.store.append_soon(
+            AppendRequest(conv, kind, me, req.client_msg_id, req.content_type, req.body),
+            partial(self._fast_send_committed, conn, req, members, started),
+        )
+        self._sends_in_flight += 1
+        return True
+
+    async def sends_settled(self) -> None:
+        """Wait until every fast-path SEND has been committed (or failed) and answered."""
+        while self._sends_in_flight:
+            if self._sends_idle is None:
+                self._sends_idle = asyncio.get_running_loop().create_future()
+            await asyncio.shield(self._sends_idle)
+
+    async def send(self, conn: Connection, req: Send) -> bytes | None:
+        """The SEND slow path (a task): looks the conversation up first, then appends.
+
+        Sends of one connection reach the store in the order they arrived, even when one of them
+        has to look its conversation up: each waits for the previous one to be enqueued (a gate
+        future) and enqueues its own append before opening the gate for the next.
+        """
+        kind = self._check_send(req)
+        if kind == Kind.ROOM:
+            return self._send_room(conn, req)
+        me = conn.user_id
+        state: SessionState = conn.state
+        prev = state.send_gate
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        gate: asyncio.Future[None] = loop.create_future()
+        state.send_gate = gate
+        committed: asyncio.Future[tuple[AppendResult | None, BaseException | None]] = loop.create_future()
+        try:
+            target = self._cached_target(me, kind, req.conv_id)
+            if target is None:
+                target = await self._target(me, kind, req.conv_id)
+            if prev is not None and not prev.done():
+                await prev
+            conv, members = target
+            self.store.append_soon(
+                AppendRequest(conv, kind, me, req.client_msg_id, req.content_type, req.body),
+                partial(_settle, committed),
+            )
+        finally:
+            gate.set_result(None)
+        result, error = await committed
+        self._send_committed(conn, req, members, started, result, error)
+        return None
+
+    def _check_send(self, req: Send) -> int:
         body_len = len(req.body)
         if body_len == 0:
             raise _err(ErrorCode.EMPTY_BODY)
         if body_len > self.settings.max_body:
             raise _err(ErrorCode.BODY_TOO_LARGE, f"body above {self.settings.max_body} bytes")
-        me = conn.user_id
-        kind = req.kind
-        if kind == Kind.ROOM:
-            return self._send_room(conn, req)
-        append = AppendRequest(0, kind, me, req.client_msg_id, req.content_type, req.body)
-        state: SessionState = conn.state
-        prev = state.send_gate
-        target = self._cached_target(me, kind, req.conv_id)
-        if target is not None and (prev is None or prev.done()):
-            # Fast path: nothing to wait for, the append is enqueued right now, in order.
-            conv, members = target
-            result = await self.store.append(dataclasses.replace(append, conv=conv))
-        else:
-            # Sends of one connection reach the store in the order they arrived, even when
-            # one of them has to look its conversation up first: each waits for the previous
-            # one to be enqueued (a gate future), then enqueues its own append as a task.
-            loop = asyncio.get_running_loop()
-            gate: asyncio.Future[None] = loop.create_future()
-            state.send_gate = gate
-            try:
-                if target is None:
-                    target = await self._target(me, kind, req.conv_id)
-                if prev is not None and not prev.done():
-                    await prev
-                conv, members = target
-                pending = loop.create_task(self.store.append(dataclasses.replace(append, conv=conv)))
-            finally:
-                gate.set_result(None)
-            result = await pending
+        return req.kind
+
+    def _fast_send_committed(
+        self,
+        conn: Connection,
+        req: Send,
+        members: tuple[int, ...],
+        started: float,
+        result: AppendResult | None,
+        error: BaseException | None,
+    ) -> None:
+        self._sends_in_flight -= 1
+        if not self._sends_in_flight and self._sends_idle is not None:
+            self._sends_idle.set_result(None)
+            self._sends_idle = None
+        self._send_committed(conn, req, members, started, result, error)
+
+    def _send_committed(
+        self,
+        conn: Connection,
+        req: Send,
+        members: tuple[int, ...],
+        started: float,
+        result: AppendResult | None,
+        error: BaseException | None,
+    ) -> None:
+        """After the commit (in queue order): fan out, then SEND_ACK."""
+        if result is None:
+            self.request_failed(conn, req.rid, error if error is not None else _err(ErrorCode.INTERNAL))
+            return
         m = result.message
-        self._messages_in[kind].inc()
+        hot = self.metrics.hot
+        hot.messages_in[m.kind] += 1
         if not result.duplicate:
             self._fan_out(conn, m, req.conv_id, members)
         flags = FLAG_DUPLICATE if result.duplicate else 0
-        return encode_send_ack(req.rid, flags, kind, req.conv_id, m.seq, m.msg_id, m.ts_ms)
+        conn.push(encode_send_ack(req.rid, flags, m.kind, req.conv_id, m.seq, m.msg_id, m.ts_ms))
+        hot.send_latency.observe(self._loop_time() - started)
 
     def _fan_out(self, conn: Connection, m: StoredMessage, wire_conv: int, members: tuple[int, ...]) -> None:
         me = m.sender_id
@@ -255,7 +346,7 @@ class MessagingCore:
                     m.kind, m.content_type, me, m.seq, m.msg_id, me, m.ts_ms, m.client_msg_id, m.body
                 )
                 n += self._deliver((peer,), theirs, None)
-        self.metrics.messages_delivered.inc(n)
+        self.metrics.hot.deliveries += n
 
     def _deliver(self, user_ids: Any, data: bytes, skip: Connection | None, droppable: bool = False) -> int:
         """Queue ``data`` to every session of ``user_ids``: local ones now, remote ones through the
@@ -280,8 +371,9 @@ class MessagingCore:
         n = self.routing.fanout_room(self.writer, req.conv_id, data, conn, True)
         if self.cluster is not None:
             self.cluster.route_room(req.conv_id, data)
-        self._messages_in[Kind.ROOM].inc()
-        self.metrics.messages_delivered.inc(n)
+        hot = self.metrics.hot
+        hot.messages_in[Kind.ROOM] += 1
+        hot.deliveries += n
         return encode_send_ack(req.rid, 0, Kind.ROOM, req.conv_id, 0, msg_id, ts)
 
     # ---- SYNC / HISTORY / READ --------------------------------------------------------------

@@ -12,10 +12,15 @@ addressed by the *peer's* user id, a mapping that the messaging core does
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, TypeAlias, runtime_checkable
+
+if TYPE_CHECKING:
+    from gochat.store.common import StoreStats
 
 __all__ = [
+    "AppendCallback",
     "AppendRequest",
     "AppendResult",
     "ConversationState",
@@ -67,6 +72,10 @@ class AppendResult:
     duplicate: bool
 
 
+#: ``done(result, error)``: exactly one of the two is None.
+AppendCallback: TypeAlias = Callable[["AppendResult | None", "BaseException | None"], None]
+
+
 @dataclass(frozen=True, slots=True)
 class ConversationState:
     """One conversation as seen by one user (SYNC, conversation list)."""
@@ -109,6 +118,10 @@ class Store(Protocol):
 
     async def close(self) -> None:
         """Flush pending appends (they commit, their waiters get results) and release resources."""
+
+    @property
+    def stats(self) -> StoreStats:
+        """A snapshot of the write counters (transactions, appends, largest batch, ...)."""
 
     async def ping(self) -> None:
         """Raise UnavailableError if the backend is unreachable (readiness probe)."""
@@ -175,6 +188,15 @@ class Store(Protocol):
         Assigns ``seq`` = conversation's last_seq + 1, a unique ``msg_id`` and ``ts_ms`` in the
         same transaction as the insert. Idempotent on (sender_id, client_msg_id): a repeat
         returns the original with ``duplicate=True``. Returns only after commit.
+        """
+
+    def append_soon(self, request: AppendRequest, done: AppendCallback) -> None:
+        """:meth:`append` without a coroutine, a Task or a Future (the SEND fast path).
+
+        Enqueues ``request`` before returning (so call order is queue order is seq order) and
+        calls ``done(result, None)`` or ``done(None, error)`` on the event loop that opened the
+        store, after the commit, in queue order. Validation and admission failures (closed,
+        queue full) raise here and nothing is queued.
         """
 
     async def history(

@@ -11,6 +11,7 @@ stay in each backend.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from typing import Any, Final
 
 from gochat.errors import ErrorCode, RequestError, UnavailableError
 from gochat.ids import IdGenerator
-from gochat.store.base import AppendRequest, StoredMessage
+from gochat.store.base import AppendCallback, AppendRequest, AppendResult, StoredMessage
 
 __all__ = [
     "CLIENT_MSG_ID_LEN",
@@ -39,10 +40,13 @@ __all__ = [
     "new_message",
     "now_ms",
     "resolve_ids",
+    "run_callback",
     "unavailable",
     "validate_append",
     "validate_history",
 ]
+
+log = logging.getLogger("gochat.store")
 
 KIND_DIRECT: Final = 1
 KIND_GROUP: Final = 2
@@ -56,6 +60,15 @@ DIRECT_CACHE_MAX: Final = 1 << 18
 MSG_COLUMNS: Final = (
     "m.conv, c.kind, m.seq, m.msg_id, m.sender_id, m.ts_ms, m.client_msg_id, m.content_type, m.body"
 )
+
+
+def run_callback(done: AppendCallback, result: AppendResult | None, error: BaseException | None) -> None:
+    """Call an :meth:`~gochat.store.base.Store.append_soon` callback; a failing callback is
+    logged and does not keep the callbacks after it from running."""
+    try:
+        done(result, error)
+    except Exception:
+        log.exception("append callback failed")
 
 
 def now_ms() -> int:

@@ -47,6 +47,7 @@ import asyncpg
 from gochat.errors import ErrorCode, GochatError, RequestError, UnavailableError
 from gochat.ids import IdGenerator, id_unix_ms
 from gochat.store.base import (
+    AppendCallback,
     AppendRequest,
     AppendResult,
     ConversationState,
@@ -69,6 +70,7 @@ from gochat.store.common import (
     new_message,
     now_ms,
     resolve_ids,
+    run_callback,
     unavailable,
     validate_append,
     validate_history,
@@ -325,11 +327,27 @@ async def migrate(dsn: str, schema: str = "gochat", *, timeout: float = 60.0) ->
 # ---- queue entries ------------------------------------------------------------------------------
 
 
-class _Append:
-    __slots__ = ("error", "future", "request", "result", "retry")
+def _check_append(request: AppendRequest) -> None:
+    validate_append(request)
+    # Values PostgreSQL cannot store fail here, alone, instead of breaking a batch.
+    _check_int64(request.conv, request.sender_id, request.content_type)
+    if not isinstance(request.body, bytes | bytearray | memoryview):
+        raise RequestError("body must be bytes", code=ErrorCode.BAD_REQUEST)
 
-    def __init__(self, future: asyncio.Future[AppendResult], request: AppendRequest) -> None:
+
+class _Append:
+    """One queued append. Its outcome goes to ``future`` or, when that is None, to ``done``."""
+
+    __slots__ = ("done", "error", "future", "request", "result", "retry")
+
+    def __init__(
+        self,
+        future: asyncio.Future[AppendResult] | None,
+        request: AppendRequest,
+        done: AppendCallback | None = None,
+    ) -> None:
         self.future = future
+        self.done = done
         self.request = request
         self.result: AppendResult | None = None
         self.error: BaseException | None = None
@@ -588,13 +606,15 @@ stored AS (
 SELECT msg_id, seq FROM stored
 """
 
-    def _submit(self, request: AppendRequest) -> asyncio.Future[AppendResult]:
+    def _submit(
+        self, request: AppendRequest, done: AppendCallback | None = None
+    ) -> asyncio.Future[AppendResult] | None:
         if not self._accepting or self._wakeup is None or self._loop is None:
             raise UnavailableError("store is closed")
         if self._pending >= self.max_pending:
             raise UnavailableError("store write queue is full", code=ErrorCode.OVERLOADED)
-        fut: asyncio.Future[AppendResult] = self._loop.create_future()
-        self._queue.append(_Append(fut, request))
+        fut: asyncio.Future[AppendResult] | None = None if done is not None else self._loop.create_future()
+        self._queue.append(_Append(fut, request, done))
         self._pending += 1
         self._wakeup.set()
         return fut
@@ -640,9 +660,16 @@ SELECT msg_id, seq FROM stored
 
     @staticmethod
     def _deliver(batch: list[_Append]) -> None:
-        """Resolve futures in call order (after commit)."""
+        """Resolve futures and run callbacks in call order (after commit)."""
         for e in batch:
             fut = e.future
+            if fut is None:
+                assert e.done is not None
+                if e.result is not None:
+                    run_callback(e.done, e.result, None)
+                else:
+                    run_callback(e.done, None, e.error if e.error is not None else UnavailableError("not stored"))
+                continue
             if fut.done():  # the caller was cancelled; the write is committed anyway
                 continue
             if e.result is not None:
@@ -1151,13 +1178,15 @@ SELECT EXISTS (SELECT 1 FROM g), EXISTS (SELECT 1 FROM d)
     # ---- messages --------------------------------------------------------------------------------
 
     async def append(self, request: AppendRequest) -> AppendResult:
-        validate_append(request)
-        # Values PostgreSQL cannot store fail here, alone, instead of breaking a batch.
-        _check_int64(request.conv, request.sender_id, request.content_type)
-        if not isinstance(request.body, bytes | bytearray | memoryview):
-            raise RequestError("body must be bytes", code=ErrorCode.BAD_REQUEST)
+        _check_append(request)
         # Enqueued before the first await: call order is queue order is seq order.
-        return await self._submit(request)
+        fut = self._submit(request)
+        assert fut is not None
+        return await fut
+
+    def append_soon(self, request: AppendRequest, done: AppendCallback) -> None:
+        _check_append(request)
+        self._submit(request, done)
 
     async def history(
         self, conv: int, from_seq: int, limit: int, backward: bool

@@ -25,6 +25,7 @@ request: generic write jobs run inside a ``SAVEPOINT``; appends are validated be
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import queue
 import sqlite3
@@ -34,11 +35,12 @@ from concurrent.futures import Future as ConcurrentFuture
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final, TypeVar
+from typing import Any, Final, TypeVar, cast
 
 from gochat.errors import ErrorCode, GochatError, RequestError, UnavailableError
 from gochat.ids import IdGenerator
 from gochat.store.base import (
+    AppendCallback,
     AppendRequest,
     AppendResult,
     ConversationState,
@@ -61,6 +63,7 @@ from gochat.store.common import (
     new_message,
     now_ms,
     resolve_ids,
+    run_callback,
     unavailable,
     validate_append,
     validate_history,
@@ -152,20 +155,32 @@ class SQLiteStoreStats(StoreStats):
 
 
 class _Entry:
-    __slots__ = ("future", "loop")
+    """One queued write. Its outcome goes to ``future`` or, when that is None, to ``done``."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, future: asyncio.Future[Any]) -> None:
+    __slots__ = ("done", "future", "loop")
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        future: asyncio.Future[Any] | None,
+        done: AppendCallback | None = None,
+    ) -> None:
         self.loop = loop
         self.future = future
+        self.done = done
 
 
 class _Append(_Entry):
     __slots__ = ("request",)
 
     def __init__(
-        self, loop: asyncio.AbstractEventLoop, future: asyncio.Future[Any], request: AppendRequest
+        self,
+        loop: asyncio.AbstractEventLoop,
+        future: asyncio.Future[Any] | None,
+        request: AppendRequest,
+        done: AppendCallback | None = None,
     ) -> None:
-        super().__init__(loop, future)
+        super().__init__(loop, future, done)
         self.request = request
 
 
@@ -183,6 +198,42 @@ class _Job(_Entry):
 
 
 _STOP: Final = object()
+
+
+_CONV_CACHE_MAX: Final = 1 << 16
+_ROWS_PER_STATEMENT: Final = 256  # 8 parameters a row: far below SQLITE_MAX_VARIABLE_NUMBER
+
+
+@functools.lru_cache(maxsize=16)
+def _insert_sql(rows: int) -> str:
+    values = ", ".join(["(?, ?, ?, ?, ?, ?, ?, ?)"] * rows)
+    return (
+        "INSERT OR IGNORE INTO messages"
+        f" (conv, seq, msg_id, sender_id, ts_ms, client_msg_id, content_type, body) VALUES {values}"
+    )
+
+
+@functools.lru_cache(maxsize=16)
+def _bump_sql(rows: int) -> str:
+    values = ", ".join(["(?, ?)"] * rows)
+    return (
+        f"UPDATE conversations SET last_seq = v.column2 FROM (VALUES {values}) AS v"
+        " WHERE conversations.conv = v.column1"
+    )
+
+
+def _execute_rows(conn: sqlite3.Connection, sql: Callable[[int], str], rows: list[tuple[Any, ...]]) -> None:
+    """Run ``sql(k)`` over ``rows`` in chunks of power-of-two sizes (few distinct statements,
+    all kept in the connection's statement cache)."""
+    i = 0
+    while i < len(rows):
+        k = min(_ROWS_PER_STATEMENT, 1 << ((len(rows) - i).bit_length() - 1))
+        conn.execute(sql(k), [value for row in rows[i : i + k] for value in row])
+        i += k
+
+
+class _Fallback(Exception):
+    """A batched run of appends must be applied row by row instead."""
 
 
 class _Rerun(Exception):
@@ -225,12 +276,16 @@ def _split_sql(script: str) -> list[str]:
     return statements
 
 
-def _resolve(items: list[tuple[asyncio.Future[Any], bool, Any]]) -> None:
-    """Runs on the caller's event loop: one call per loop per batch."""
-    for fut, ok, value in items:
-        if fut.done():  # the caller was cancelled; the write is committed anyway
+def _resolve(items: list[tuple[_Entry, bool, Any]]) -> None:
+    """Runs on the caller's event loop: one call per loop per batch, in queue order."""
+    for entry, ok, value in items:
+        fut = entry.future
+        if fut is None:
+            assert entry.done is not None
+            run_callback(entry.done, value if ok else None, None if ok else value)
+        elif fut.done():  # the caller was cancelled; the write is committed anyway
             continue
-        if ok:
+        elif ok:
             fut.set_result(value)
         else:
             fut.set_exception(value)
@@ -281,6 +336,9 @@ class SQLiteStore:
         self._direct = DirectConversationCache(self._direct_lookup, per_loop=True)
         self._last_ts = 0
         self._counters = StoreCounters()  # written by the writer thread only
+        self._convs: dict[int, list[int]] = {}  # writer thread only; see _transaction
+        #: the loop that opened the store: append_soon's callbacks run there
+        self._open_loop: asyncio.AbstractEventLoop | None = None
 
     # ---- lifecycle ---------------------------------------------------------------------------
 
@@ -347,6 +405,7 @@ class SQLiteStore:
             daemon=True,
         )
         self._writer.start()
+        self._open_loop = asyncio.get_running_loop()
         try:
             await asyncio.wrap_future(ready)
         except sqlite3.Error as exc:
@@ -394,14 +453,17 @@ class SQLiteStore:
     ) -> asyncio.Future[Any]:
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Any] = loop.create_future()
+        self._enqueue(make(loop, fut))
+        return fut
+
+    def _enqueue(self, entry: _Entry) -> None:
         with self._lock:
             if not self._accepting:
                 raise UnavailableError("store is closed")
             if self._pending >= self.max_pending:
                 raise UnavailableError("store write queue is full", code=ErrorCode.OVERLOADED)
             self._pending += 1
-            self._queue.put(make(loop, fut))
-        return fut
+            self._queue.put(entry)
 
     async def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``fn(conn)`` on the writer thread inside the next write transaction."""
@@ -514,12 +576,31 @@ class SQLiteStore:
         self, conn: sqlite3.Connection, batch: list[_Entry], *, isolate: bool
     ) -> list[tuple[_Entry, bool, Any]]:
         outcomes: list[tuple[_Entry, bool, Any]] = []
-        convs: dict[int, list[int]] = {}  # conv -> [kind, last_seq] within this transaction
+        # conv -> [kind, last_seq]. The writer thread is the only writer, so this cache stays
+        # true across transactions; it is dropped when a job runs or a transaction fails.
+        convs = self._convs
+        if len(convs) > _CONV_CACHE_MAX:
+            convs.clear()
         appended = duplicates = jobs = 0
         now = max(now_ms(), self._last_ts)
         conn.execute("BEGIN IMMEDIATE")
         try:
+            # Fast path: a run of consecutive appends goes in with one executemany. A run that
+            # meets a duplicate or an invalid request is undone and redone one by one below.
+            fast: dict[int, AppendResult] = {}
+            if not isolate:
+                start = 0
+                while start < len(batch):
+                    end = start
+                    while end < len(batch) and isinstance(batch[end], _Append):
+                        end += 1
+                    if end > start and self._append_run(conn, batch, start, end, convs, now, fast):
+                        appended += end - start
+                    start = end + 1
             for n, entry in enumerate(batch):
+                if n in fast:
+                    outcomes.append((entry, True, fast[n]))
+                    continue
                 if isinstance(entry, _Append):
                     if isolate:
                         conn.execute("SAVEPOINT item")
@@ -566,6 +647,7 @@ class SQLiteStore:
                     outcomes.append((entry, True, value))
             conn.execute("COMMIT")
         except BaseException:
+            convs.clear()
             if conn.in_transaction:
                 try:
                     conn.execute("ROLLBACK")
@@ -579,6 +661,71 @@ class SQLiteStore:
         counters.duplicates += duplicates
         counters.jobs += jobs
         return outcomes
+
+    def _append_run(
+        self,
+        conn: sqlite3.Connection,
+        batch: list[_Entry],
+        start: int,
+        end: int,
+        convs: dict[int, list[int]],
+        now: int,
+        results: dict[int, AppendResult],
+    ) -> bool:
+        """Insert ``batch[start:end]`` (all appends) with one ``INSERT OR IGNORE`` executemany.
+
+        True when every row went in: their results are put in ``results`` by batch index.
+        False when one was ignored (a duplicate, or a constraint the per-row path reports) or
+        names a missing conversation or the wrong kind: then nothing of the run stays and the
+        caller applies it row by row, which finds and reports exactly those cases.
+        """
+        rows: list[tuple[Any, ...]] = []
+        made: list[tuple[int, StoredMessage]] = []
+        touched: dict[int, int] = {}  # conv -> its last seq after this run
+        loaded: dict[int, list[int]] = {}  # conv -> [kind, last_seq] read by this run
+        next_id = self._ids.next_id
+        conn.execute("SAVEPOINT run")
+        try:
+            for n in range(start, end):
+                req = cast(_Append, batch[n]).request
+                state = convs.get(req.conv) or loaded.get(req.conv)
+                if state is None:
+                    crow = conn.execute(
+                        "SELECT kind, last_seq FROM conversations WHERE conv = ?", (req.conv,)
+                    ).fetchone()
+                    if crow is None:
+                        raise _Fallback
+                    state = loaded[req.conv] = [crow[0], crow[1]]
+                if state[0] != req.kind:
+                    raise _Fallback
+                seq = touched.get(req.conv, state[1]) + 1
+                touched[req.conv] = seq
+                message = new_message(req, seq=seq, msg_id=next_id(), ts_ms=now)
+                made.append((n, message))
+                rows.append(
+                    (req.conv, seq, message.msg_id, req.sender_id, now, message.client_msg_id,
+                     req.content_type, message.body)
+                )
+            before = conn.total_changes
+            # Multi-row statements: each sqlite3_step releases and re-takes the GIL, which the
+            # event-loop thread holds most of the time, so statements, not rows, are counted.
+            _execute_rows(conn, _insert_sql, rows)
+            if conn.total_changes - before != len(rows):
+                raise _Fallback
+            _execute_rows(conn, _bump_sql, list(touched.items()))
+        except Exception as exc:
+            if _is_io_error(exc):
+                raise
+            conn.execute("ROLLBACK TO run")
+            conn.execute("RELEASE run")
+            return False
+        conn.execute("RELEASE run")
+        convs.update(loaded)
+        for conv, seq in touched.items():
+            convs[conv][1] = seq
+        for n, message in made:
+            results[n] = AppendResult(message, duplicate=False)
+        return True
 
     def _apply_append(
         self, conn: sqlite3.Connection, req: AppendRequest, convs: dict[int, list[int]], now: int
@@ -616,9 +763,9 @@ class SQLiteStore:
         return AppendResult(message, duplicate=False)
 
     def _deliver(self, outcomes: Iterable[tuple[_Entry, bool, Any]]) -> None:
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], bool, Any]]] = {}
-        for entry, ok, value in outcomes:
-            by_loop.setdefault(entry.loop, []).append((entry.future, ok, value))
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Entry, bool, Any]]] = {}
+        for outcome in outcomes:
+            by_loop.setdefault(outcome[0].loop, []).append(outcome)
         for loop, items in by_loop.items():
             try:
                 loop.call_soon_threadsafe(_resolve, items)
@@ -891,6 +1038,13 @@ class SQLiteStore:
         validate_append(request)
         result: AppendResult = await self._submit(lambda loop, fut: _Append(loop, fut, request))
         return result
+
+    def append_soon(self, request: AppendRequest, done: AppendCallback) -> None:
+        validate_append(request)
+        loop = self._open_loop
+        if loop is None:
+            raise UnavailableError("store is closed")
+        self._enqueue(_Append(loop, None, request, done))
 
     async def history(
         self, conv: int, from_seq: int, limit: int, backward: bool
