@@ -318,6 +318,81 @@ class StoreBehaviour:
 
         run(body)
 
+    # ---- append_soon (the SEND fast path) ----------------------------------------------------------
+
+    def test_append_soon_answers_in_call_order(self, run: Runner[None]) -> None:
+        """Callbacks run after the commit, in call order; seq follows call order; a duplicate and
+        a bad request inside the same batch get their own answers and leave no gap in seq."""
+
+        async def body(store: Store) -> None:
+            a, b = await users(store, "alice", "bob")
+            conv = await store.direct_conversation(a, b)
+            first = await store.append(req(conv, a))
+            answers: list[tuple[int, AppendResult | None, BaseException | None]] = []
+            done = asyncio.get_running_loop().create_future()
+            requests = [req(conv, a if i % 2 else b) for i in range(60)]
+            requests[10] = req(conv, a, client_msg_id=first.message.client_msg_id)  # stored before
+            requests[20] = req(conv + 999, a)  # no such conversation
+            requests[31] = req(conv, b, client_msg_id=requests[30].client_msg_id)  # same key as [30]
+
+            def answer(i: int, result: AppendResult | None, error: BaseException | None) -> None:
+                answers.append((i, result, error))
+                if len(answers) == len(requests):
+                    done.set_result(None)
+
+            for i, r in enumerate(requests):
+                store.append_soon(r, lambda res, err, i=i: answer(i, res, err))
+            await asyncio.wait_for(done, 10)
+            assert [i for i, _, _ in answers] == list(range(len(requests)))
+            assert answers[10][1] is not None and answers[10][1].duplicate
+            assert answers[10][1].message == first.message
+            assert isinstance(answers[20][2], RequestError) and answers[20][2].code == ErrorCode.NOT_FOUND
+            assert answers[31][1] is not None and answers[31][1].duplicate
+            assert answers[31][1].message == answers[30][1].message  # type: ignore[union-attr]
+            fresh = [res for i, res, _ in answers if i not in (10, 20, 31)]
+            assert [r.message.seq for r in fresh if r is not None] == list(range(2, 59))
+            hist, _ = await store.history(conv, 0, 100, True)
+            assert [m.seq for m in hist] == list(range(1, 59))
+            state = {c.conv: c for c in await store.conversations(a)}
+            assert state[conv].last_seq == 58
+
+        run(body)
+
+    def test_append_soon_rejects_before_queueing(self, run: Runner[None]) -> None:
+        async def body(store: Store) -> None:
+            a, b = await users(store, "alice", "bob")
+            conv = await store.direct_conversation(a, b)
+            called: list[object] = []
+            with pytest.raises(RequestError) as ei:
+                store.append_soon(req(conv, a, client_msg_id=b"short"), lambda r, e: called.append(r))
+            assert ei.value.code == ErrorCode.BAD_REQUEST
+            r = await store.append(req(conv, a))
+            assert r.message.seq == 1 and not called
+
+        run(body)
+
+    def test_seq_continues_across_writes_of_other_kinds(self, run: Runner[None]) -> None:
+        """Appends interleaved with other writes (groups, members, read positions) in the same
+        batches keep exact seqs: cached conversation state never goes stale."""
+
+        async def body(store: Store) -> None:
+            a, b, c = await users(store, "alice", "bob", "carol")
+            group = await store.create_group(a, "g", [b])
+            results: list[AppendResult] = []
+            for round_ in range(5):
+                batch = [store.append(req(group.conv, a, kind=GROUP)) for _ in range(10)]
+                others = [
+                    store.add_member(group.conv, c) if round_ % 2 == 0 else store.remove_member(group.conv, c),
+                    store.set_read(group.conv, b, round_ * 10),
+                ]
+                out = await asyncio.gather(*batch, *others)
+                results += [r for r in out if isinstance(r, AppendResult)]
+            assert sorted(r.message.seq for r in results) == list(range(1, 51))
+            info = await store.group_info(group.conv)
+            assert info is not None and info.last_seq == 50
+
+        run(body)
+
     # ---- history ---------------------------------------------------------------------------------
 
     def test_history(self, run: Runner[None]) -> None:
