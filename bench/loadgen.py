@@ -178,7 +178,7 @@ class Payloads:
     def message(self, seq: int, ts: int, conv: int | None = None, prefix: bytes | None = None) -> bytes:
         body = (self.prefix if prefix is None else prefix) + struct.pack("<QI", ts, seq) + self.pad
         if self.gochat:
-            cmid = struct.pack("<QQ", os.getpid(), seq)
+            cmid = struct.pack(">QQ", os.getpid(), seq)  # big-endian: time-ordered per sender, as the SDK's UUIDv7
             send = struct.pack("<BBQ", self.kind, 0, self.conv if conv is None else conv) + cmid + body
             body = gframe(OP_SEND, send, rid=seq & 0xFFFFFFFF)
         if self.proto != "ws":

@@ -1136,3 +1136,20 @@ def test_chat_formatting() -> None:
     add_chat_arguments(p)
     ns = p.parse_args(["--user", "alice", "--ws", "ws://a/ws", "--ws", "ws://b/ws", "--register"])
     assert ns.ws == ["ws://a/ws", "ws://b/ws"] and ns.register and ns.to is None
+
+
+def test_client_msg_ids_are_time_ordered_uuid7() -> None:
+    import time as _time
+    import uuid as _uuid
+
+    from gochat.client import new_client_msg_id
+
+    first = new_client_msg_id()
+    _time.sleep(0.002)
+    second = new_client_msg_id()
+    for raw in (first, second):
+        u = _uuid.UUID(bytes=raw)
+        assert len(raw) == 16 and u.version == 7 and u.variant == _uuid.RFC_4122
+    # a later millisecond sorts later: the server's dedup index grows at its end
+    assert first < second
+    assert len({new_client_msg_id() for _ in range(1000)}) == 1000

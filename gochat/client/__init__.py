@@ -20,7 +20,7 @@ import asyncio
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
-from gochat.client.connection import NEWEST, Client, Item, TokenArg
+from gochat.client.connection import NEWEST, Client, Item, TokenArg, new_client_msg_id
 from gochat.client.discovery import Gateway, GatewayBalancer, Strategy
 from gochat.client.errors import (
     ClientClosedError,
@@ -80,6 +80,7 @@ __all__ = [
     "UnavailableError",
     "error_class_for",
     "error_for",
+    "new_client_msg_id",
     "run",
 ]
 

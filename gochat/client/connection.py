@@ -12,8 +12,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
@@ -57,7 +57,7 @@ from gochat.protocol.constants import (
     Kind,
 )
 
-__all__ = ["Client", "Item", "TokenArg"]
+__all__ = ["Client", "Item", "TokenArg", "new_client_msg_id"]
 
 log = logging.getLogger("gochat.client")
 
@@ -72,6 +72,17 @@ _MAX_RID: Final = 0xFFFFFFFF
 NEWEST: Final = (1 << 63) - 1
 _CLOSED: Final = object()
 
+
+
+def new_client_msg_id() -> bytes:
+    """A fresh ``client_msg_id``: a UUIDv7 (RFC 9562), 48 bits of Unix milliseconds then 74
+    random bits. Time-ordered ids keep the server's dedup index (sender, client_msg_id) a
+    mostly-appending b-tree instead of one random page write per message."""
+    ms = time.time_ns() // 1_000_000
+    value = (ms & 0xFFFF_FFFF_FFFF) << 80 | int.from_bytes(os.urandom(10), "big")
+    value = value & ~(0xF << 76) | 0x7 << 76  # version 7
+    value = value & ~(0x3 << 62) | 0x2 << 62  # variant 10
+    return value.to_bytes(16, "big")
 
 class _AuthRejected(Exception):
     """Internal: authentication failed and no new token is available (fatal)."""
@@ -615,7 +626,7 @@ class Client:
             raise ValueError(f"invalid conversation kind {kind}")
         if not 0 <= ct <= 255:
             raise ValueError(f"invalid content type {ct}")
-        cmid = uuid.uuid4().bytes if client_msg_id is None else bytes(client_msg_id)
+        cmid = new_client_msg_id() if client_msg_id is None else bytes(client_msg_id)
         if len(cmid) != CLIENT_MSG_ID_SIZE:
             raise ValueError("client_msg_id must be 16 bytes")
         if HEADER_SIZE + SEND_FIXED_SIZE + len(data) > self._server_max_frame:
