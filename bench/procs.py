@@ -49,6 +49,19 @@ def cpu_ns(pid: int) -> int:
     return total
 
 
+_TICK_S = 1.0 / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_split_s(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of ``pid``, all threads (/proc/PID/stat, clock-tick resolution)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return 0.0, 0.0
+    return int(fields[11]) * _TICK_S, int(fields[12]) * _TICK_S
+
+
 def proc_status(pid: int) -> dict[str, int]:
     """VmRSS, RssAnon, RssFile, VmHWM of ``pid`` in KiB."""
     out: dict[str, int] = {}

@@ -18,6 +18,7 @@ from bench.procs import (
     Placement,
     ServerProc,
     cpu_ns,
+    cpu_split_s,
     gochat_users,
     log,
     proc_io,
@@ -106,11 +107,13 @@ async def _measured(
     sc0 = server.socket_writes()
     io0 = proc_io(server.pid)
     s0 = cpu_ns(server.pid)
+    split0 = cpu_split_s(server.pid)
     l0 = sum(cpu_ns(p) for p in load_pids)
     t0 = time.monotonic()
     done = await run()
     await _drain(subs, int(done["sent"]) * expected_per_msg)
     s1 = cpu_ns(server.pid)
+    split1 = cpu_split_s(server.pid)
     l1 = sum(cpu_ns(p) for p in load_pids)
     wall = time.monotonic() - t0
     sc1 = server.socket_writes()
@@ -135,6 +138,9 @@ async def _measured(
         "server_cpu_s": round((s1 - s0) / 1e9, 3),
         "server_cpu_pct": round(100.0 * (s1 - s0) / 1e9 / wall, 1),
         "server_cpu_us_per_delivery": round((s1 - s0) / 1e3 / deliveries, 3) if deliveries else None,
+        # user-space versus kernel share of the server's CPU (clock-tick resolution)
+        "server_user_us_per_delivery": round((split1[0] - split0[0]) * 1e6 / deliveries, 3) if deliveries else None,
+        "server_sys_us_per_delivery": round((split1[1] - split0[1]) * 1e6 / deliveries, 3) if deliveries else None,
         "load_cpu_pct": round(100.0 * (l1 - l0) / 1e9 / wall, 1),
         "load_cpu_us_per_delivery": round((l1 - l0) / 1e3 / deliveries, 3) if deliveries else None,
         "latency_us": merged["latency"],
