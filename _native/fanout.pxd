@@ -12,6 +12,17 @@
 # Slow consumers: while picows reports the transport paused (kernel + transport buffers full),
 # frames accumulate in `out`; above `soft_limit` droppable frames (typing, presence, room
 # messages) are dropped; above `hard_limit` the connection is closed with 4401 SLOW_CONSUMER.
+#
+# Registry and heartbeat: the writer lists every connected Connection in two intrusive lists
+# (links in the Connection, no allocation): `idle` ordered by the last incoming frame (a frame
+# moves its connection to the tail) and `wait` (PING sent) ordered by the PONG deadline.
+# FanoutWriter.start_heartbeat runs picows' PING_WHEN_IDLE rules on them with ONE timer that
+# only looks at the two heads: PING after `idle` seconds without an incoming frame, close
+# (1001) when no PONG follows within `reply` seconds. picows' own auto-ping costs a Task, two
+# coroutines, a Future and a timer handle per connection (~1.8 KiB per idle connection).
+#
+# Memory per idle connection is a target: the fields below are ordered and typed to keep a
+# Connection small, settings shared by every connection live in one ConnShared object.
 
 from libc.stdint cimport uint64_t
 from picows.picows cimport WSListener, WSTransport
@@ -21,35 +32,49 @@ cdef enum:
 
 cdef class FanoutWriter
 
+cdef class ConnShared:
+    # what every connection of one gateway shares: handler, writer and limits
+    cdef:
+        object handler
+        FanoutWriter writer
+        Py_ssize_t soft_limit
+        Py_ssize_t hard_limit
+        double rate
+        double burst
+        Py_ssize_t max_message
+
+
 cdef class Connection(WSListener):
     cdef:
         readonly WSTransport transport
-        readonly object handler          # Python gateway: on_connected/on_message/on_disconnected
-        readonly FanoutWriter writer
-        public uint64_t user_id
+        ConnShared shared                # handler (Python gateway), writer, limits
+        object uid                       # user_id: an int in 0..2**64-1, kept as the object
+                                         # the gateway set, so that the routing table's and
+                                         # presence's dict keys share it (no int per lookup)
         public uint64_t session_id
         readonly uint64_t conn_id
-        public bint authenticated
         public object state              # control-plane session state (Python object)
         char* out                        # outbound block; frames start at out + HEADROOM
-        Py_ssize_t out_size              # bytes of frames queued (after HEADROOM)
-        Py_ssize_t out_cap               # allocated bytes (HEADROOM included)
-        readonly bint dirty
-        readonly bint paused
-        readonly bint closing
-        Py_ssize_t soft_limit
-        Py_ssize_t hard_limit
+        Py_ssize_t out_size              # bytes of frames queued (after HEADROOM); the block
+                                         # is 1024 * 2**k bytes, the least >= HEADROOM + out_size
         double tokens                    # rate limiter (token bucket)
-        double rate
-        double burst
         double last_refill
         object fragments                 # bytearray while a fragmented WS message arrives
-        Py_ssize_t max_message
         readonly uint64_t dropped
+        Connection hb_prev               # heartbeat list links (see above)
+        Connection hb_next
+        double hb_at                     # idle list: last frame in; wait list: PONG deadline
+        unsigned char is_authenticated
+        unsigned char is_dirty
+        unsigned char is_paused
+        unsigned char is_closing
+        unsigned char hb_state           # 0 not listed, 1 idle, 2 wait (PING out), 3 closed
+        unsigned char trim_pending       # read buffer not yet trimmed after authentication
 
     cdef int _append(self, const char* data, Py_ssize_t size) except -1
     cdef int queue_frame(self, bytes data, bint droppable) except -1
     cdef int flush(self) except -1
+    cdef int _trim_buffers(self) except -1
     cpdef bint take_tokens(self, double now, double n)
     cpdef push(self, bytes data, bint droppable=*)
     cpdef close_with(self, int close_code, str reason=*)
@@ -61,12 +86,34 @@ cdef class FanoutWriter:
         list dirty
         bint scheduled
         object _flush_cb
+        ConnShared _shared               # the last ConnShared handed out (usually the only one)
         readonly uint64_t frames_out
         readonly uint64_t bytes_out
         readonly uint64_t writes
         readonly uint64_t drops
         readonly uint64_t slow_disconnects
+        # heartbeat
+        double hb_idle                   # 0: no heartbeat
+        double hb_reply
+        object hb_logger
+        object hb_timer                  # asyncio.TimerHandle while armed
+        object _hb_cb
+        Connection idle_head
+        Connection idle_tail
+        Connection wait_head
+        Connection wait_tail
+        readonly Py_ssize_t tracked      # connected Connections (in the idle + wait lists)
+        readonly uint64_t pings
 
     cdef inline int mark(self, Connection c) except -1
+    cdef ConnShared shared_for(self, handler, Py_ssize_t soft_limit, Py_ssize_t hard_limit,
+                               double rate, double burst, Py_ssize_t max_message)
+    cdef inline void _append(self, Connection c, unsigned char state) noexcept
+    cdef inline void _unlink(self, Connection c) noexcept
+    cdef int track(self, Connection c) except -1
+    cdef int untrack(self, Connection c) except -1
+    cdef int hb_frame(self, Connection c, bint is_pong) except -1
+    cdef int _hb_arm(self, double now) except -1
+    cdef _pong_missed(self, Connection c)
     cpdef int fanout(self, list conns, bytes data, Connection skip=*, bint droppable=*) except -1
     cpdef flush_now(self)

@@ -1,44 +1,185 @@
 # cython: freethreading_compatible=False
-"""Per-connection outbound buffers and the coalescing fan-out writer; see fanout.pxd."""
+"""Per-connection outbound buffers, the coalescing fan-out writer and the shared heartbeat;
+see fanout.pxd."""
 
 cimport cython
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
+from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from libc.stdlib cimport free, realloc
 from libc.string cimport memcpy
 from libc.stdint cimport uint64_t
+from posix.time cimport clock_getres, clock_gettime, timespec
 
-from picows.picows cimport WSFrame, WSListener, WSMsgType, WSTransport, WSCloseCode
+from picows.picows cimport MemoryBuffer, WSFrame, WSListener, WSMsgType, WSTransport, WSCloseCode
 
 import logging
+from gc import get_referents as _get_referents
+from operator import index as _index
 
 _log = logging.getLogger("gochat.gateway")
 
 cdef uint64_t _next_conn_id = 0
 
+cdef enum:
+    # picows' read buffer after authentication: `size` bytes to read into (+ the 256 bytes picows
+    # keeps spare for its SIMD parsers). picows starts every connection at 2048 bytes (it ignores
+    # a smaller read_buffer_init_size) and only grows the buffer; an idle connection needs far
+    # less. Reads up to READ_TRIM_SIZE - 256 bytes do not grow it again.
+    READ_TRIM_SIZE = 384
+    READ_SIMD_SPARE = 256
+
+# picows' delay between the CLOSE frame and abort() when a peer misses the PONG deadline.
+cdef double _ABORT_DELAY = 0.01
+
+
+cdef extern from "<time.h>" nogil:
+    # Linux: the monotonic clock as of the last tick (1-4 ms resolution), a few ns to read;
+    # plenty for heartbeat deadlines of seconds, and read once per incoming frame.
+    enum: CLOCK_MONOTONIC_COARSE
+
+
+cdef inline double _mono() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC_COARSE, &ts)
+    return <double>ts.tv_sec + <double>ts.tv_nsec * 1e-9
+
+
+cdef double _coarse_resolution() noexcept:
+    cdef timespec ts
+    if clock_getres(CLOCK_MONOTONIC_COARSE, &ts) != 0:
+        return 0.004
+    return <double>ts.tv_sec + <double>ts.tv_nsec * 1e-9
+
+
+# A PING or PONG due within this many seconds is handled now: timers have 1 ms resolution and
+# the coarse clock one tick; without it a timer that fires a tick "early" would just re-arm.
+cdef double _HB_SLACK = max(0.001, _coarse_resolution())
+
+
+cdef inline Py_ssize_t _block_size(Py_ssize_t need) noexcept:
+    """Bytes of a Connection's outbound block holding ``need`` bytes: 1024 * 2**k."""
+    cdef Py_ssize_t size = 1024
+    while size < need:
+        size <<= 1
+    return size
+
+
+cdef int _send_ping(WSTransport transport) except -1:
+    """An empty PING written from a stack buffer: picows' send_ping() would go through the
+    transport's write buffer, which on_ws_connected gives back (see _free_write_buffer)."""
+    cdef char buf[HEADROOM]
+    transport.send_reuse_external_buffer(WSMsgType.PING, buf + HEADROOM, 0)
+    return 0
+
+
+cdef inline void _free_write_buffer(WSTransport transport) noexcept:
+    """Give back picows' per-transport write buffer (1 KiB). The data plane never uses it
+    (send_reuse_external_buffer writes from the connection's own block); picows' send(),
+    send_pong() and send_close() grow it again on demand (PyMem_Realloc(NULL, n) allocates)."""
+    cdef MemoryBuffer wb = transport._write_buffer
+    if wb is not None and wb.data != NULL:
+        PyMem_Free(wb.data)
+        wb.data = NULL
+        wb.capacity = 0
+        wb.size = 0
+
+
+cdef int _trim_read_buffer(WSTransport transport) except -1:
+    """Shrink picows' read buffer to READ_TRIM_SIZE (+ spare) when it is larger and the unparsed
+    bytes it holds fit. Only called between reads (never from a picows callback), so no frame
+    points into it; picows addresses the buffer by offsets, which the copy keeps. A fresh block
+    (not an in-place realloc) leaves fewer small holes in the heap: ~350 B less RSS a connection."""
+    proto = transport.underlying_transport.get_protocol()
+    if getattr(proto, "transport", None) is not transport:
+        return 0
+    cdef MemoryBuffer rb = None
+    for ref in _get_referents(proto):
+        if type(ref) is MemoryBuffer:
+            rb = <MemoryBuffer>ref
+            break
+    if rb is None or rb.data == NULL or rb.capacity <= READ_TRIM_SIZE + READ_SIMD_SPARE:
+        return 0
+    # get_buffer() is the free tail picows would hand to the next read: size - unparsed bytes
+    cdef Py_ssize_t pending = rb.size - len(proto.get_buffer(-1))
+    # picows grows the buffer after a read that leaves <= 256 bytes free or fills it > 90 %
+    if pending < 0 or READ_TRIM_SIZE - pending <= READ_SIMD_SPARE or pending * 10 > READ_TRIM_SIZE * 9:
+        return 0
+    cdef char* data = <char*>PyMem_Malloc(READ_TRIM_SIZE + READ_SIMD_SPARE)
+    if data == NULL:
+        return 0
+    if pending:
+        memcpy(data, rb.data, pending)
+    PyMem_Free(rb.data)
+    rb.data = data
+    rb.capacity = READ_TRIM_SIZE + READ_SIMD_SPARE
+    rb.size = READ_TRIM_SIZE
+    return 0
+
+
+@cython.final
+cdef class ConnShared:
+    pass
+
 
 cdef class Connection(WSListener):
     """One client WebSocket. The gateway (Python) gets ``on_message(conn, bytes)``."""
 
-    def __init__(self, handler, FanoutWriter writer, Py_ssize_t soft_limit, Py_ssize_t hard_limit,
+    def __init__(self, handler, FanoutWriter writer not None, Py_ssize_t soft_limit, Py_ssize_t hard_limit,
                  double rate, double burst, Py_ssize_t max_message):
         global _next_conn_id
         _next_conn_id += 1
         self.conn_id = _next_conn_id
-        self.handler = handler
-        self.writer = writer
-        self.soft_limit = soft_limit
-        self.hard_limit = hard_limit
-        self.rate = rate
-        self.burst = burst
+        self.shared = writer.shared_for(handler, soft_limit, hard_limit, rate, burst, max_message)
         self.tokens = burst
         self.last_refill = 0.0
-        self.max_message = max_message
         self.state = None
+        self.uid = 0
 
     def __dealloc__(self):
         if self.out is not NULL:
             free(self.out)
             self.out = NULL
+
+    # ---- attributes (flags are bytes, shared settings live in ConnShared) ----------------------
+    @property
+    def user_id(self):
+        return self.uid
+
+    @user_id.setter
+    def user_id(self, value):
+        # as a uint64_t field converts: any integer (__index__) in range, else an error
+        v = _index(value)
+        if v < 0 or v > 0xFFFFFFFFFFFFFFFF:
+            raise OverflowError("user_id out of range for a 64-bit unsigned integer")
+        self.uid = v
+
+    @property
+    def handler(self):
+        return self.shared.handler
+
+    @property
+    def writer(self):
+        return self.shared.writer
+
+    @property
+    def authenticated(self):
+        return self.is_authenticated != 0
+
+    @authenticated.setter
+    def authenticated(self, bint value):
+        self.is_authenticated = value
+
+    @property
+    def dirty(self):
+        return self.is_dirty != 0
+
+    @property
+    def paused(self):
+        return self.is_paused != 0
+
+    @property
+    def closing(self):
+        return self.is_closing != 0
 
     # ---- picows callbacks ------------------------------------------------------------------
     cpdef on_ws_connected(self, WSTransport transport):
@@ -47,65 +188,78 @@ cdef class Connection(WSListener):
         # the handshake is done; the gateway read the Authorization header in its factory.
         transport.request = None
         transport.response = None
-        self.handler.on_connected(self)
+        # Only measure_roundtrip_time() (never called on a server) uses this weak proxy.
+        transport.listener_proxy = None
+        _free_write_buffer(transport)
+        self.trim_pending = True
+        self.shared.writer.track(self)
+        self.shared.handler.on_connected(self)
 
     cpdef on_ws_frame(self, WSTransport transport, WSFrame frame):
         cdef WSMsgType t = frame.msg_type
+        cdef FanoutWriter writer = self.shared.writer
+        if writer.hb_idle > 0.0:
+            writer.hb_frame(self, t == WSMsgType.PONG)
         if t == WSMsgType.BINARY and frame.fin and self.fragments is None:
-            self.handler.on_message(self, frame.get_payload_as_bytes())
+            self.shared.handler.on_message(self, frame.get_payload_as_bytes())
         elif t == WSMsgType.BINARY or (t == WSMsgType.CONTINUATION and self.fragments is not None):
             # Rare: a fragmented message. Reassemble within the message size limit.
             if self.fragments is None:
                 self.fragments = bytearray()
             self.fragments += frame.get_payload_as_memoryview()
-            if len(self.fragments) > self.max_message:
+            if len(self.fragments) > self.shared.max_message:
                 self.fragments = None
-                self.handler.on_oversize(self)
+                self.shared.handler.on_oversize(self)
             elif frame.fin:
                 data = bytes(self.fragments)
                 self.fragments = None
-                self.handler.on_message(self, data)
+                self.shared.handler.on_message(self, data)
         elif t == WSMsgType.TEXT or t == WSMsgType.CONTINUATION:
-            self.handler.on_text(self)
+            self.shared.handler.on_text(self)
         elif t == WSMsgType.CLOSE:
-            if not self.closing:
-                self.closing = True
+            if not self.is_closing:
+                self.is_closing = True
                 self.flush()
                 transport.send_close(frame.get_close_code(), frame.get_close_message())
             transport.disconnect()
-        # PING is answered by picows (auto pong); PONG feeds picows' auto-ping liveness check.
+        elif t == WSMsgType.PING:
+            # Reached only with picows' enable_auto_pong=False (the server: the heartbeat then
+            # sees every frame); answered as picows' auto-pong does.
+            transport.send_pong(frame.get_payload_as_bytes())
+        # PONG: consumed by the heartbeat above (or by picows' own auto-ping when enabled).
 
     cpdef on_ws_disconnected(self, WSTransport transport):
-        self.closing = True
+        self.is_closing = True
         self.out_size = 0
         if self.out is not NULL:
             free(self.out)
             self.out = NULL
-            self.out_cap = 0
-        self.handler.on_disconnected(self)
+        self.shared.writer.untrack(self)
+        self.shared.handler.on_disconnected(self)
+
+    cpdef send_user_specific_ping(self, WSTransport transport):
+        # picows' auto-ping (when enabled instead of the writer's heartbeat) calls this.
+        _send_ping(transport)
 
     cpdef pause_writing(self):
-        self.paused = True
+        self.is_paused = True
 
     cpdef resume_writing(self):
-        self.paused = False
+        self.is_paused = False
         if self.out_size:
-            self.writer.mark(self)
+            self.shared.writer.mark(self)
 
     # ---- outbound ----------------------------------------------------------------------------
     cdef int _append(self, const char* data, Py_ssize_t size) except -1:
+        # The block is 1024 * 2**k bytes, the smallest that holds HEADROOM + out_size (it is
+        # freed whenever out_size drops to 0), so its size needs no field of its own.
         cdef Py_ssize_t need = HEADROOM + self.out_size + size
-        cdef Py_ssize_t cap
         cdef char* grown
-        if need > self.out_cap:
-            cap = self.out_cap * 2 if self.out_cap else 1024
-            while cap < need:
-                cap *= 2
-            grown = <char*>realloc(self.out, cap)
+        if self.out is NULL or need > _block_size(HEADROOM + self.out_size):
+            grown = <char*>realloc(self.out, _block_size(need))
             if grown is NULL:
                 raise MemoryError()
             self.out = grown
-            self.out_cap = cap
         memcpy(self.out + HEADROOM + self.out_size, data, size)
         self.out_size += size
         return 0
@@ -113,45 +267,57 @@ cdef class Connection(WSListener):
     cdef int queue_frame(self, bytes data, bint droppable) except -1:
         """Queue encoded frame(s); 1 if queued, 0 if dropped or the connection is gone."""
         cdef Py_ssize_t size = PyBytes_GET_SIZE(data)
-        if self.closing:
+        cdef ConnShared shared = self.shared
+        if self.is_closing:
             return 0
-        if self.out_size + size > self.soft_limit and (droppable or self.paused):
+        if self.out_size + size > shared.soft_limit and (droppable or self.is_paused):
             if droppable:
                 self.dropped += 1
-                self.writer.drops += 1
+                shared.writer.drops += 1
                 return 0
-            if self.out_size + size > self.hard_limit:
-                self.writer.slow_disconnects += 1
+            if self.out_size + size > shared.hard_limit:
+                shared.writer.slow_disconnects += 1
                 self.close_with(4401, "slow consumer")
                 return 0
         self._append(PyBytes_AS_STRING(data), size)
-        self.writer.frames_out += 1
-        self.writer.mark(self)
+        shared.writer.frames_out += 1
+        shared.writer.mark(self)
         return 1
 
     cdef int flush(self) except -1:
-        self.dirty = False
+        self.is_dirty = False
         if self.out_size == 0 or self.transport is None or self.transport.is_disconnected:
             return 0
-        if self.paused and not self.closing:
+        if self.is_paused and not self.is_closing:
             return 0  # resume_writing marks us dirty again
-        self.writer.writes += 1
-        self.writer.bytes_out += self.out_size
+        cdef FanoutWriter writer = self.shared.writer
+        writer.writes += 1
+        writer.bytes_out += self.out_size
         self.transport.send_reuse_external_buffer(WSMsgType.BINARY, self.out + HEADROOM, self.out_size)
         self.out_size = 0
         # Give the block back after every flush: an idle connection then holds no outbound
         # memory, and malloc+free per tick is noise next to the send(2) it accompanies.
         free(self.out)
         self.out = NULL
-        self.out_cap = 0
+        return 0
+
+    cdef int _trim_buffers(self) except -1:
+        """Give back picows' buffers an idle connection does not need. Call only between reads
+        (FanoutWriter._flush, the heartbeat timer), never from a picows callback."""
+        cdef WSTransport t = self.transport
+        if t is None or t.is_disconnected or self.is_closing:
+            return 0
+        _free_write_buffer(t)
+        _trim_read_buffer(t)
         return 0
 
     cpdef bint take_tokens(self, double now, double n):
         """Token-bucket rate limit: False when ``n`` requests exceed the budget."""
-        self.tokens += (now - self.last_refill) * self.rate
+        cdef ConnShared shared = self.shared
+        self.tokens += (now - self.last_refill) * shared.rate
         self.last_refill = now
-        if self.tokens > self.burst:
-            self.tokens = self.burst
+        if self.tokens > shared.burst:
+            self.tokens = shared.burst
         if self.tokens < n:
             return False
         self.tokens -= n
@@ -163,16 +329,33 @@ cdef class Connection(WSListener):
 
     cpdef close_with(self, int close_code, str reason=""):
         """Flush what is queued, then close the WebSocket with ``close_code``."""
-        if self.closing or self.transport is None:
+        if self.is_closing or self.transport is None:
             return
         self.flush()
-        self.closing = True
+        self.is_closing = True
         self.transport.send_close(<WSCloseCode>close_code, reason.encode())
         self.transport.disconnect()
 
     @property
     def queued_bytes(self):
         return self.out_size
+
+    def picows_buffer_capacity(self):
+        """(read, write): bytes allocated for picows' read and write buffers of this connection
+        (-1: not found). For tests and memory accounting."""
+        cdef WSTransport t = self.transport
+        cdef MemoryBuffer rb = None
+        cdef Py_ssize_t read_cap = -1, write_cap = -1
+        if t is None:
+            return (read_cap, write_cap)
+        if t._write_buffer is not None:
+            write_cap = t._write_buffer.capacity
+        for ref in _get_referents(t.underlying_transport.get_protocol()):
+            if type(ref) is MemoryBuffer:
+                rb = <MemoryBuffer>ref
+                read_cap = rb.capacity
+                break
+        return (read_cap, write_cap)
 
     def __repr__(self):
         return f"<Connection {self.conn_id} user={self.user_id} session={self.session_id}>"
@@ -185,10 +368,30 @@ cdef class FanoutWriter:
         self.loop = loop
         self.dirty = []
         self._flush_cb = self._flush
+        self._hb_cb = self._hb_fire
+
+    cdef ConnShared shared_for(self, handler, Py_ssize_t soft_limit, Py_ssize_t hard_limit,
+                               double rate, double burst, Py_ssize_t max_message):
+        """One ConnShared per distinct (handler, limits): a gateway's connections share one."""
+        cdef ConnShared s = self._shared
+        if (s is not None and s.handler is handler and s.soft_limit == soft_limit
+                and s.hard_limit == hard_limit and s.rate == rate and s.burst == burst
+                and s.max_message == max_message):
+            return s
+        s = ConnShared.__new__(ConnShared)
+        s.handler = handler
+        s.writer = self
+        s.soft_limit = soft_limit
+        s.hard_limit = hard_limit
+        s.rate = rate
+        s.burst = burst
+        s.max_message = max_message
+        self._shared = s
+        return s
 
     cdef inline int mark(self, Connection c) except -1:
-        if not c.dirty:
-            c.dirty = True
+        if not c.is_dirty:
+            c.is_dirty = True
             self.dirty.append(c)
             if not self.scheduled:
                 self.scheduled = True
@@ -207,6 +410,7 @@ cdef class FanoutWriter:
     def _flush(self):
         cdef list dirty = self.dirty
         cdef Py_ssize_t i = 0, n = len(dirty)
+        cdef Connection c
         self.scheduled = False
         self.dirty = []
         # One try block around the whole loop (not one per connection); a failing connection
@@ -214,7 +418,13 @@ cdef class FanoutWriter:
         while i < n:
             try:
                 while i < n:
-                    (<Connection>dirty[i]).flush()
+                    c = <Connection>dirty[i]
+                    c.flush()
+                    if c.trim_pending and c.is_authenticated:
+                        # the first flush after authentication (AUTH_OK): the handshake and
+                        # AUTH are done, so picows' buffers can shrink to an idle connection's
+                        c.trim_pending = False
+                        c._trim_buffers()
                     i += 1
             except Exception:
                 _log.exception("flush failed for %r", dirty[i])
@@ -223,3 +433,194 @@ cdef class FanoutWriter:
     cpdef flush_now(self):
         """Flush immediately (shutdown paths)."""
         self._flush()
+
+    # ---- connection registry and heartbeat -----------------------------------------------------
+    # Every connected Connection is in one of two intrusive lists (no per-connection allocation):
+    #   idle: ordered by hb_at = time of the last incoming frame (a frame moves it to the tail)
+    #   wait: a PING is out; ordered by hb_at = the PONG deadline
+    # hb_state: 0 not listed, 1 idle, 2 wait, 3 idle but closed for a missed PONG (never pinged)
+
+    cdef inline void _append(self, Connection c, unsigned char state) noexcept:
+        c.hb_next = None
+        if state == 2:
+            c.hb_prev = self.wait_tail
+            if self.wait_tail is None:
+                self.wait_head = c
+            else:
+                self.wait_tail.hb_next = c
+            self.wait_tail = c
+        else:
+            c.hb_prev = self.idle_tail
+            if self.idle_tail is None:
+                self.idle_head = c
+            else:
+                self.idle_tail.hb_next = c
+            self.idle_tail = c
+        c.hb_state = state
+
+    cdef inline void _unlink(self, Connection c) noexcept:
+        if c.hb_state == 2:
+            if c.hb_prev is None:
+                self.wait_head = c.hb_next
+            else:
+                c.hb_prev.hb_next = c.hb_next
+            if c.hb_next is None:
+                self.wait_tail = c.hb_prev
+            else:
+                c.hb_next.hb_prev = c.hb_prev
+        else:
+            if c.hb_prev is None:
+                self.idle_head = c.hb_next
+            else:
+                c.hb_prev.hb_next = c.hb_next
+            if c.hb_next is None:
+                self.idle_tail = c.hb_prev
+            else:
+                c.hb_next.hb_prev = c.hb_prev
+        c.hb_prev = None
+        c.hb_next = None
+        c.hb_state = 0
+
+    cdef int track(self, Connection c) except -1:
+        """``c`` connected (Connection.on_ws_connected)."""
+        cdef double now = _mono()
+        if c.hb_state:
+            return 0
+        c.hb_at = now
+        self._append(c, 1)
+        self.tracked += 1
+        if self.hb_idle > 0.0 and self.hb_timer is None:
+            self._hb_arm(now)
+        return 0
+
+    cdef int untrack(self, Connection c) except -1:
+        """``c`` disconnected (Connection.on_ws_disconnected)."""
+        if c.hb_state:
+            self._unlink(c)
+            self.tracked -= 1
+        return 0
+
+    cdef int hb_frame(self, Connection c, bint is_pong) except -1:
+        """A frame arrived on ``c`` (heartbeat on): it is not idle. While a PING is out, only
+        the PONG counts (as in picows' auto-ping)."""
+        if c.hb_state == 1:
+            c.hb_at = _mono()
+            if c.hb_next is None:
+                return 0  # already the most recently active
+        elif c.hb_state != 2 or not is_pong:
+            return 0
+        else:
+            c.hb_at = _mono()
+        self._unlink(c)
+        self._append(c, 1)
+        return 0
+
+    def connections(self):
+        """Every connected Connection (connected through picows to a listener built on this
+        writer), oldest activity first."""
+        cdef list out = []
+        cdef Connection c = self.wait_head
+        while c is not None:
+            out.append(c)
+            c = c.hb_next
+        c = self.idle_head
+        while c is not None:
+            out.append(c)
+            c = c.hb_next
+        return out
+
+    def start_heartbeat(self, double idle_timeout, double reply_timeout, logger=None):
+        """PING a connection after ``idle_timeout`` s without an incoming frame; close it (1001)
+        if no PONG follows within ``reply_timeout`` s: picows' PING_WHEN_IDLE auto-ping, one
+        timer for all connections. Use with picows' enable_auto_ping=False and
+        enable_auto_pong=False (Connection answers PINGs, so every frame counts)."""
+        cdef Connection c
+        cdef double now = _mono()
+        if not (idle_timeout > 0.0 and reply_timeout > 0.0):
+            raise ValueError("heartbeat timeouts must be positive")
+        self.stop_heartbeat()
+        self.hb_idle = idle_timeout
+        self.hb_reply = reply_timeout
+        self.hb_logger = logger if logger is not None else _log
+        c = self.idle_head  # connections from before: idle from now
+        while c is not None:
+            c.hb_at = now
+            c = c.hb_next
+        self._hb_arm(now)
+
+    def stop_heartbeat(self):
+        """No more PINGs (connections stay listed)."""
+        cdef Connection c
+        cdef double now = _mono()
+        self.hb_idle = 0.0
+        if self.hb_timer is not None:
+            self.hb_timer.cancel()
+            self.hb_timer = None
+        while self.wait_head is not None:
+            c = self.wait_head
+            self._unlink(c)
+            c.hb_at = now
+            self._append(c, 1)
+
+    @property
+    def heartbeat(self):
+        """(idle_timeout, reply_timeout), or None when the heartbeat is off."""
+        return (self.hb_idle, self.hb_reply) if self.hb_idle > 0.0 else None
+
+    cdef int _hb_arm(self, double now) except -1:
+        cdef double when = -1.0
+        if self.wait_head is not None:
+            when = self.wait_head.hb_at
+        if self.idle_head is not None and (when < 0.0 or self.idle_head.hb_at + self.hb_idle < when):
+            when = self.idle_head.hb_at + self.hb_idle
+        if when >= 0.0:
+            self.hb_timer = self.loop.call_later(max(when - now, 0.0), self._hb_cb)
+        return 0
+
+    def _hb_fire(self):
+        cdef Connection c
+        cdef unsigned char state
+        cdef double now = _mono()
+        cdef double due = now + _HB_SLACK
+        self.hb_timer = None
+        if self.hb_idle <= 0.0:
+            return
+        # PONG deadlines first
+        while self.wait_head is not None and self.wait_head.hb_at <= due:
+            c = self.wait_head
+            self._unlink(c)
+            c.hb_at = now
+            self._append(c, 3)  # listed until it disconnects, never pinged again
+            try:
+                self._pong_missed(c)
+            except Exception:
+                _log.exception("heartbeat close failed for %r", c)
+        # then idle connections: PING them
+        while self.idle_head is not None and self.idle_head.hb_at + self.hb_idle <= due:
+            c = self.idle_head
+            state = c.hb_state
+            self._unlink(c)
+            if state == 3 or c.transport.pong_received_at_future is not None:
+                # closed already; or measure_roundtrip_time() runs its own PINGs (picows then
+                # counts the time as activity)
+                c.hb_at = now
+                self._append(c, state)
+                continue
+            c.hb_at = now + self.hb_reply
+            self._append(c, 2)
+            self.pings += 1
+            try:
+                _send_ping(c.transport)
+                # idle for a while: give back the buffer space a burst of traffic grew
+                c._trim_buffers()
+            except Exception:
+                _log.exception("heartbeat PING failed for %r", c)
+        self._hb_arm(now)
+
+    cdef _pong_missed(self, Connection c):
+        # as picows' auto-ping loop does it
+        cdef WSTransport t = c.transport
+        self.hb_logger.info("Initiating disconnect because no PONG was received within %s seconds", self.hb_reply)
+        t.send_close(WSCloseCode.GOING_AWAY,
+                     f"peer has not replied to ping/heartbeat request within {self.hb_reply} second(s)")
+        self.loop.call_later(_ABORT_DELAY, t.underlying_transport.abort)

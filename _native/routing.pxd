@@ -6,8 +6,10 @@ from gochat._native.fanout cimport Connection, FanoutWriter
 
 cdef class RoutingTable:
     cdef:
-        dict users      # user_id -> list[Connection] (a user's devices on this node)
-        dict rooms      # room_id -> dict[conn_id, Connection]
+        dict users      # user_id -> Connection, or list[Connection] for a user with 2+ devices
+                        # on this node (no list per single-device user: ~64 B per connection)
+        dict rooms      # room_id -> dict[Connection, None] (insertion-ordered set; keyed by the
+                        # object, not by an int conn_id made for each entry)
         readonly Py_ssize_t connections
 
     cpdef add_user_connection(self, Connection conn)

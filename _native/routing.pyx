@@ -12,25 +12,41 @@ cdef class RoutingTable:
 
     cpdef add_user_connection(self, Connection conn):
         """Register an authenticated connection under its user id."""
-        lst = self.users.get(conn.user_id)
-        if lst is None:
-            self.users[conn.user_id] = [conn]
+        uid = conn.uid
+        cur = self.users.get(uid)
+        if cur is None:
+            self.users[uid] = conn
+        elif type(cur) is list:
+            (<list>cur).append(conn)
         else:
-            (<list>lst).append(conn)
+            self.users[uid] = [cur, conn]
         self.connections += 1
 
     cpdef remove_connection(self, Connection conn):
         """Forget a connection: its user entry and every room subscription it holds."""
-        lst = self.users.get(conn.user_id)
-        if lst is not None and conn in <list>lst:
-            (<list>lst).remove(conn)
-            self.connections -= 1
-            if not lst:
-                del self.users[conn.user_id]
+        uid = conn.uid
+        cur = self.users.get(uid)
+        if cur is None:
+            return
+        if type(cur) is list:
+            if conn not in <list>cur:
+                return
+            (<list>cur).remove(conn)
+            if len(<list>cur) == 1:
+                self.users[uid] = (<list>cur)[0]
+        elif cur is conn:
+            del self.users[uid]
+        else:
+            return
+        self.connections -= 1
 
     cpdef list user_connections(self, object user_id):
-        lst = self.users.get(user_id)
-        return [] if lst is None else list(<list>lst)
+        cur = self.users.get(user_id)
+        if cur is None:
+            return []
+        if type(cur) is list:
+            return list(<list>cur)
+        return [cur]
 
     cpdef bint is_online(self, object user_id):
         return user_id in self.users
@@ -39,16 +55,16 @@ cdef class RoutingTable:
         subs = self.rooms.get(room_id)
         if subs is None:
             subs = self.rooms[room_id] = {}
-        if conn.conn_id in <dict>subs:
+        if conn in <dict>subs:
             return False
-        (<dict>subs)[conn.conn_id] = conn
+        (<dict>subs)[conn] = None
         return True
 
     cpdef bint unsubscribe(self, object room_id, Connection conn):
         subs = self.rooms.get(room_id)
-        if subs is None or conn.conn_id not in <dict>subs:
+        if subs is None or conn not in <dict>subs:
             return False
-        del (<dict>subs)[conn.conn_id]
+        del (<dict>subs)[conn]
         if not subs:
             del self.rooms[room_id]
         return True
@@ -64,12 +80,15 @@ cdef class RoutingTable:
         cdef Connection c
         cdef int n = 0
         for uid in user_ids:
-            lst = users.get(uid)
-            if lst is None:
+            cur = users.get(uid)
+            if cur is None:
                 continue
-            for c in <list>lst:
-                if c is not skip:
-                    n += c.queue_frame(data, droppable)
+            if type(cur) is list:
+                for c in <list>cur:
+                    if c is not skip:
+                        n += c.queue_frame(data, droppable)
+            elif cur is not skip:
+                n += (<Connection>cur).queue_frame(data, droppable)
         return n
 
     cpdef int fanout_room(self, FanoutWriter writer, object room_id, bytes data,
@@ -80,7 +99,7 @@ cdef class RoutingTable:
             return 0
         cdef Connection c
         cdef int n = 0
-        for c in (<dict>subs).values():
+        for c in <dict>subs:
             if c is not skip:
                 n += c.queue_frame(data, droppable)
         return n

@@ -21,8 +21,10 @@ MAX_WATCHES_PER_SESSION = 1000
 class MemoryPresence:
     def __init__(self) -> None:
         self._sessions: dict[int, int] = {}  # user_id -> number of online sessions
-        self._watchers: dict[int, dict[int, Connection]] = {}  # watched user -> conn_id -> conn
-        self._watching: dict[int, set[int]] = {}  # conn_id -> watched users
+        # Keyed by the Connection itself (identity hash), not by an int conn_id object per entry;
+        # the inner dicts are insertion-ordered sets.
+        self._watchers: dict[int, dict[Connection, None]] = {}  # watched user -> watching conns
+        self._watching: dict[Connection, set[int]] = {}  # conn -> watched users
 
     def connected(self, user_id: int) -> bool:
         """Count a session; True when the user just came online."""
@@ -43,21 +45,21 @@ class MemoryPresence:
         return user_id in self._sessions
 
     def watch(self, conn: Connection, user_ids: Iterable[int]) -> None:
-        watching = self._watching.setdefault(conn.conn_id, set())
+        watching = self._watching.setdefault(conn, set())
         for uid in user_ids:
             if len(watching) >= MAX_WATCHES_PER_SESSION:
                 break
             watching.add(uid)
-            self._watchers.setdefault(uid, {})[conn.conn_id] = conn
+            self._watchers.setdefault(uid, {})[conn] = None
 
     def unwatch_all(self, conn: Connection) -> None:
-        for uid in self._watching.pop(conn.conn_id, ()):
+        for uid in self._watching.pop(conn, ()):
             watchers = self._watchers.get(uid)
             if watchers is not None:
-                watchers.pop(conn.conn_id, None)
+                watchers.pop(conn, None)
                 if not watchers:
                     del self._watchers[uid]
 
     def watchers(self, user_id: int) -> list[Connection]:
         w = self._watchers.get(user_id)
-        return [] if not w else list(w.values())
+        return [] if not w else list(w)
