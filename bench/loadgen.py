@@ -27,6 +27,7 @@ import os
 import resource
 import struct
 import sys
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -77,7 +78,10 @@ class Role:
         self.Recorder = lg.Recorder if self.proto == "ws" else _loadgen_py.Recorder
         srcs = cfg.get("src") or ["127.0.0.1"]
         self.srcs = itertools.cycle(srcs if isinstance(srcs, list) else [srcs])
-        self.tokens = itertools.cycle(cfg.get("tokens") or [""])
+        tokens = cfg.get("tokens") or [""]
+        if cfg.get("tokens_file"):  # one token per line: too many for the command line
+            tokens = Path(cfg["tokens_file"]).read_text().split()
+        self.tokens = itertools.cycle(tokens)
         self.ready: dict[int, asyncio.Future[Any]] = {}
         self.want: dict[int, int] = {}
         self.errors: list[str] = []

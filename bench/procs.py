@@ -579,6 +579,35 @@ async def gochat_users(http_url: str, n: int, prefix: str) -> list[tuple[int, st
     return out
 
 
+async def gochat_distinct_tokens(http_url: str, n: int, prefix: str, users: int = 8) -> list[str]:
+    """``n`` distinct access tokens: ``users`` logins, then chains of refreshes (a refresh issues
+    a new access token without the password hash, so thousands take seconds, not minutes)."""
+    password = "bench-password-1"
+    chains: list[list[str]] = [[] for _ in range(users)]
+    per = -(-n // users)
+    async with aiohttp.ClientSession() as http:
+
+        async def chain(i: int) -> None:
+            name = f"bench_{prefix}{i}"
+            async with http.post(f"{http_url}/v1/users", json={"username": name, "password": password}) as r:
+                if r.status != 201:
+                    raise RuntimeError(f"create user {name}: {r.status} {await r.text()}")
+            async with http.post(f"{http_url}/v1/auth/login", json={"username": name, "password": password}) as r:
+                if r.status != 200:
+                    raise RuntimeError(f"login {name}: {r.status} {await r.text()}")
+                pair = await r.json()
+            chains[i].append(pair["access_token"])
+            while len(chains[i]) < per:
+                async with http.post(f"{http_url}/v1/auth/refresh", json={"refresh_token": pair["refresh_token"]}) as r:
+                    if r.status != 200:
+                        raise RuntimeError(f"refresh {name}: {r.status} {await r.text()}")
+                    pair = await r.json()
+                chains[i].append(pair["access_token"])
+
+        await asyncio.gather(*(chain(i) for i in range(users)))
+    return [t for c in chains for t in c][:n]
+
+
 def source_ips(i: int, per: int = 1) -> list[str]:
     """Distinct loopback source addresses for load process ``i`` (spreads the ephemeral ports)."""
     return [f"127.0.{10 + i}.{1 + j}" for j in range(per)]

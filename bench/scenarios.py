@@ -19,6 +19,7 @@ from bench.procs import (
     ServerProc,
     cpu_ns,
     cpu_split_s,
+    gochat_distinct_tokens,
     gochat_users,
     log,
     proc_io,
@@ -385,11 +386,19 @@ async def memory(ctx: Ctx, targets: list[str], steps: list[int], progress: Any) 
         procs: list[LoadProc] = []
         try:
             gochat = target.kind == "gochat"
-            tokens = [t for _, t in await gochat_users(server.http_url, 8, "m")] if gochat else [""]
             nproc = 4 if steps[-1] > 4000 else 1
+            # Every connection presents its own token, as real clients do: the server keeps
+            # per-token state (the verified-token cache), and 8 shared tokens would hide it.
+            token_files: list[str | None] = [None] * nproc
+            if gochat:
+                tokens = await gochat_distinct_tokens(server.http_url, steps[-1], "m")
+                for i in range(nproc):
+                    path = workdir / f"tokens-{i}.txt"
+                    path.write_text("\n".join(tokens[i::nproc]))
+                    token_files[i] = str(path)
             procs = [
                 LoadProc(f"idle-{name}-{i}",
-                         {"role": "idle", "url": server.ws_url, "gochat": gochat, "tokens": tokens,
+                         {"role": "idle", "url": server.ws_url, "gochat": gochat, "tokens_file": token_files[i],
                           "src": source_ips(20 + i, 2), "conc": 100},
                          ctx.placement, workdir)
                 for i in range(nproc)

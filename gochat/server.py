@@ -209,7 +209,7 @@ class Server:
             http_url=self.http_url,
             version=__version__,
             weight=self.settings.weight,
-            connections=len(self.gateway.connections),
+            connections=self.gateway.connection_count,
             draining=self.draining,
             started_ms=self.started_ms,
         )

@@ -68,7 +68,6 @@ class Gateway:
         self.ids = ids
         self.metrics = metrics
         self.loop = asyncio.get_running_loop()
-        self.connections: dict[int, Connection] = {}
         self.inflight: set[asyncio.Task[None]] = set()
         self.draining = False
         self._picows_max_message = settings.max_frame * 4
@@ -114,7 +113,6 @@ class Gateway:
 
     # ---- connection lifecycle (called by Connection) -----------------------------------------
     def on_connected(self, conn: Connection) -> None:
-        self.connections[conn.conn_id] = conn
         state: SessionState = conn.state
         if conn.authenticated:
             self._authenticated(conn, rid=0)
@@ -124,7 +122,6 @@ class Gateway:
             )
 
     def on_disconnected(self, conn: Connection) -> None:
-        self.connections.pop(conn.conn_id, None)
         state: SessionState | None = conn.state
         if state is not None and state.auth_timer is not None:
             state.auth_timer.cancel()
@@ -254,7 +251,12 @@ class Gateway:
         task.add_done_callback(self.inflight.discard)
 
     def local_sessions(self) -> list[tuple[int, int]]:
-        return [(c.user_id, c.session_id) for c in self.connections.values() if c.authenticated]
+        return [(c.user_id, c.session_id) for c in self.writer.connections() if c.authenticated]
+
+    @property
+    def connection_count(self) -> int:
+        """Open WebSocket connections (the writer tracks them; no per-connection dict here)."""
+        return int(self.writer.tracked)
 
     def _spawn(self, conn: Connection, rid: int, coro: Awaitable[bytes | None]) -> None:
         task = self.loop.create_task(self._run(conn, rid, coro))
@@ -312,7 +314,7 @@ class Gateway:
         """Stop taking work: GOAWAY everyone, let in-flight requests commit, close."""
         self.draining = True
         goaway = encode(GoAway(int(ErrorCode.SHUTTING_DOWN), 500, url_hint, "server is shutting down"))
-        for conn in list(self.connections.values()):
+        for conn in self.writer.connections():
             conn.push(goaway)
         self.writer.flush_now()
         if self.inflight:
@@ -322,14 +324,14 @@ class Gateway:
             await asyncio.wait_for(self.core.sends_settled(), timeout)
         except TimeoutError:
             log.warning("drain: SENDs still uncommitted after %.1f s", timeout)
-        for conn in list(self.connections.values()):
+        for conn in self.writer.connections():
             conn.close_with(1001, "going away")
         self.writer.flush_now()
 
     def stats(self) -> dict[str, Any]:
         w = self.writer
         return {
-            "connections": len(self.connections),
+            "connections": self.connection_count,
             "authenticated": self.routing.connections,
             "frames_out": w.frames_out,
             "bytes_out": w.bytes_out,
