@@ -32,6 +32,8 @@ cdef enum:
 
 cdef class FanoutWriter
 
+cdef bytes with_headroom(bytes data)
+
 cdef class ConnShared:
     # what every connection of one gateway shares: handler, writer and limits
     cdef:
@@ -54,6 +56,8 @@ cdef class Connection(WSListener):
         public uint64_t session_id
         readonly uint64_t conn_id
         public object state              # control-plane session state (Python object)
+        object solo                      # a shared buffer queued alone this tick: HEADROOM
+                                         # spare bytes, then the frame (see queue_shared)
         char* out                        # outbound block; frames start at out + HEADROOM
         Py_ssize_t out_size              # bytes of frames queued (after HEADROOM); the block
                                          # is 1024 * 2**k bytes, the least >= HEADROOM + out_size
@@ -73,6 +77,9 @@ cdef class Connection(WSListener):
 
     cdef int _append(self, const char* data, Py_ssize_t size) except -1
     cdef int queue_frame(self, bytes data, bint droppable) except -1
+    cdef int queue_shared(self, bytes framed, bint droppable) except -1
+    cdef int _admit(self, Py_ssize_t size, bint droppable) except -1
+    cdef int _materialize(self) except -1
     cdef int flush(self) except -1
     cdef int _trim_buffers(self) except -1
     cpdef bint take_tokens(self, double now, double n)

@@ -3,7 +3,7 @@
 see fanout.pxd."""
 
 cimport cython
-from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from libc.stdlib cimport free, realloc
 from libc.string cimport memcpy
@@ -114,6 +114,14 @@ cdef int _trim_read_buffer(WSTransport transport) except -1:
     rb.capacity = READ_TRIM_SIZE + READ_SIMD_SPARE
     rb.size = READ_TRIM_SIZE
     return 0
+
+
+cdef bytes with_headroom(bytes data):
+    """``data`` after HEADROOM spare bytes: the form :meth:`Connection.queue_shared` takes."""
+    cdef Py_ssize_t size = PyBytes_GET_SIZE(data)
+    cdef bytes framed = PyBytes_FromStringAndSize(NULL, HEADROOM + size)
+    memcpy(PyBytes_AS_STRING(framed) + HEADROOM, PyBytes_AS_STRING(data), size)
+    return framed
 
 
 @cython.final
@@ -231,6 +239,7 @@ cdef class Connection(WSListener):
     cpdef on_ws_disconnected(self, WSTransport transport):
         self.is_closing = True
         self.out_size = 0
+        self.solo = None
         if self.out is not NULL:
             free(self.out)
             self.out = NULL
@@ -264,9 +273,9 @@ cdef class Connection(WSListener):
         self.out_size += size
         return 0
 
-    cdef int queue_frame(self, bytes data, bint droppable) except -1:
-        """Queue encoded frame(s); 1 if queued, 0 if dropped or the connection is gone."""
-        cdef Py_ssize_t size = PyBytes_GET_SIZE(data)
+    cdef int _admit(self, Py_ssize_t size, bint droppable) except -1:
+        """1 if ``size`` more bytes may be queued; 0 if dropped (droppable above the soft
+        limit) or the connection is closing or was just closed (hard limit)."""
         cdef ConnShared shared = self.shared
         if self.is_closing:
             return 0
@@ -279,10 +288,48 @@ cdef class Connection(WSListener):
                 shared.writer.slow_disconnects += 1
                 self.close_with(4401, "slow consumer")
                 return 0
-        self._append(PyBytes_AS_STRING(data), size)
-        shared.writer.frames_out += 1
-        shared.writer.mark(self)
         return 1
+
+    cdef int queue_frame(self, bytes data, bint droppable) except -1:
+        """Queue encoded frame(s); 1 if queued, 0 if dropped or the connection is gone."""
+        cdef Py_ssize_t size = PyBytes_GET_SIZE(data)
+        if not self._admit(size, droppable):
+            return 0
+        if self.solo is not None:
+            self._materialize()
+        self._append(PyBytes_AS_STRING(data), size)
+        self.shared.writer.frames_out += 1
+        self.shared.writer.mark(self)
+        return 1
+
+    cdef int queue_shared(self, bytes framed, bint droppable) except -1:
+        """Queue the frame(s) in ``framed[HEADROOM:]`` (see :func:`with_headroom`), the same
+        bytes many connections get. A connection with nothing else queued this tick keeps a
+        reference instead of a copy, and its flush sends straight from ``framed``: picows writes
+        the WebSocket header into the headroom, and that header is the same for every recipient
+        (server frames are unmasked), so sharing the buffer is safe. No block, no memcpy."""
+        cdef Py_ssize_t size = PyBytes_GET_SIZE(framed) - HEADROOM
+        if not self._admit(size, droppable):
+            return 0
+        if self.out_size == 0:
+            self.solo = framed
+            self.out_size = size
+        else:
+            if self.solo is not None:
+                self._materialize()
+            self._append(PyBytes_AS_STRING(framed) + HEADROOM, size)
+        self.shared.writer.frames_out += 1
+        self.shared.writer.mark(self)
+        return 1
+
+    cdef int _materialize(self) except -1:
+        """A second frame joins the shared one: copy it into this connection's own block."""
+        cdef bytes solo = <bytes>self.solo
+        cdef Py_ssize_t size = self.out_size
+        self.solo = None
+        self.out_size = 0
+        self._append(PyBytes_AS_STRING(solo) + HEADROOM, size)
+        return 0
 
     cdef int flush(self) except -1:
         self.is_dirty = False
@@ -291,8 +338,17 @@ cdef class Connection(WSListener):
         if self.is_paused and not self.is_closing:
             return 0  # resume_writing marks us dirty again
         cdef FanoutWriter writer = self.shared.writer
+        cdef bytes solo
         writer.writes += 1
         writer.bytes_out += self.out_size
+        if self.solo is not None:
+            solo = <bytes>self.solo
+            self.solo = None
+            self.transport.send_reuse_external_buffer(
+                WSMsgType.BINARY, PyBytes_AS_STRING(solo) + HEADROOM, self.out_size
+            )
+            self.out_size = 0
+            return 0
         self.transport.send_reuse_external_buffer(WSMsgType.BINARY, self.out + HEADROOM, self.out_size)
         self.out_size = 0
         # Give the block back after every flush: an idle connection then holds no outbound
@@ -402,9 +458,10 @@ cdef class FanoutWriter:
         """Queue the same encoded bytes to every connection in ``conns`` except ``skip``."""
         cdef Connection c
         cdef int n = 0
+        cdef bytes framed = with_headroom(data)
         for c in conns:
             if c is not skip:
-                n += c.queue_frame(data, droppable)
+                n += c.queue_shared(framed, droppable)
         return n
 
     def _flush(self):

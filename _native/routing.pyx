@@ -1,7 +1,7 @@
 # cython: freethreading_compatible=False
 """Node-local routing tables; see routing.pxd."""
 
-from gochat._native.fanout cimport Connection, FanoutWriter
+from gochat._native.fanout cimport Connection, FanoutWriter, with_headroom
 
 
 cdef class RoutingTable:
@@ -79,6 +79,7 @@ cdef class RoutingTable:
         cdef dict users = self.users
         cdef Connection c
         cdef int n = 0
+        cdef bytes framed = None  # made on the first recipient: one copy for all of them
         for uid in user_ids:
             cur = users.get(uid)
             if cur is None:
@@ -86,9 +87,13 @@ cdef class RoutingTable:
             if type(cur) is list:
                 for c in <list>cur:
                     if c is not skip:
-                        n += c.queue_frame(data, droppable)
+                        if framed is None:
+                            framed = with_headroom(data)
+                        n += c.queue_shared(framed, droppable)
             elif cur is not skip:
-                n += (<Connection>cur).queue_frame(data, droppable)
+                if framed is None:
+                    framed = with_headroom(data)
+                n += (<Connection>cur).queue_shared(framed, droppable)
         return n
 
     cpdef int fanout_room(self, FanoutWriter writer, object room_id, bytes data,
@@ -99,7 +104,8 @@ cdef class RoutingTable:
             return 0
         cdef Connection c
         cdef int n = 0
+        cdef bytes framed = with_headroom(data)
         for c in <dict>subs:
             if c is not skip:
-                n += c.queue_frame(data, droppable)
+                n += c.queue_shared(framed, droppable)
         return n
