@@ -10,6 +10,7 @@ import json
 import os
 import platform
 import re
+import shlex
 import shutil
 import signal
 import struct
@@ -365,8 +366,12 @@ class ServerProc:
         self._preload_syscount(env)
         self.log_path = self.workdir / f"{self.target.name}-server.log"
         self._log = open(self.log_path, "ab")
+        # BENCH_SERVER_WRAP: a command prefix for the server under test only, e.g.
+        # "valgrind --tool=callgrind --callgrind-out-file=/tmp/cg.%p" (exact instruction counts)
+        wrap = shlex.split(os.environ.get("BENCH_SERVER_WRAP", ""))
         self.proc = await asyncio.create_subprocess_exec(
             *self.placement.prefix(self.placement.server),
+            *wrap,
             *cmd,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
