@@ -28,6 +28,31 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
     return asyncio.run(coro)
 
 
+def restartable_port() -> int:
+    """A free loopback TCP port *below* the kernel's ephemeral range, for a server a test stops
+    and starts again. With an ephemeral port, a client reconnecting while the server is down
+    can be given that very port as its source port and connect to itself (TCP simultaneous
+    open); the server then cannot bind it again. Seen as a rare Redis-restart test flake."""
+    import random
+    import socket
+
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(max(1024, low - 12000), low)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port below the ephemeral range")
+
+
 class GochatProcess:
     """A real ``gochat serve`` process on free ports with its own data directory."""
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-import socket
 import subprocess
 import time
 import uuid
@@ -25,6 +24,7 @@ import redis.asyncio as aioredis
 from gochat.cluster.base import Broker, JobQueue, Presence, Registry
 from gochat.cluster.redis import RedisBroker, RedisJobQueue, RedisPresence, RedisRegistry, connect
 from gochat.errors import UnavailableError
+from tests.conftest import restartable_port
 
 try:
     from tests.cluster_behaviour import (
@@ -146,12 +146,6 @@ class TestJobQueue(JobQueueBehaviour):
 # --------------------------------------------------------------------------- private server
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class RedisServer:
     """A private ``redis-server`` without persistence (a restart loses every key)."""
 
@@ -160,7 +154,7 @@ class RedisServer:
         if binary is None:
             pytest.fail("redis-server is required for the restart tests and is not on PATH")
         self.binary = binary
-        self.port = _free_port()
+        self.port = restartable_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -307,7 +301,7 @@ def test_broker_resubscribes_after_redis_restart(private_redis: RedisServer) -> 
 
 def test_broker_start_fails_fast_without_redis() -> None:
     async def main() -> None:
-        broker = RedisBroker(f"redis://127.0.0.1:{_free_port()}/0", "x:", timeout_s=0.5)
+        broker = RedisBroker(f"redis://127.0.0.1:{restartable_port()}/0", "x:", timeout_s=0.5)
         t0 = time.monotonic()
         with pytest.raises(UnavailableError):
             await broker.start("n1", lambda _p: None)

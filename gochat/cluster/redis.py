@@ -266,6 +266,12 @@ class _Subscriber:
                 except _RETRYABLE as exc:
                     delay = min(delay * 2, self.max_backoff_s)
                     log.debug("%s: re-subscribe failed (%r); next try in %.2fs", self.name, exc, delay)
+                except Exception as exc:
+                    # Anything else from a half-restarted Redis (or redis-py on a dying
+                    # connection) must not end this task: without it the node never hears
+                    # its channels again.
+                    delay = min(delay * 2, self.max_backoff_s)
+                    log.warning("%s: re-subscribe failed (%r); next try in %.2fs", self.name, exc, delay)
             self.resubscribes += 1
             log.warning("%s: re-subscribed to %s", self.name, ", ".join(self.channels))
             if self._on_resubscribe is not None:
@@ -464,6 +470,9 @@ class RedisRegistry(_Client):
             try:
                 nodes = await self.nodes()
             except UnavailableError:
+                continue
+            except Exception:
+                log.exception("registry watch: reading the node list failed")
                 continue
             key = _snapshot_key(nodes)
             for callback, last in list(self._watchers):

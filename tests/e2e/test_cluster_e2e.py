@@ -24,7 +24,7 @@ from gochat.client import Client, GatewayBalancer, Kind
 from gochat.client.types import Message
 from gochat.errors import ErrorCode
 from gochat.protocol.frames import AuthOk, Deliver, Event, GoAway, SendAck
-from tests.conftest import GochatProcess, UserCtx, create_user, run
+from tests.conftest import GochatProcess, UserCtx, create_user, restartable_port, run
 from tests.e2e.rawclient import RawClient, connect, send_frame
 
 pytestmark = pytest.mark.e2e
@@ -319,7 +319,7 @@ class PrivateRedis:
     """A redis-server of our own, so a test can restart it without touching the shared one."""
 
     def __init__(self) -> None:
-        self.port = _free_port()
+        self.port = restartable_port()
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
