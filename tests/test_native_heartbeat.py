@@ -77,6 +77,14 @@ async def _server(handler: _Handler) -> tuple[Any, FanoutWriter, int]:
     return server, writer, server.sockets[0].getsockname()[1]
 
 
+async def _client(port: int, *, auto_pong: bool = False) -> tuple[Any, _Client]:
+    """A picows client; auto-pong off by default, so the tests see (and answer) PINGs."""
+    tr, client = await ws_connect(
+        _Client, f"ws://127.0.0.1:{port}/", enable_auto_pong=auto_pong, use_aiofastnet=False
+    )
+    return tr, client
+
+
 async def _until(cond: Any, timeout: float = 3.0) -> None:
     loop = asyncio.get_running_loop()
     end = loop.time() + timeout
@@ -89,7 +97,7 @@ def test_idle_connection_is_pinged_and_stays_when_it_answers() -> None:
     async def scenario() -> None:
         handler = _Handler()
         server, writer, port = await _server(handler)
-        tr, client = await ws_connect(_Client, f"ws://127.0.0.1:{port}/", use_aiofastnet=False)
+        tr, client = await _client(port, auto_pong=True)
         await _until(lambda: len(handler.connected) == 1)
         assert writer.tracked == 1
         await asyncio.sleep(IDLE * 2 + REPLY * 3)
@@ -109,9 +117,7 @@ def test_silent_peer_is_closed_after_the_reply_timeout() -> None:
         handler = _Handler()
         server, writer, port = await _server(handler)
         loop = asyncio.get_running_loop()
-        _tr, client = await ws_connect(
-            _Client, f"ws://127.0.0.1:{port}/", enable_auto_pong=False, use_aiofastnet=False
-        )
+        _tr, client = await _client(port)
         await _until(lambda: len(handler.connected) == 1)
         start = loop.time()
         await _until(lambda: len(handler.disconnected) == 1)
@@ -129,9 +135,7 @@ def test_incoming_frames_keep_a_connection_from_being_pinged() -> None:
     async def scenario() -> None:
         handler = _Handler()
         server, _writer, port = await _server(handler)
-        tr, client = await ws_connect(
-            _Client, f"ws://127.0.0.1:{port}/", enable_auto_pong=False, use_aiofastnet=False
-        )
+        tr, client = await _client(port)
         await _until(lambda: len(handler.connected) == 1)
         for _ in range(8):  # 0.4 s of traffic, more than IDLE + REPLY
             tr.send(WSMsgType.BINARY, b"x")
@@ -152,9 +156,7 @@ def test_pong_after_ping_resets_the_idle_clock() -> None:
     async def scenario() -> None:
         handler = _Handler()
         server, _writer, port = await _server(handler)
-        tr, client = await ws_connect(
-            _Client, f"ws://127.0.0.1:{port}/", enable_auto_pong=False, use_aiofastnet=False
-        )
+        tr, client = await _client(port)
         await _until(lambda: len(handler.connected) == 1)
         await _until(lambda: client.pings == 1)
         tr.send_pong()  # answer by hand, late but within REPLY
@@ -174,7 +176,7 @@ def test_stop_heartbeat_stops_pinging_and_keeps_the_registry() -> None:
         server, writer, port = await _server(handler)
         assert writer.heartbeat == (IDLE, REPLY)
         clients = [
-            await ws_connect(_Client, f"ws://127.0.0.1:{port}/", enable_auto_pong=False, use_aiofastnet=False)
+            await _client(port)
             for _ in range(3)
         ]
         await _until(lambda: len(handler.connected) == 3)
@@ -201,7 +203,7 @@ def test_buffers_shrink_after_authentication_and_data_still_flows() -> None:
     async def scenario() -> None:
         handler = _Handler()
         server, writer, port = await _server(handler)
-        tr, client = await ws_connect(_Client, f"ws://127.0.0.1:{port}/", use_aiofastnet=False)
+        tr, client = await _client(port, auto_pong=True)
         await _until(lambda: client.binary == [b"auth-ok"])
         conn = handler.connected[0]
         read_cap, write_cap = conn.picows_buffer_capacity()
@@ -231,7 +233,7 @@ def test_unauthenticated_connection_keeps_its_read_buffer() -> None:
     async def scenario() -> None:
         handler = _Handler(authenticate=False)
         server, _writer, port = await _server(handler)
-        tr, client = await ws_connect(_Client, f"ws://127.0.0.1:{port}/", use_aiofastnet=False)
+        tr, client = await _client(port, auto_pong=True)
         await _until(lambda: len(handler.connected) == 1)
         conn = handler.connected[0]
         conn.push(b"hello")

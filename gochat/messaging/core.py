@@ -234,7 +234,7 @@ class MessagingCore:
         conv, members = target
         self.store.append_soon(
             AppendRequest(conv, kind, me, req.client_msg_id, req.content_type, req.body),
-            partial(self._fast_send_committed, conn, req, members, started),
+            partial(self._send_committed, conn, req, members, started, True),
         )
         self._sends_in_flight += 1
         return True
@@ -278,7 +278,7 @@ class MessagingCore:
         finally:
             gate.set_result(None)
         result, error = await committed
-        self._send_committed(conn, req, members, started, result, error)
+        self._send_committed(conn, req, members, started, False, result, error)
         return None
 
     def _check_send(self, req: Send) -> int:
@@ -289,31 +289,23 @@ class MessagingCore:
             raise _err(ErrorCode.BODY_TOO_LARGE, f"body above {self.settings.max_body} bytes")
         return req.kind
 
-    def _fast_send_committed(
-        self,
-        conn: Connection,
-        req: Send,
-        members: tuple[int, ...],
-        started: float,
-        result: AppendResult | None,
-        error: BaseException | None,
-    ) -> None:
-        self._sends_in_flight -= 1
-        if not self._sends_in_flight and self._sends_idle is not None:
-            self._sends_idle.set_result(None)
-            self._sends_idle = None
-        self._send_committed(conn, req, members, started, result, error)
-
     def _send_committed(
         self,
         conn: Connection,
         req: Send,
         members: tuple[int, ...],
         started: float,
+        fast: bool,
         result: AppendResult | None,
         error: BaseException | None,
     ) -> None:
-        """After the commit (in queue order): fan out, then SEND_ACK."""
+        """After the commit (in queue order): fan out, then SEND_ACK. ``fast``: the SEND came
+        through :meth:`send_soon` (counted in flight for drain)."""
+        if fast:
+            self._sends_in_flight -= 1
+            if not self._sends_in_flight and self._sends_idle is not None:
+                self._sends_idle.set_result(None)
+                self._sends_idle = None
         if result is None:
             self.request_failed(conn, req.rid, error if error is not None else _err(ErrorCode.INTERNAL))
             return
