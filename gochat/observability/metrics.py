@@ -17,11 +17,11 @@ from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
+from gochat.protocol.constants import Kind
+
 __all__ = ["HotCounters", "LatencyHistogram", "Metrics"]
 
 _SEND_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
-#: message kinds counted by ``gochat_messages_in_total`` (protocol ``Kind`` values)
-_KINDS = (1, 2, 3)
 
 
 class LatencyHistogram:
@@ -57,7 +57,7 @@ class HotCounters:
 
     def __init__(self) -> None:
         #: accepted SENDs by message kind (index = ``Kind`` value)
-        self.messages_in = [0] * (max(_KINDS) + 1)
+        self.messages_in = [0] * (max(Kind) + 1)
         #: DELIVER frames queued to local connections
         self.deliveries = 0
         #: SEND received → SEND_ACK queued (includes the durable commit)
@@ -71,8 +71,8 @@ class _HotCollector(Collector):
     def collect(self) -> Iterator[CounterMetricFamily | HistogramMetricFamily]:
         hot = self._hot
         family = CounterMetricFamily("gochat_messages_in", "SEND requests accepted", labels=["kind"])
-        for kind in _KINDS:
-            family.add_metric([str(kind)], hot.messages_in[kind])
+        for kind in Kind:
+            family.add_metric([str(int(kind))], hot.messages_in[kind])
         yield family
         yield CounterMetricFamily("gochat_deliveries", "DELIVER frames queued to connections", value=hot.deliveries)
         yield hot.send_latency.family(
