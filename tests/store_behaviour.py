@@ -98,7 +98,9 @@ def acks_until_sigkill(child: str, args: list[str], n: int) -> list[str]:
             acks.append(line)
             assert time.monotonic() < deadline
         proc.send_signal(signal.SIGKILL)  # right after an ack, while it keeps appending
-        acks.extend(proc.stdout.read().splitlines(keepends=True))  # acks printed before death count too
+        # acks printed before death count too; a last line cut off by the kill was never a
+        # complete report of an ack, so only whole lines are kept
+        acks.extend(line for line in proc.stdout.read().splitlines(keepends=True) if line.endswith("\n"))
     finally:
         proc.kill()
         proc.wait()
