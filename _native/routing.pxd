@@ -16,6 +16,7 @@ cdef class RoutingTable:
     cpdef remove_connection(self, Connection conn)
     cpdef list user_connections(self, object user_id)
     cpdef bint is_online(self, object user_id)
+    cpdef bint has_other_connection(self, object user_id, Connection conn)
     cpdef bint subscribe(self, object room_id, Connection conn)
     cpdef bint unsubscribe(self, object room_id, Connection conn)
     cpdef Py_ssize_t room_size(self, object room_id)

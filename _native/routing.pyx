@@ -51,6 +51,15 @@ cdef class RoutingTable:
     cpdef bint is_online(self, object user_id):
         return user_id in self.users
 
+    cpdef bint has_other_connection(self, object user_id, Connection conn):
+        """True when ``user_id`` has a local connection besides ``conn``."""
+        cur = self.users.get(user_id)
+        if cur is None:
+            return False
+        if type(cur) is list:
+            return len(<list>cur) > 1 or (<list>cur)[0] is not conn
+        return cur is not conn
+
     cpdef bint subscribe(self, object room_id, Connection conn):
         subs = self.rooms.get(room_id)
         if subs is None:

@@ -113,27 +113,50 @@ class IdGenerator:
 
     def next_id(self) -> int:
         with self._lock:
+            return self._next_locked()
+
+    def next_ids(self, n: int) -> list[int]:
+        """``n`` ids, each larger than the one before (the SQLite writer numbers a whole run of
+        appends at once: one lock and one clock read, not ``n``)."""
+        if n <= 0:
+            return []
+        with self._lock:
             now = self._now()
             last = self._last_ms
             if now > last:
+                first = 0  # a new millisecond
                 last = now
-                seq = 0
             else:
-                # Same millisecond, or the clock stepped back: borrow the last timestamp.
-                seq = self._seq + 1
-                if seq > MAX_SEQUENCE:
-                    seq = 0
-                    # Sane clock, sequence exhausted: wait for the next millisecond (< 1 ms).
-                    while now == last:
-                        time.sleep(0)
-                        now = self._now()
-                    # Clock behind (before or during the wait): borrow one millisecond ahead.
-                    last = now if now > last else last + 1
-            if last > MAX_TIMESTAMP:
-                raise OverflowError("snowflake timestamp exhausted (year 2094)")
-            self._last_ms = last
-            self._seq = seq
-            return (last << _TS_SHIFT) | self._node_bits | seq
+                first = self._seq + 1  # same millisecond (or the clock stepped back)
+            if first + n - 1 <= MAX_SEQUENCE and last <= MAX_TIMESTAMP:
+                self._last_ms = last
+                self._seq = first + n - 1
+                base = (last << _TS_SHIFT) | self._node_bits
+                return list(range(base + first, base + first + n))
+            return [self._next_locked() for _ in range(n)]  # crosses a millisecond: one by one
+
+    def _next_locked(self) -> int:
+        now = self._now()
+        last = self._last_ms
+        if now > last:
+            last = now
+            seq = 0
+        else:
+            # Same millisecond, or the clock stepped back: borrow the last timestamp.
+            seq = self._seq + 1
+            if seq > MAX_SEQUENCE:
+                seq = 0
+                # Sane clock, sequence exhausted: wait for the next millisecond (< 1 ms).
+                while now == last:
+                    time.sleep(0)
+                    now = self._now()
+                # Clock behind (before or during the wait): borrow one millisecond ahead.
+                last = now if now > last else last + 1
+        if last > MAX_TIMESTAMP:
+            raise OverflowError("snowflake timestamp exhausted (year 2094)")
+        self._last_ms = last
+        self._seq = seq
+        return (last << _TS_SHIFT) | self._node_bits | seq
 
     def __repr__(self) -> str:
         return f"IdGenerator(node_id={self.node_id})"

@@ -160,5 +160,8 @@ def test_routing_matches_reference(ops: list[tuple[str, int, int]], targets: lis
         assert table.connections == len(online)
         for u in range(4):
             assert table.is_online(u) == any(conns[ci].user_id == u for ci in online)
+        for ci, c in enumerate(conns):
+            others = any(conns[o].user_id == c.user_id for o in online if o != ci)
+            assert table.has_other_connection(c.user_id, c) == others
     finally:
         loop.close()

@@ -93,6 +93,52 @@ def test_schema_versioned_migrations(tmp_path: Path) -> None:
         _run(lambda s: s.ping(), path)
 
 
+def test_version_1_database_upgrades_with_its_messages(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Schema 2 rebuilds the messages table (keyed by msg_id, dedup index by client_msg_id
+    first): a database written by schema 1 keeps every message, its dedup keys and its seqs."""
+    import gochat.store.sqlite as sqlite_module
+
+    path = tmp_path / "db.sqlite"
+    keys = [os.urandom(16) for _ in range(5)]
+
+    async def write_v1(store: SQLiteStore) -> tuple[int, int, list[AppendResult]]:
+        a, b = await users(store, "alice", "bob")
+        conv = await store.direct_conversation(a, b)
+        return a, conv, [await store.append(req(conv, a, client_msg_id=k, body=b"old%d" % i)) for i, k in enumerate(keys)]
+
+    with monkeypatch.context() as m:
+        m.setattr(sqlite_module, "MIGRATIONS", sqlite_module.MIGRATIONS[:1])
+        m.setattr(sqlite_module, "SCHEMA_VERSION", 1)
+        alice, conv, old = _run(write_v1, path)
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("SELECT MAX(version) FROM schema_version").fetchone()[0] == 1
+
+    async def after(store: SQLiteStore) -> None:
+        hist, more = await store.history(conv, 1, 100, False)
+        assert [m for m in hist] == [r.message for r in old] and not more
+        again = await store.append(req(conv, alice, client_msg_id=keys[2], body=b"retry"))
+        assert again.duplicate and again.message == old[2].message
+        new = await store.append(req(conv, alice, body=b"new"))
+        assert new.message.seq == 6 and new.message.msg_id > old[-1].message.msg_id
+        assert new.message.ts_ms >= old[-1].message.ts_ms
+
+    _run(after, path)
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("SELECT MAX(version) FROM schema_version").fetchone()[0] == SCHEMA_VERSION
+        columns = [r[1] for r in conn.execute("PRAGMA table_info(messages)")]
+        assert columns[0] == "msg_id"
+        assert conn.execute("SELECT COUNT(*) FROM messages").fetchone()[0] == 6
+        assert "messages_v2" not in {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
+        unique = [
+            [c[2] for c in conn.execute(f"PRAGMA index_info('{name}')")]
+            for _, name, is_unique, *_ in conn.execute("PRAGMA index_list(messages)")
+            if is_unique
+        ]
+        assert sorted(unique) == [["client_msg_id", "sender_id"], ["conv", "seq"]]
+
+
 def test_locked_past_busy_timeout_is_unavailable(tmp_path: Path) -> None:
     path = tmp_path / "db.sqlite"
 
@@ -266,12 +312,6 @@ def test_appends_from_two_event_loops(tmp_path: Path) -> None:
     assert sorted(mine + results) == list(range(1, 101))
 
 
-def test_append_request_is_frozen() -> None:
-    r = AppendRequest(1, 1, 1, b"x" * 16, 1, b"")
-    with pytest.raises(AttributeError):
-        r.conv = 2  # type: ignore[misc]
-
-
 # ---- msg_id generator ------------------------------------------------------------------------
 
 
@@ -318,6 +358,23 @@ def test_ids_wait_for_next_ms_when_sequence_exhausted() -> None:
     ids = [gen.next_id() for _ in range(3 * (MAX_SEQUENCE + 1))]
     assert ids == sorted(ids) and len(set(ids)) == len(ids)
     assert max(id_parts(i).sequence for i in ids) <= MAX_SEQUENCE
+
+
+def test_next_ids_blocks_interleave_with_single_ids() -> None:
+    clock = FakeClock(EPOCH_MS + 7_000)
+    gen = IdGenerator(3, clock=clock)
+    ids = [gen.next_id(), *gen.next_ids(5), gen.next_id()]
+    assert [id_parts(i).sequence for i in ids] == list(range(7))  # one millisecond, no gaps
+    assert gen.next_ids(0) == []
+    # a block that does not fit in this millisecond's sequence space goes one by one
+    clock.ms -= 1_000  # and the clock stepped back meanwhile: still increasing
+    ids += gen.next_ids(MAX_SEQUENCE + 3)
+    ids += gen.next_ids(4)
+    assert ids == sorted(ids) and len(set(ids)) == len(ids)
+    assert all(id_parts(i).node_id == 3 for i in ids)
+    clock.ms += 5_000  # a new millisecond: a block starts at sequence 0
+    block = gen.next_ids(3)
+    assert [id_parts(i) for i in block] == [(clock.ms, 3, 0), (clock.ms, 3, 1), (clock.ms, 3, 2)]
 
 
 def test_ids_seeded_after_previous_id() -> None:

@@ -327,11 +327,14 @@ class MessagingCore:
             n = self._deliver(members, data, conn)
         else:
             peer = wire_conv
-            # The sender's other devices see the conversation as "with peer" ...
-            mine = encode_deliver(
-                m.kind, m.content_type, peer, m.seq, m.msg_id, me, m.ts_ms, m.client_msg_id, m.body
-            )
-            n = self._deliver((me,), mine, conn)
+            n = 0
+            # The sender's other devices see the conversation as "with peer" (skipped, encoding
+            # included, when the sender has no other device here and there is no cluster) ...
+            if self.cluster is not None or self.routing.has_other_connection(me, conn):
+                mine = encode_deliver(
+                    m.kind, m.content_type, peer, m.seq, m.msg_id, me, m.ts_ms, m.client_msg_id, m.body
+                )
+                n = self._deliver((me,), mine, conn)
             if peer != me:
                 # ... the peer sees it as "with sender".
                 theirs = encode_deliver(

@@ -53,9 +53,13 @@ class StoredMessage:
     body: bytes
 
 
-@dataclass(frozen=True, slots=True)  # frozen: the writer thread reads it after append() returns
+@dataclass(slots=True)  # not frozen (~1 µs per message); the store owns it once queued
 class AppendRequest:
-    """One message to persist. ``conv`` is the internal conversation id."""
+    """One message to persist. ``conv`` is the internal conversation id.
+
+    Once handed to :meth:`Store.append` or :meth:`Store.append_soon` the store owns it (a
+    writer thread may read it later): callers must not change it.
+    """
 
     conv: int
     kind: int
