@@ -55,7 +55,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("scenario", choices=["quick", "fanout", "direct", "memory", "storm", "all", "report"])
     p.add_argument("--out", type=Path, help="result directory")
-    p.add_argument("--targets", help=f"comma list for fanout (known: {', '.join(TARGETS)})")
+    p.add_argument("--targets", help=f"comma list for fanout, direct or memory (known: {', '.join(TARGETS)})")
     p.add_argument("--subscribers", type=_ints, help="fanout: subscriber counts (default 1000,10000)")
     p.add_argument("--sizes", type=_ints, help="fanout: payload sizes in bytes (default 64,256)")
     p.add_argument("--batch", type=int, default=8, help="fanout mode (b): publishes per tick (default 8)")
@@ -122,8 +122,9 @@ async def run(a: argparse.Namespace, argv: list[str]) -> Path:
         results["fanout"] = await fanout(ctx, targets, subs, sizes, a.batch, duration, progress)
     if scen in ("direct", "all", "quick"):
         rates = a.rates or ([500, 1000] if quick else [1000, 2000, 4000, 8000, 12000, 16000, 24000, 32000, 48000])
+        direct_targets = a.targets.split(",") if a.targets and scen == "direct" else ["gochat", "websockets-relay"]
         results["direct"] = await direct(
-            ctx, ["gochat", "websockets-relay"], a.pairs or (8 if quick else 50), 64, rates,
+            ctx, direct_targets, a.pairs or (8 if quick else 50), 64, rates,
             1.5 if quick else (a.duration or 5.0), progress,
         )
     if scen in ("memory", "all", "quick"):

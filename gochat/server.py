@@ -44,6 +44,9 @@ __all__ = ["Server", "run"]
 
 log = logging.getLogger("gochat.server")
 
+#: How long a thread may hold the GIL while another waits for it (CPython's default: 5 ms).
+GIL_SWITCH_INTERVAL_S = 0.0005
+
 
 class Server:
     """A gochat node. ``await start()``, then ``await stop()`` (drains)."""
@@ -322,6 +325,11 @@ async def _serve(settings: Settings) -> None:
     # of a busy loop in gc_collect_main with the default threshold of 700).
     gc.freeze()
     gc.set_threshold(100_000, 50, 100)
+    # The SQLite writer thread needs the GIL back after every sqlite3_step, and a busy event
+    # loop only lets go of it when asked, after the switch interval (5 ms by default). Under
+    # load that made each write transaction wait tens of ms: commits fell behind the loop and
+    # throughput collapsed to half the offered rate (docs/benchmarks.md, "Direct messages").
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
