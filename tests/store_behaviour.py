@@ -360,6 +360,41 @@ class StoreBehaviour:
 
         run(body)
 
+    def test_append_soon_large_burst_over_several_conversations(self, run: Runner[None]) -> None:
+        """A burst bigger than any one multi-row statement (SQLite: 1,024 rows), queued in one
+        loop tick over three conversations: every append answered once, in call order, with
+        exact per-conversation seqs, and every row readable afterwards."""
+
+        async def body(store: Store) -> None:
+            a, b, c, d = await users(store, "alice", "bob", "carol", "dave")
+            convs = [await store.direct_conversation(a, x) for x in (b, c, d)]
+            n = 2_500
+            answers: list[tuple[int, AppendResult | None, BaseException | None]] = []
+            done = asyncio.get_running_loop().create_future()
+
+            def answer(i: int, result: AppendResult | None, error: BaseException | None) -> None:
+                answers.append((i, result, error))
+                if len(answers) == n:
+                    done.set_result(None)
+
+            for i in range(n):
+                store.append_soon(
+                    req(convs[i % 3], a, body=b"b%d" % i), lambda res, err, i=i: answer(i, res, err)
+                )
+            await asyncio.wait_for(done, 60)
+            assert [i for i, _, _ in answers] == list(range(n))
+            assert all(err is None for _, _, err in answers)
+            for k, conv in enumerate(convs):
+                mine = [res.message for i, res, _ in answers if i % 3 == k and res is not None]
+                assert [m.seq for m in mine] == list(range(1, len(mine) + 1))
+                assert [m.body for m in mine] == [b"b%d" % i for i in range(k, n, 3)]
+                hist, more = await store.history(conv, 1, n, False)
+                assert hist == mine and not more
+            ids = [res.message.msg_id for _, res, _ in answers if res is not None]
+            assert ids == sorted(ids) and len(set(ids)) == n
+
+        run(body)
+
     def test_append_soon_rejects_before_queueing(self, run: Runner[None]) -> None:
         async def body(store: Store) -> None:
             a, b = await users(store, "alice", "bob")

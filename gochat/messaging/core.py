@@ -90,15 +90,6 @@ def _unreported(conn: Connection, rid: int, exc: BaseException) -> None:
     log.error("request %d of %r failed with no gateway attached: %r", rid, conn, exc)
 
 
-def _settle(
-    fut: asyncio.Future[tuple[AppendResult | None, BaseException | None]],
-    result: AppendResult | None,
-    error: BaseException | None,
-) -> None:
-    if not fut.done():  # the waiting task was cancelled: the outcome has no reader
-        fut.set_result((result, error))
-
-
 def _err(code: ErrorCode, message: str = "") -> RequestError:
     return RequestError(message, code=code)
 
@@ -122,7 +113,7 @@ class MessagingCore:
         self.ids = ids
         self.metrics = metrics
         self._loop_time = asyncio.get_running_loop().time
-        #: fast-path SENDs enqueued and not yet answered (drain waits for them)
+        #: SENDs enqueued on the store and not yet answered (drain waits for them)
         self._sends_in_flight = 0
         self._sends_idle: asyncio.Future[None] | None = None
         #: reports a failed request to its connection (set by the gateway, which owns errors)
@@ -227,59 +218,58 @@ class MessagingCore:
         prev = conn.state.send_gate
         if prev is not None and not prev.done():
             return False  # an earlier SEND of this connection is still resolving its target
-        me = conn.user_id
-        target = self._cached_target(me, kind, req.conv_id)
+        target = self._cached_target(conn.user_id, kind, req.conv_id)
         if target is None:
             return False
-        conv, members = target
-        self.store.append_soon(
-            AppendRequest(conv, kind, me, req.client_msg_id, req.content_type, req.body),
-            partial(self._send_committed, conn, req, members, started, True),
-        )
-        self._sends_in_flight += 1
+        self._append(conn, req, kind, target, started)
         return True
 
     async def sends_settled(self) -> None:
-        """Wait until every fast-path SEND has been committed (or failed) and answered."""
+        """Wait until every enqueued SEND has been committed (or failed) and answered."""
         while self._sends_in_flight:
             if self._sends_idle is None:
                 self._sends_idle = asyncio.get_running_loop().create_future()
             await asyncio.shield(self._sends_idle)
 
     async def send(self, conn: Connection, req: Send) -> bytes | None:
-        """The SEND slow path (a task): looks the conversation up first, then appends.
+        """The SEND slow path: a task only while the conversation is looked up.
 
         Sends of one connection reach the store in the order they arrived, even when one of them
         has to look its conversation up: each waits for the previous one to be enqueued (a gate
-        future) and enqueues its own append before opening the gate for the next.
+        future) and enqueues its own append before opening the gate for the next. The task ends
+        there; the commit callback answers, as on the fast path (a task and its futures held
+        until the commit were ~14 objects per message: under a slow commit, thousands of them
+        made each young-generation GC pass take tens of ms).
         """
         kind = self._check_send(req)
         if kind == Kind.ROOM:
             return self._send_room(conn, req)
-        me = conn.user_id
         state: SessionState = conn.state
         prev = state.send_gate
         loop = asyncio.get_running_loop()
         started = loop.time()
         gate: asyncio.Future[None] = loop.create_future()
         state.send_gate = gate
-        committed: asyncio.Future[tuple[AppendResult | None, BaseException | None]] = loop.create_future()
         try:
-            target = self._cached_target(me, kind, req.conv_id)
+            target = self._cached_target(conn.user_id, kind, req.conv_id)
             if target is None:
-                target = await self._target(me, kind, req.conv_id)
+                target = await self._target(conn.user_id, kind, req.conv_id)
             if prev is not None and not prev.done():
                 await prev
-            conv, members = target
-            self.store.append_soon(
-                AppendRequest(conv, kind, me, req.client_msg_id, req.content_type, req.body),
-                partial(_settle, committed),
-            )
+            self._append(conn, req, kind, target, started)
         finally:
             gate.set_result(None)
-        result, error = await committed
-        self._send_committed(conn, req, members, started, False, result, error)
         return None
+
+    def _append(
+        self, conn: Connection, req: Send, kind: int, target: tuple[int, tuple[int, ...]], started: float
+    ) -> None:
+        conv, members = target
+        self.store.append_soon(
+            AppendRequest(conv, kind, conn.user_id, req.client_msg_id, req.content_type, req.body),
+            partial(self._send_committed, conn, req, members, started),
+        )
+        self._sends_in_flight += 1
 
     def _check_send(self, req: Send) -> int:
         body_len = len(req.body)
@@ -295,17 +285,14 @@ class MessagingCore:
         req: Send,
         members: tuple[int, ...],
         started: float,
-        fast: bool,
         result: AppendResult | None,
         error: BaseException | None,
     ) -> None:
-        """After the commit (in queue order): fan out, then SEND_ACK. ``fast``: the SEND came
-        through :meth:`send_soon` (counted in flight for drain)."""
-        if fast:
-            self._sends_in_flight -= 1
-            if not self._sends_in_flight and self._sends_idle is not None:
-                self._sends_idle.set_result(None)
-                self._sends_idle = None
+        """After the commit (in queue order): fan out, then SEND_ACK."""
+        self._sends_in_flight -= 1
+        if not self._sends_in_flight and self._sends_idle is not None:
+            self._sends_idle.set_result(None)
+            self._sends_idle = None
         if result is None:
             self.request_failed(conn, req.rid, error if error is not None else _err(ErrorCode.INTERNAL))
             return

@@ -143,18 +143,21 @@ def message_from_row(row: Sequence[Any], offset: int = 0) -> StoredMessage:
     )
 
 
-def new_message(req: AppendRequest, *, seq: int, msg_id: int, ts_ms: int) -> StoredMessage:
-    """The message an append of ``req`` just stored."""
+def new_message(req: AppendRequest, seq: int, msg_id: int, ts_ms: int) -> StoredMessage:
+    """The message an append of ``req`` just stored (one per append on the writer thread:
+    positional construction, and no bytes() call when the fields already are bytes)."""
+    cmid = req.client_msg_id
+    body = req.body
     return StoredMessage(
-        conv=req.conv,
-        kind=req.kind,
-        seq=seq,
-        msg_id=msg_id,
-        sender_id=req.sender_id,
-        ts_ms=ts_ms,
-        client_msg_id=bytes(req.client_msg_id),
-        content_type=req.content_type,
-        body=bytes(req.body),
+        req.conv,
+        req.kind,
+        seq,
+        msg_id,
+        req.sender_id,
+        ts_ms,
+        cmid if type(cmid) is bytes else bytes(cmid),
+        req.content_type,
+        body if type(body) is bytes else bytes(body),
     )
 
 

@@ -769,7 +769,7 @@ SELECT msg_id, seq FROM stored
             if seq is None:
                 missing.append(i)
                 continue
-            e.result = AppendResult(new_message(req, seq=seq, msg_id=msg_ids[i], ts_ms=now), duplicate=False)
+            e.result = AppendResult(new_message(req, seq, msg_ids[i], now), duplicate=False)
         self._counters.appended += len(entries) - len(missing)
         if missing:
             await self._explain([entries[i] for i in missing])

@@ -236,10 +236,14 @@ _STOP: Final = object()
 _CONV_CACHE_MAX: Final = 1 << 16
 #: a batch at least this large means the store is busy: the writer pauses before the next one
 _BUSY_BATCH: Final = 16
-_ROWS_PER_STATEMENT: Final = 256  # 8 parameters a row: far below SQLITE_MAX_VARIABLE_NUMBER
+#: how often that pause checks whether a full batch is already waiting
+_GATHER_STEP_S: Final = 0.001
+#: Rows per multi-row statement, 8 parameters a row: within SQLITE_MAX_VARIABLE_NUMBER (32,766
+#: since SQLite 3.32; 999 before).
+_ROWS_PER_STATEMENT: Final = 1024 if sqlite3.sqlite_version_info >= (3, 32, 0) else 64
 
 
-@functools.lru_cache(maxsize=16)
+@functools.lru_cache(maxsize=32)
 def _insert_sql(rows: int) -> str:
     values = ", ".join(["(?, ?, ?, ?, ?, ?, ?, ?)"] * rows)
     return (
@@ -248,7 +252,7 @@ def _insert_sql(rows: int) -> str:
     )
 
 
-@functools.lru_cache(maxsize=16)
+@functools.lru_cache(maxsize=32)
 def _bump_sql(rows: int) -> str:
     values = ", ".join(["(?, ?)"] * rows)
     return (
@@ -257,13 +261,14 @@ def _bump_sql(rows: int) -> str:
     )
 
 
-def _execute_rows(conn: sqlite3.Connection, sql: Callable[[int], str], rows: list[tuple[Any, ...]]) -> None:
-    """Run ``sql(k)`` over ``rows`` in chunks of power-of-two sizes (few distinct statements,
-    all kept in the connection's statement cache)."""
+def _execute_rows(conn: sqlite3.Connection, sql: Callable[[int], str], values: list[Any], width: int) -> None:
+    """Run ``sql(k)`` over the rows in ``values`` (flat, ``width`` parameters a row) in chunks of
+    power-of-two sizes (few distinct statements, all kept in the connection's statement cache)."""
+    rows = len(values) // width
     i = 0
-    while i < len(rows):
-        k = min(_ROWS_PER_STATEMENT, 1 << ((len(rows) - i).bit_length() - 1))
-        conn.execute(sql(k), [value for row in rows[i : i + k] for value in row])
+    while i < rows:
+        k = min(_ROWS_PER_STATEMENT, 1 << ((rows - i).bit_length() - 1))
+        conn.execute(sql(k), values[i * width : (i + k) * width])
         i += k
 
 
@@ -335,8 +340,8 @@ class SQLiteStore:
     without bound). ``readers`` is the number of reader threads/connections. ``ids`` is the
     process's msg_id generator (shared with the messaging core, which numbers room messages);
     without it the store makes its own. ``commit_delay_ms``: after a busy commit (at least 16
-    writes) the writer waits this long before the next one, so that batches grow under load;
-    a lone write at low load is never delayed.
+    writes) the writer waits up to this long, or until ``max_batch`` writes are queued, before
+    the next one, so that batches grow under load; a lone write at low load is never delayed.
     """
 
     def __init__(
@@ -349,7 +354,7 @@ class SQLiteStore:
         max_pending: int = 65536,
         readers: int = 4,
         ids: IdGenerator | None = None,
-        commit_delay_ms: float = 2.0,
+        commit_delay_ms: float = 8.0,
     ) -> None:
         if max_batch < 1 or max_pending < 1 or readers < 1 or busy_timeout_ms < 0:
             raise ValueError("max_batch, max_pending and readers must be >= 1, busy_timeout_ms >= 0")
@@ -615,10 +620,13 @@ class SQLiteStore:
             with self._lock:
                 self._pending -= len(batch)
             if len(batch) >= _BUSY_BATCH and not stop:
-                # Under load, let the next batch gather for a moment: each commit costs an
-                # fdatasync and rewrites every page it touched, so fewer, larger commits cost
-                # far less CPU per message (and this thread shares a core with the event loop).
-                time.sleep(self.commit_delay_s)
+                # Under load, let the next batch gather: each commit costs an fdatasync and
+                # rewrites every page it touched, so fewer, larger commits cost far less CPU per
+                # message (and this thread shares a core with the event loop). A full batch
+                # ends the wait early, which bounds the added latency at high rates.
+                deadline = time.monotonic() + self.commit_delay_s
+                while self._pending < self.max_batch and time.monotonic() < deadline:
+                    time.sleep(_GATHER_STEP_S)
 
     def _run_batch(self, conn: sqlite3.Connection, batch: list[_Entry]) -> None:
         self._counters.batch(len(batch))
@@ -747,7 +755,7 @@ class SQLiteStore:
         names a missing conversation or the wrong kind: then nothing of the run stays and the
         caller applies it row by row, which finds and reports exactly those cases.
         """
-        rows: list[tuple[Any, ...]] = []
+        values: list[Any] = []  # the rows' parameters, flat
         made: list[tuple[int, StoredMessage]] = []
         touched: dict[int, int] = {}  # conv -> its last seq after this run
         loaded: dict[int, list[int]] = {}  # conv -> [kind, last_seq] read by this run
@@ -768,19 +776,17 @@ class SQLiteStore:
                     raise _Fallback
                 seq = touched.get(req.conv, state[1]) + 1
                 touched[req.conv] = seq
-                message = new_message(req, seq=seq, msg_id=msg_id, ts_ms=now)
+                message = new_message(req, seq, msg_id, now)
                 made.append((n, message))
-                rows.append(
-                    (req.conv, seq, message.msg_id, req.sender_id, now, message.client_msg_id,
-                     req.content_type, message.body)
-                )
+                values += (req.conv, seq, msg_id, req.sender_id, now, message.client_msg_id,
+                           req.content_type, message.body)
             before = conn.total_changes
             # Multi-row statements: each sqlite3_step releases and re-takes the GIL, which the
             # event-loop thread holds most of the time, so statements, not rows, are counted.
-            _execute_rows(conn, _insert_sql, rows)
-            if conn.total_changes - before != len(rows):
+            _execute_rows(conn, _insert_sql, values, 8)
+            if conn.total_changes - before != len(made):
                 raise _Fallback
-            _execute_rows(conn, _bump_sql, list(touched.items()))
+            _execute_rows(conn, _bump_sql, [v for item in touched.items() for v in item], 2)
         except Exception as exc:
             if _is_io_error(exc):
                 raise
@@ -792,7 +798,7 @@ class SQLiteStore:
         for conv, seq in touched.items():
             convs[conv][1] = seq
         for n, message in made:
-            results[n] = AppendResult(message, duplicate=False)
+            results[n] = AppendResult(message, False)
         return True
 
     def _apply_append(
@@ -820,7 +826,7 @@ class SQLiteStore:
             return RequestError("conversation kind mismatch", code=ErrorCode.BAD_REQUEST)
         seq = last_seq + 1
         msg_id = self._ids.next_id()
-        message = new_message(req, seq=seq, msg_id=msg_id, ts_ms=now)
+        message = new_message(req, seq, msg_id, now)
         conn.execute(
             "INSERT INTO messages (conv, seq, msg_id, sender_id, ts_ms, client_msg_id, content_type, body)"
             " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
