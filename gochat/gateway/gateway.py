@@ -208,12 +208,9 @@ class Gateway:
         core = self.core
         if op == Op.SEND:
             try:
-                if core.send_soon(conn, f, self.loop.time()):
-                    return
+                core.send_soon(conn, f, self.loop.time())
             except GochatError as exc:
                 self._error(conn, f.rid, exc.code, exc.message, exc.retry_after_ms)
-                return
-            self._spawn(conn, f.rid, core.send(conn, f))
         elif op == Op.AUTH:
             self._error(conn, f.rid, ErrorCode.ALREADY_AUTHENTICATED, "")
         elif op == Op.SYNC:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import Callable
 from functools import partial
 from typing import Any
@@ -61,13 +62,15 @@ __all__ = ["MessagingCore", "SessionState"]
 log = logging.getLogger("gochat.messaging")
 
 MAX_ROOMS_PER_SESSION = 100
+#: SENDs of one connection that may wait behind a conversation lookup (beyond: OVERLOADED)
+MAX_SEND_BACKLOG = 256
 _GROUP_NAME_MAX = 128
 
 
 class SessionState:
     """Control-plane state of one authenticated connection."""
 
-    __slots__ = ("auth_timer", "jti", "rooms", "send_gate", "sid", "token_exp")
+    __slots__ = ("auth_timer", "jti", "rooms", "send_backlog", "sid", "token_exp")
 
     def __init__(self) -> None:
         #: rooms this session subscribed to; an empty tuple until the first SUBSCRIBE, so an idle
@@ -78,8 +81,9 @@ class SessionState:
         self.sid = ""
         self.token_exp = 0
         self.auth_timer: Any = None
-        #: resolved once the connection's latest SEND has been handed to the store
-        self.send_gate: asyncio.Future[None] | None = None
+        #: SENDs waiting, in arrival order, behind one whose conversation is being looked up
+        #: (request, kind, arrival time); None when nothing waits
+        self.send_backlog: deque[tuple[Send, int, float]] | None = None
 
 
 def _now_ms() -> int:
@@ -113,8 +117,9 @@ class MessagingCore:
         self.ids = ids
         self.metrics = metrics
         self._loop_time = asyncio.get_running_loop().time
-        #: SENDs enqueued on the store and not yet answered (drain waits for them)
+        #: SENDs handed to send_soon and not yet answered (drain waits for them)
         self._sends_in_flight = 0
+        self._backlog_tasks: set[asyncio.Task[None]] = set()
         self._sends_idle: asyncio.Future[None] | None = None
         #: reports a failed request to its connection (set by the gateway, which owns errors)
         self.request_failed: Callable[[Connection, int, BaseException], None] = _unreported
@@ -201,65 +206,76 @@ class MessagingCore:
         return await self._direct_conv(me, conv_id), ()
 
     # ---- SEND ---------------------------------------------------------------------------------
-    def send_soon(self, conn: Connection, req: Send, started: float) -> bool:
-        """The SEND fast path: no coroutine, Task or Future per message.
+    def send_soon(self, conn: Connection, req: Send, started: float) -> None:
+        """Handle a SEND with no coroutine, Task or Future per message.
 
-        Handles ``req`` now when nothing has to be looked up first: a room message is fanned out
-        and acknowledged at once; a direct or group message whose conversation is cached is
-        enqueued on the store, and :meth:`_send_committed` acknowledges and fans it out after
-        the commit. Returns False (nothing done) when :meth:`send` must run as a task instead.
-        Request errors raise :class:`~gochat.errors.GochatError`.
+        A room message is fanned out and acknowledged at once. A direct or group message whose
+        conversation is in the caches is enqueued on the store, and :meth:`_send_committed` fans
+        it out and acknowledges it after the commit. One whose conversation must be looked up
+        first opens the connection's send backlog: it and every later SEND of the connection
+        wait there in arrival order, so a connection's SENDs reach the store in the order they
+        arrived, while one task resolves them (:meth:`_drain_backlog`). Request errors raise
+        :class:`~gochat.errors.GochatError`.
         """
         kind = self._check_send(req)
         if kind == Kind.ROOM:
             conn.push(self._send_room(conn, req))
             self.metrics.hot.send_latency.observe(self._loop_time() - started)
-            return True
-        prev = conn.state.send_gate
-        if prev is not None and not prev.done():
-            return False  # an earlier SEND of this connection is still resolving its target
+            return
+        state: SessionState = conn.state
+        backlog = state.send_backlog
+        if backlog is not None:
+            if len(backlog) >= MAX_SEND_BACKLOG:
+                raise _err(ErrorCode.OVERLOADED, "too many SENDs waiting for a conversation lookup")
+            backlog.append((req, kind, started))
+            self._sends_in_flight += 1
+            return
         target = self._cached_target(conn.user_id, kind, req.conv_id)
-        if target is None:
-            return False
-        self._append(conn, req, kind, target, started)
-        return True
+        if target is not None:
+            self._append(conn, req, kind, target, started)
+            return
+        state.send_backlog = backlog = deque(((req, kind, started),))
+        self._sends_in_flight += 1
+        task = asyncio.get_running_loop().create_task(self._drain_backlog(conn, backlog))
+        self._backlog_tasks.add(task)
+        task.add_done_callback(self._backlog_tasks.discard)
+
+    async def _drain_backlog(self, conn: Connection, backlog: deque[tuple[Send, int, float]]) -> None:
+        """Enqueue a connection's waiting SENDs in arrival order, each as soon as its
+        conversation is known, and every cached one in the same pass. (Before: one task per
+        SEND, each waiting for the previous one; the chain advanced one SEND per loop iteration,
+        and at high rates new SENDs joined it faster than it drained.)"""
+        try:
+            while backlog:
+                req, kind, started = backlog[0]
+                try:
+                    target = self._cached_target(conn.user_id, kind, req.conv_id)
+                    if target is None:
+                        target = await self._target(conn.user_id, kind, req.conv_id)
+                    self._append(conn, req, kind, target, started)
+                except Exception as exc:
+                    self.request_failed(conn, req.rid, exc)
+                backlog.popleft()
+                self._send_settled()
+        finally:
+            conn.state.send_backlog = None
+            while backlog:  # cancelled (the server is stopping): answer what still waits
+                req, _, _ = backlog.popleft()
+                self.request_failed(conn, req.rid, _err(ErrorCode.UNAVAILABLE, "server stopping"))
+                self._send_settled()
 
     async def sends_settled(self) -> None:
-        """Wait until every enqueued SEND has been committed (or failed) and answered."""
+        """Wait until every SEND handed to :meth:`send_soon` has been answered."""
         while self._sends_in_flight:
             if self._sends_idle is None:
                 self._sends_idle = asyncio.get_running_loop().create_future()
             await asyncio.shield(self._sends_idle)
 
-    async def send(self, conn: Connection, req: Send) -> bytes | None:
-        """The SEND slow path: a task only while the conversation is looked up.
-
-        Sends of one connection reach the store in the order they arrived, even when one of them
-        has to look its conversation up: each waits for the previous one to be enqueued (a gate
-        future) and enqueues its own append before opening the gate for the next. The task ends
-        there; the commit callback answers, as on the fast path (a task and its futures held
-        until the commit were ~14 objects per message: under a slow commit, thousands of them
-        made each young-generation GC pass take tens of ms).
-        """
-        kind = self._check_send(req)
-        if kind == Kind.ROOM:
-            return self._send_room(conn, req)
-        state: SessionState = conn.state
-        prev = state.send_gate
-        loop = asyncio.get_running_loop()
-        started = loop.time()
-        gate: asyncio.Future[None] = loop.create_future()
-        state.send_gate = gate
-        try:
-            target = self._cached_target(conn.user_id, kind, req.conv_id)
-            if target is None:
-                target = await self._target(conn.user_id, kind, req.conv_id)
-            if prev is not None and not prev.done():
-                await prev
-            self._append(conn, req, kind, target, started)
-        finally:
-            gate.set_result(None)
-        return None
+    def _send_settled(self) -> None:
+        self._sends_in_flight -= 1
+        if not self._sends_in_flight and self._sends_idle is not None:
+            self._sends_idle.set_result(None)
+            self._sends_idle = None
 
     def _append(
         self, conn: Connection, req: Send, kind: int, target: tuple[int, tuple[int, ...]], started: float
@@ -289,10 +305,7 @@ class MessagingCore:
         error: BaseException | None,
     ) -> None:
         """After the commit (in queue order): fan out, then SEND_ACK."""
-        self._sends_in_flight -= 1
-        if not self._sends_in_flight and self._sends_idle is not None:
-            self._sends_idle.set_result(None)
-            self._sends_idle = None
+        self._send_settled()
         if result is None:
             self.request_failed(conn, req.rid, error if error is not None else _err(ErrorCode.INTERNAL))
             return
