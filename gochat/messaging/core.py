@@ -62,8 +62,9 @@ __all__ = ["MessagingCore", "SessionState"]
 log = logging.getLogger("gochat.messaging")
 
 MAX_ROOMS_PER_SESSION = 100
-#: SENDs of one connection that may wait behind a conversation lookup (beyond: OVERLOADED)
-MAX_SEND_BACKLOG = 256
+#: SENDs of one connection that may wait behind a conversation lookup (beyond: OVERLOADED);
+#: above the default rate-limit burst (400), so only a client past its limit can reach it
+MAX_SEND_BACKLOG = 1024
 _GROUP_NAME_MAX = 128
 
 

@@ -266,6 +266,34 @@ def test_direct_multi_device_delivery_and_idempotent_retry(gochat_server: Gochat
     run(scenario())
 
 
+def test_pipelined_sends_to_new_conversations_keep_arrival_order(gochat_server: GochatProcess) -> None:
+    """390 SENDs in one WebSocket message, alternating between two conversations nobody has
+    used yet: the first SEND to each needs a lookup, and everything behind it waits in the
+    connection's send backlog. Every SEND is acknowledged, in arrival order, with consecutive
+    seqs per conversation, and each peer receives its messages in seq order."""
+
+    async def scenario() -> None:
+        alice = await create_user(gochat_server.http_url, "pipe-alice")
+        bob = await create_user(gochat_server.http_url, "pipe-bob")
+        carol = await create_user(gochat_server.http_url, "pipe-carol")
+        a, b, c = [await online(gochat_server, u) for u in (alice, bob, carol)]
+        peers = [bob.user_id, carol.user_id]
+        n = 390  # below the default rate-limit burst (400)
+        a.send(*(send_frame(Kind.DIRECT, peers[i % 2], b"m%d" % i, rid=i + 1) for i in range(n)))
+        acks = [await a.expect(SendAck, timeout=20) for _ in range(n)]
+        assert [k.rid for k in acks] == list(range(1, n + 1))
+        for p, peer in enumerate(peers):
+            assert [k.seq for k in acks[p::2]] == list(range(1, n // 2 + 1))
+            assert all(k.conv_id == peer for k in acks[p::2])
+        for p, client in enumerate((b, c)):
+            got = [(await client.expect(Deliver, timeout=20)).message for _ in range(n // 2)]
+            assert [m.seq for m in got] == list(range(1, n // 2 + 1))
+            assert [m.body for m in got] == [b"m%d" % i for i in range(p, n, 2)]
+        await assert_healthy(gochat_server)
+
+    run(scenario())
+
+
 def test_group_fan_out_membership_and_events(gochat_server: GochatProcess) -> None:
     async def scenario() -> None:
         users = [await create_user(gochat_server.http_url, f"g{i}") for i in range(4)]
