@@ -68,3 +68,24 @@ def test_bench_quick_mode(tmp_path: Path) -> None:
 
     storm = results["storm"][0]
     assert storm["connections"] > 0 and storm["connects_per_s"] > 0
+
+
+@pytest.mark.timeout(120)
+def test_writer_bench_runs_and_reports_every_column() -> None:
+    """``bench/writer_bench.py`` on a tiny rate: one table row per rate, every append answered
+    (the script asserts it), and the columns it documents. No timing is asserted."""
+    r = subprocess.run(
+        [sys.executable, "bench/writer_bench.py", "--rates", "500,1000", "--seconds", "0.5", "--convs", "4"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=100,
+    )
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    rows = [line for line in r.stdout.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert [row.split("|")[1].strip() for row in rows] == ["500", "1,000"]
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert len(cells) == 7
+        assert float(cells[1].replace(",", "")) > 0  # achieved rate
+        assert " / " in cells[3] and " / " in cells[4]  # writer and loop CPU, user / sys
