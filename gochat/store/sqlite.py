@@ -340,8 +340,9 @@ class SQLiteStore:
     without bound). ``readers`` is the number of reader threads/connections. ``ids`` is the
     process's msg_id generator (shared with the messaging core, which numbers room messages);
     without it the store makes its own. ``commit_delay_ms``: after a busy commit (at least 16
-    writes) the writer waits up to this long, or until ``max_batch`` writes are queued, before
-    the next one, so that batches grow under load; a lone write at low load is never delayed.
+    writes) the writer waits, at most this long and at most as long as that commit took, or
+    until ``max_batch`` writes are queued, before the next one, so that batches grow under
+    load; a lone write at low load is never delayed.
     """
 
     def __init__(
@@ -612,6 +613,7 @@ class SQLiteStore:
                     break
             if not batch:
                 continue
+            started = time.monotonic()
             try:
                 self._run_batch(conn, batch)
             except BaseException as exc:  # pragma: no cover - a bug; never leave waiters hanging
@@ -622,9 +624,12 @@ class SQLiteStore:
             if len(batch) >= _BUSY_BATCH and not stop:
                 # Under load, let the next batch gather: each commit costs an fdatasync and
                 # rewrites every page it touched, so fewer, larger commits cost far less CPU per
-                # message (and this thread shares a core with the event loop). A full batch
-                # ends the wait early, which bounds the added latency at high rates.
-                deadline = time.monotonic() + self.commit_delay_s
+                # message (and this thread shares a core with the event loop). The wait is at
+                # most as long as this transaction took (so the writer commits at least half
+                # the time and a moderate load keeps a short latency) and at most
+                # commit_delay_ms; a full batch ends it early.
+                now = time.monotonic()
+                deadline = now + min(self.commit_delay_s, now - started)
                 while self._pending < self.max_batch and time.monotonic() < deadline:
                     time.sleep(_GATHER_STEP_S)
 
