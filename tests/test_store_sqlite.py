@@ -139,6 +139,35 @@ def test_version_1_database_upgrades_with_its_messages(
         assert sorted(unique) == [["client_msg_id", "sender_id"], ["conv", "seq"]]
 
 
+def test_a_burst_above_max_batch_commits_in_bounded_transactions(tmp_path: Path) -> None:
+    """1,000 appends handed over in one loop tick with max_batch=100: no transaction takes more
+    than 100 of them (one giant transaction would delay every answer in it), and all are
+    answered once, in call order, with exact seqs."""
+
+    async def body(store: SQLiteStore) -> tuple[int, int, list[int]]:
+        a, b = await users(store, "alice", "bob")
+        conv = await store.direct_conversation(a, b)
+        tx0 = store.stats.transactions
+        seqs: list[int] = []
+        done = asyncio.get_running_loop().create_future()
+
+        def answer(result: AppendResult | None, error: BaseException | None) -> None:
+            assert result is not None and error is None
+            seqs.append(result.message.seq)
+            if len(seqs) == 1000:
+                done.set_result(None)
+
+        for _ in range(1000):
+            store.append_soon(req(conv, a), answer)
+        await asyncio.wait_for(done, 30)
+        return store.stats.largest_batch, store.stats.transactions - tx0, seqs
+
+    largest, transactions, seqs = _run(body, tmp_path / "db.sqlite", max_batch=100)
+    assert largest <= 100
+    assert transactions >= 10
+    assert seqs == list(range(1, 1001))
+
+
 def test_locked_past_busy_timeout_is_unavailable(tmp_path: Path) -> None:
     path = tmp_path / "db.sqlite"
 

@@ -335,7 +335,7 @@ class SQLiteStore:
     """SQLite implementation of :class:`gochat.store.base.Store`.
 
     ``path`` is the database file (its directory must exist). ``node_id`` feeds the ``msg_id``
-    generator. ``max_batch`` caps the queue entries applied in one transaction; ``max_pending``
+    generator. ``max_batch`` caps the entries applied in one transaction; ``max_pending``
     caps queued writes (beyond it writes fail fast with ``OVERLOADED`` instead of growing memory
     without bound). ``readers`` is the number of reader threads/connections. ``ids`` is the
     process's msg_id generator (shared with the messaging core, which numbers room messages);
@@ -593,25 +593,32 @@ class SQLiteStore:
     def _writer_loop(self, conn: sqlite3.Connection) -> None:
         get = self._queue.get
         get_nowait = self._queue.get_nowait
+        limit = self.max_batch
+        # Entries taken from the queue but not run yet: a loop tick's list can be far larger
+        # than max_batch when the loop falls behind, and one transaction of 40,000 appends
+        # (seen under overload) delays every answer in it by the whole transaction.
+        carry: list[_Entry] = []
         stop = False
-        while not stop:
-            batch: list[_Entry] = []
-            item = get()
-            while True:
+        while True:
+            batch = carry[:limit]
+            del carry[:limit]
+            while not stop and len(batch) < limit:
+                try:
+                    item = get_nowait() if batch else get()
+                except queue.Empty:
+                    break
                 if item is _STOP:
                     stop = True  # _STOP is always the last entry ever queued
                 elif type(item) is list:
-                    batch.extend(item)
+                    room = limit - len(batch)
+                    batch.extend(item[:room])
+                    carry.extend(item[room:])
                 else:
                     assert isinstance(item, _Entry)
                     batch.append(item)
-                if stop or len(batch) >= self.max_batch:
-                    break
-                try:
-                    item = get_nowait()
-                except queue.Empty:
-                    break
             if not batch:
+                if stop:
+                    break
                 continue
             started = time.monotonic()
             try:
