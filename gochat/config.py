@@ -53,6 +53,9 @@ class Settings:
     history_max_limit: int = _opt(500, "most messages one HISTORY reply carries")
     max_group_members: int = _opt(10000, "largest group")
     drain_timeout_s: float = _opt(10.0, "on SIGTERM, how long to wait for in-flight sends to commit")
+    store_commit_delay_ms: float = _opt(
+        8.0, "embedded SQLite: longest wait for a batch to gather after a busy commit (0: none; lower latency, more CPU)"
+    )
     log_level: str = _opt("INFO", "logging level: DEBUG, INFO, WARNING, ERROR")
     # cluster mode (both URLs set): PostgreSQL store, Redis broker/presence/registry
     redis_url: str = _opt("", "Redis URL for cluster mode, e.g. redis://127.0.0.1:6379/0")
@@ -143,6 +146,8 @@ def _validate(s: Settings) -> None:
         raise ConfigError("max_frame must be between 1 KiB and 16 MiB")
     if not 1 <= s.max_body <= s.max_frame - 12 - 26:
         raise ConfigError("max_body must be positive and fit in max_frame with the SEND header")
+    if not 0 <= s.store_commit_delay_ms <= 1000:
+        raise ConfigError("store_commit_delay_ms must be between 0 and 1000")
     if s.outbound_soft_limit > s.outbound_hard_limit:
         raise ConfigError("outbound_soft_limit must not exceed outbound_hard_limit")
     if bool(s.redis_url) != bool(s.postgres_dsn):

@@ -76,7 +76,9 @@ class Server:
         if s.cluster:
             await self._open_cluster_backends()
         else:
-            self.store = SQLiteStore(data / "gochat.db", node_id=s.node_id, ids=self.ids)
+            self.store = SQLiteStore(
+                data / "gochat.db", node_id=s.node_id, ids=self.ids, commit_delay_ms=s.store_commit_delay_ms
+            )
         await self.store.open()
         # In a cluster every node must verify every node's tokens: they share the key file
         # (same data_dir on one machine, or the file distributed as a secret; docs/cluster.md).

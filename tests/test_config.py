@@ -50,3 +50,29 @@ def test_settings_frozen_and_documented() -> None:
     table = settings_markdown()
     doc = (Path(__file__).resolve().parent.parent / "docs" / "configuration.md").read_text()
     assert table in doc, "docs/configuration.md must contain the generated settings table"
+
+
+def test_store_commit_delay_setting(tmp_path: Path) -> None:
+    """GOCHAT_STORE_COMMIT_DELAY_MS reaches the embedded store; out-of-range values are refused."""
+    import asyncio
+
+    from gochat.server import Server
+
+    s = load_settings(
+        env={"GOCHAT_STORE_COMMIT_DELAY_MS": "0", "GOCHAT_DATA_DIR": str(tmp_path), "GOCHAT_WS_PORT": "0",
+             "GOCHAT_HTTP_PORT": "0"}
+    )
+    assert s.store_commit_delay_ms == 0.0
+    for bad in ("-1", "5000"):
+        with pytest.raises(ConfigError, match="store_commit_delay_ms"):
+            load_settings(env={"GOCHAT_STORE_COMMIT_DELAY_MS": bad})
+
+    async def started_store_delay() -> float:
+        server = Server(s)
+        await server.start()
+        try:
+            return server.store.commit_delay_s  # type: ignore[attr-defined,no-any-return]
+        finally:
+            await server.stop()
+
+    assert asyncio.run(started_store_delay()) == 0.0
