@@ -243,9 +243,8 @@ class MessagingCore:
 
     async def _drain_backlog(self, conn: Connection, backlog: deque[tuple[Send, int, float]]) -> None:
         """Enqueue a connection's waiting SENDs in arrival order, each as soon as its
-        conversation is known, and every cached one in the same pass. (Before: one task per
-        SEND, each waiting for the previous one; the chain advanced one SEND per loop iteration,
-        and at high rates new SENDs joined it faster than it drained.)"""
+        conversation is known, and every cached one in the same pass (so a backlog drains in one
+        loop iteration once the lookup is done; docs/architecture.md, "The send path")."""
         try:
             while backlog:
                 req, kind, started = backlog[0]

@@ -637,7 +637,7 @@ class SQLiteStore:
                 # commit_delay_ms; a full batch ends it early.
                 now = time.monotonic()
                 deadline = now + min(self.commit_delay_s, now - started)
-                while self._pending < self.max_batch and time.monotonic() < deadline:
+                while self._pending < limit and time.monotonic() < deadline:
                     time.sleep(_GATHER_STEP_S)
 
     def _run_batch(self, conn: sqlite3.Connection, batch: list[_Entry]) -> None:
