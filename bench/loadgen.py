@@ -85,6 +85,8 @@ class Role:
         self.ready: dict[int, asyncio.Future[Any]] = {}
         self.want: dict[int, int] = {}
         self.errors: list[str] = []
+        #: gochat ERROR frames by code since the last reset (OVERLOADED: load shed by the server)
+        self.error_counts: dict[int, int] = {}
         self.listeners: list[Any] = []
         self.loop = asyncio.get_running_loop()
         self._ids = itertools.count()
@@ -96,6 +98,7 @@ class Role:
         if op == OP_ERROR:
             code = struct.unpack_from("<H", frame, 12)[0]
             msg = frame[18:].decode(errors="replace")
+            self.error_counts[code] = self.error_counts.get(code, 0) + 1
             if len(self.errors) < 20:
                 self.errors.append(f"{code} {msg}")
             if fut is not None and not fut.done():
@@ -324,6 +327,7 @@ class Direct(Role):
     async def command(self, cmd: list[str]) -> None:
         if cmd[0] == "reset":
             self.rec.reset()
+            self.error_counts.clear()
             emit(event="reset")
         elif cmd[0] == "stats":
             emit(event="stats", deliveries=self.rec.deliveries, last_ns=self.rec.last_ns)
@@ -331,7 +335,7 @@ class Direct(Role):
             hist, first, last = self.rec.arrays()
             np.savez(cmd[1], hist=hist, first=first, last=last)
             emit(event="report", deliveries=self.rec.deliveries, first_ns=self.rec.first_ns,
-                 last_ns=self.rec.last_ns, path=cmd[1], errors=self.errors[:5])
+                 last_ns=self.rec.last_ns, path=cmd[1], errors=self.errors[:5], error_counts=self.error_counts)
         elif cmd[0] == "rate":
             rate, duration = float(cmd[1]), float(cmd[2])
             start = now_ns()

@@ -148,6 +148,13 @@ async def _measured(
         "spread_us": merged["spread"],
         "server_rss_kib": proc_status(server.pid).get("VmRSS"),
     }
+    refused: dict[str, int] = {}
+    for r in reports:
+        for code, n in (r.get("error_counts") or {}).items():
+            refused[str(code)] = refused.get(str(code), 0) + int(n)
+    if refused:
+        # gochat ERROR answers to the load's requests, by code ("503": OVERLOADED, load shed)
+        out["errors_by_code"] = refused
     if out["server_cpu_us_per_delivery"]:
         out["deliveries_per_core_s"] = round(1e6 / out["server_cpu_us_per_delivery"], 1)
     for key in ("stalls", "max_lag_ns"):

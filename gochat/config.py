@@ -56,6 +56,10 @@ class Settings:
     store_commit_delay_ms: float = _opt(
         8.0, "embedded SQLite: longest wait for a batch to gather after a busy commit (0: none; lower latency, more CPU)"
     )
+    overload_send_latency_ms: float = _opt(
+        250.0,
+        "shed load: answer a SEND OVERLOADED when its commit would wait longer than this (0: never shed)",
+    )
     log_level: str = _opt("INFO", "logging level: DEBUG, INFO, WARNING, ERROR")
     # cluster mode (both URLs set): PostgreSQL store, Redis broker/presence/registry
     redis_url: str = _opt("", "Redis URL for cluster mode, e.g. redis://127.0.0.1:6379/0")
@@ -148,6 +152,8 @@ def _validate(s: Settings) -> None:
         raise ConfigError("max_body must be positive and fit in max_frame with the SEND header")
     if not 0 <= s.store_commit_delay_ms <= 1000:
         raise ConfigError("store_commit_delay_ms must be between 0 and 1000")
+    if not 0 <= s.overload_send_latency_ms <= 60_000:
+        raise ConfigError("overload_send_latency_ms must be between 0 and 60000")
     if s.outbound_soft_limit > s.outbound_hard_limit:
         raise ConfigError("outbound_soft_limit must not exceed outbound_hard_limit")
     if bool(s.redis_url) != bool(s.postgres_dsn):

@@ -105,8 +105,9 @@ def _spec(code: ErrorCode, fatal: bool, retryable: bool, description: str) -> Er
 
 
 _E = ErrorCode
-#: The one table. ``docs/protocol.md`` mirrors it; ``tests`` check that they agree.
-ERRORS: Final[dict[ErrorCode, ErrorSpec]] = {
+#: The one table. ``docs/protocol.md`` mirrors it; ``tests`` check that they agree. Keyed by
+#: code: an :class:`ErrorCode` or the plain int it equals.
+ERRORS: Final[dict[int, ErrorSpec]] = {
     s.code: s
     for s in (
         _spec(_E.OK, False, False, "no error"),

@@ -251,6 +251,14 @@ class TestBackoff:
         assert len(delays) > 40
         assert all(0.5 <= d <= 1.0 for d in delays)
 
+    def test_server_delay_is_spread_never_shortened(self) -> None:
+        b = Backoff(1.0, 1.0, rng=random.Random(5))
+        delays = {round(b.spread(0.3), 6) for _ in range(50)}
+        assert len(delays) > 40
+        assert all(0.3 <= d <= 0.45 for d in delays)
+        assert Backoff(1.0, 1.0, jitter=0.0).spread(0.3) == 0.3
+        assert b.attempts == 0  # a server-given delay is not a reconnect attempt
+
     def test_many_attempts_do_not_overflow(self) -> None:
         b = Backoff(0.2, 10.0)
         for _ in range(5000):

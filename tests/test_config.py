@@ -76,3 +76,13 @@ def test_store_commit_delay_setting(tmp_path: Path) -> None:
             await server.stop()
 
     assert asyncio.run(started_store_delay()) == 0.0
+
+
+def test_overload_send_latency_setting() -> None:
+    """GOCHAT_OVERLOAD_SEND_LATENCY_MS: 250 ms by default, 0 turns shedding off, and out-of-range
+    values are refused (the behaviour itself: tests/e2e, test_sends_are_shed_...)."""
+    assert load_settings(env={}).overload_send_latency_ms == 250.0
+    assert load_settings(env={"GOCHAT_OVERLOAD_SEND_LATENCY_MS": "0"}).overload_send_latency_ms == 0.0
+    for bad in ("-5", "61000"):
+        with pytest.raises(ConfigError, match="overload_send_latency_ms"):
+            load_settings(env={"GOCHAT_OVERLOAD_SEND_LATENCY_MS": bad})

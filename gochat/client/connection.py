@@ -878,7 +878,10 @@ class Client:
             out.rid = 0
             if err.spec.retryable and not err.fatal and out.errors < self._max_send_retries:
                 out.errors += 1
-                delay = f.retry_after_ms / 1000 if f.retry_after_ms else self._backoff.base(out.errors - 1)
+                if f.retry_after_ms:
+                    delay = self._backoff.spread(f.retry_after_ms / 1000)
+                else:
+                    delay = self._backoff.base(out.errors - 1)
                 out.retry = self._loop.call_later(delay, self._retransmit, out)
                 return
             if err.fatal:

@@ -254,6 +254,12 @@ class Backoff:
         self.attempts += 1
         return b * (1.0 - self.jitter * self._rng.random())
 
+    def spread(self, delay: float) -> float:
+        """A delay the server asked for (``retry_after_ms``), lengthened by a random fraction of
+        at most ``jitter``: never shorter than asked, and clients told the same delay by an
+        overloaded node do not all come back at once."""
+        return delay * (1.0 + self.jitter * self._rng.random())
+
     def reset(self) -> None:
         """A connection succeeded: start again from ``initial``."""
         self.attempts = 0

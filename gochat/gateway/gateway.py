@@ -72,6 +72,7 @@ class Gateway:
         self.draining = False
         self._picows_max_message = settings.max_frame * 4
         core.request_failed = self.request_failed
+        core.refuse = self._error
 
     # ---- listener factory ------------------------------------------------------------------
     def listener_factory(self, request: WSUpgradeRequest) -> Any:
@@ -280,17 +281,19 @@ class Gateway:
 
     # ---- errors ------------------------------------------------------------------------------
     def _error(self, conn: Connection, rid: int, code: int, message: str, retry_after_ms: int = 0) -> None:
-        spec = ERRORS[ErrorCode(code)]
+        spec = ERRORS[code]  # keyed by ErrorCode, an IntEnum: a plain int finds its entry
         if spec.retryable and not retry_after_ms:
             retry_after_ms = _DEFAULT_RETRY_MS
-        self.metrics.errors.labels(code=str(int(code))).inc()
-        conn.push(encode_error(rid, int(code), retry_after_ms, message or spec.description))
+        errors = self.metrics.hot.errors
+        errors[code] = errors.get(code, 0) + 1
+        conn.push(encode_error(rid, code, retry_after_ms, message or spec.description))
         if spec.fatal:
             conn.close_with(close_code_for(code), spec.code.name)
 
     def _fatal(self, conn: Connection, rid: int, code: int, message: str) -> None:
-        self.metrics.errors.labels(code=str(int(code))).inc()
-        conn.push(encode_error(rid, int(code), 0, message or ERRORS[ErrorCode(code)].description))
+        errors = self.metrics.hot.errors
+        errors[code] = errors.get(code, 0) + 1
+        conn.push(encode_error(rid, code, 0, message or ERRORS[code].description))
         conn.close_with(close_code_for(code), ErrorCode(code).name)
 
     # ---- control ---------------------------------------------------------------------------------

@@ -65,6 +65,10 @@ MAX_ROOMS_PER_SESSION = 100
 #: SENDs of one connection that may wait behind a conversation lookup (beyond: OVERLOADED);
 #: above the default rate-limit burst (400), so only a client past its limit can reach it
 MAX_SEND_BACKLOG = 1024
+#: load shedding judges a SEND only with at least this many in flight, so that a moderate
+#: load is never shed (docs/architecture.md, "Overload")
+SHED_MIN_IN_FLIGHT = 1024
+_RATE_WINDOW_S = 0.25
 _GROUP_NAME_MAX = 128
 
 
@@ -95,6 +99,10 @@ def _unreported(conn: Connection, rid: int, exc: BaseException) -> None:
     log.error("request %d of %r failed with no gateway attached: %r", rid, conn, exc)
 
 
+def _unrefused(conn: Connection, rid: int, code: int, message: str, retry_after_ms: int) -> None:
+    log.error("request %d of %r refused (%d) with no gateway attached", rid, conn, code)
+
+
 def _err(code: ErrorCode, message: str = "") -> RequestError:
     return RequestError(message, code=code)
 
@@ -122,8 +130,20 @@ class MessagingCore:
         self._sends_in_flight = 0
         self._backlog_tasks: set[asyncio.Task[None]] = set()
         self._sends_idle: asyncio.Future[None] | None = None
+        # Load shedding (docs/architecture.md, "Overload"): SENDs answered so far, the answer
+        # rate measured over windows of _RATE_WINDOW_S, and when the node last went from no
+        # SEND in flight to some.
+        self._shed_after_s = settings.overload_send_latency_ms / 1000
+        self._answered = 0
+        self._answer_rate = 0.0
+        self._rate_since = 0.0
+        self._rate_base = 0
+        self._in_flight_since = 0.0
         #: reports a failed request to its connection (set by the gateway, which owns errors)
         self.request_failed: Callable[[Connection, int, BaseException], None] = _unreported
+        #: answers a request with ERROR (code, message, retry_after_ms) without an exception,
+        #: for answers an overloaded node gives often (set by the gateway)
+        self.refuse: Callable[[Connection, int, int, str, int], None] = _unrefused
         #: set in cluster mode: remote routing and cluster presence
         self.cluster: ClusterLink | None = None
         self._direct: dict[tuple[int, int], int] = {}  # (lo, hi) -> conv
@@ -223,23 +243,50 @@ class MessagingCore:
             conn.push(self._send_room(conn, req))
             self.metrics.hot.send_latency.observe(self._loop_time() - started)
             return
+        if self._sends_in_flight >= SHED_MIN_IN_FLIGHT and self._shed_after_s:
+            retry_after_ms = self._shed_delay_ms(started)
+            if retry_after_ms:
+                self.metrics.hot.sends_shed += 1
+                self.refuse(conn, req.rid, ErrorCode.OVERLOADED, "commits are lagging; retry later", retry_after_ms)
+                return
         state: SessionState = conn.state
         backlog = state.send_backlog
         if backlog is not None:
             if len(backlog) >= MAX_SEND_BACKLOG:
                 raise _err(ErrorCode.OVERLOADED, "too many SENDs waiting for a conversation lookup")
             backlog.append((req, kind, started))
-            self._sends_in_flight += 1
+            self._send_started(started)
             return
         target = self._cached_target(conn.user_id, kind, req.conv_id)
         if target is not None:
             self._append(conn, req, kind, target, started)
             return
         state.send_backlog = backlog = deque(((req, kind, started),))
-        self._sends_in_flight += 1
+        self._send_started(started)
         task = asyncio.get_running_loop().create_task(self._drain_backlog(conn, backlog))
         self._backlog_tasks.add(task)
         task.add_done_callback(self._backlog_tasks.discard)
+
+    def _shed_delay_ms(self, now: float) -> int:
+        """Non-zero (a retry delay in ms) when a new SEND is to be shed: it would wait longer
+        than ``overload_send_latency_ms`` for its commit, estimated as the SENDs in flight ahead
+        of it over the rate at which SENDs are being answered. Shedding keeps the latency of
+        accepted SENDs bounded past the node's capacity, where an unbounded queue would make
+        every SEND late; nothing shed was acknowledged. A node busy for less than that long is
+        not judged, so a burst into an idle node is kept (docs/architecture.md, "Overload")."""
+        if now - self._rate_since >= _RATE_WINDOW_S:
+            self._measure_answer_rate(now)  # also while nothing is answered: a stalled store
+        if now - self._in_flight_since <= self._shed_after_s:
+            return 0
+        wait = self._sends_in_flight / max(self._answer_rate, 1.0)
+        if wait <= self._shed_after_s:
+            return 0
+        return min(5000, max(100, int(wait * 1000)))
+
+    def _measure_answer_rate(self, now: float) -> None:
+        self._answer_rate = (self._answered - self._rate_base) / (now - self._rate_since)
+        self._rate_since = now
+        self._rate_base = self._answered
 
     async def _drain_backlog(self, conn: Connection, backlog: deque[tuple[Send, int, float]]) -> None:
         """Enqueue a connection's waiting SENDs in arrival order, each as soon as its
@@ -271,6 +318,11 @@ class MessagingCore:
                 self._sends_idle = asyncio.get_running_loop().create_future()
             await asyncio.shield(self._sends_idle)
 
+    def _send_started(self, started: float) -> None:
+        if not self._sends_in_flight:
+            self._in_flight_since = started
+        self._sends_in_flight += 1
+
     def _send_settled(self) -> None:
         self._sends_in_flight -= 1
         if not self._sends_in_flight and self._sends_idle is not None:
@@ -285,7 +337,7 @@ class MessagingCore:
             AppendRequest(conv, kind, conn.user_id, req.client_msg_id, req.content_type, req.body),
             partial(self._send_committed, conn, req, members, started),
         )
-        self._sends_in_flight += 1
+        self._send_started(started)
 
     def _check_send(self, req: Send) -> int:
         body_len = len(req.body)
@@ -306,6 +358,10 @@ class MessagingCore:
     ) -> None:
         """After the commit (in queue order): fan out, then SEND_ACK."""
         self._send_settled()
+        self._answered += 1
+        now = self._loop_time()
+        if now - self._rate_since >= _RATE_WINDOW_S:
+            self._measure_answer_rate(now)
         if result is None:
             self.request_failed(conn, req.rid, error if error is not None else _err(ErrorCode.INTERNAL))
             return
@@ -316,7 +372,7 @@ class MessagingCore:
             self._fan_out(conn, m, req.conv_id, members)
         flags = FLAG_DUPLICATE if result.duplicate else 0
         conn.push(encode_send_ack(req.rid, flags, m.kind, req.conv_id, m.seq, m.msg_id, m.ts_ms))
-        hot.send_latency.observe(self._loop_time() - started)
+        hot.send_latency.observe(now - started)
 
     def _fan_out(self, conn: Connection, m: StoredMessage, wire_conv: int, members: tuple[int, ...]) -> None:
         me = m.sender_id

@@ -53,7 +53,7 @@ class LatencyHistogram:
 class HotCounters:
     """Per-message counters of the messaging core (event-loop thread only)."""
 
-    __slots__ = ("deliveries", "messages_in", "send_latency")
+    __slots__ = ("deliveries", "errors", "messages_in", "send_latency", "sends_shed")
 
     def __init__(self) -> None:
         #: accepted SENDs by message kind (index = ``Kind`` value)
@@ -62,6 +62,10 @@ class HotCounters:
         self.deliveries = 0
         #: SEND received → SEND_ACK queued (includes the durable commit)
         self.send_latency = LatencyHistogram(_SEND_BUCKETS)
+        #: SENDs answered OVERLOADED because commits lagged (load shedding)
+        self.sends_shed = 0
+        #: ERROR frames sent, by code (a plain dict: an overloaded node sends many)
+        self.errors: dict[int, int] = {}
 
 
 class _HotCollector(Collector):
@@ -75,6 +79,13 @@ class _HotCollector(Collector):
             family.add_metric([str(int(kind))], hot.messages_in[kind])
         yield family
         yield CounterMetricFamily("gochat_deliveries", "DELIVER frames queued to connections", value=hot.deliveries)
+        errors = CounterMetricFamily("gochat_errors", "ERROR frames sent, by code", labels=["code"])
+        for code, n in sorted(hot.errors.items()):
+            errors.add_metric([str(code)], n)
+        yield errors
+        yield CounterMetricFamily(
+            "gochat_sends_shed", "SENDs answered OVERLOADED because commits lagged", value=hot.sends_shed
+        )
         yield hot.send_latency.family(
             "gochat_send_latency_seconds", "SEND received to SEND_ACK queued (includes the durable commit)"
         )
@@ -129,9 +140,6 @@ class Metrics:
         self.registry = CollectorRegistry()
         self.hot = HotCounters()
         self.registry.register(_HotCollector(self.hot))
-        self.errors = Counter(
-            "gochat_errors", "ERROR frames sent, by code", ["code"], registry=self.registry
-        )
         self.http_requests = Counter(
             "gochat_http_requests", "HTTP API requests", ["route", "status"], registry=self.registry
         )

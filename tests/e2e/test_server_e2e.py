@@ -587,3 +587,76 @@ def test_sigterm_drains_with_goaway(gochat_server: GochatProcess) -> None:
         assert await code_future == 0
 
     run(scenario())
+
+
+def test_sends_are_shed_while_commits_lag_and_nothing_acknowledged_is_lost(tmp_path: Path) -> None:
+    """Load shedding (docs/architecture.md, "Overload"). Another connection holds SQLite's write
+    lock, so nothing commits. 1,024 SENDs wait in flight; SENDs arriving once that has lasted
+    longer than overload_send_latency_ms are answered OVERLOADED at once, with a retry delay.
+    When the lock is released, every accepted SEND is acknowledged and stored, none of the shed
+    ones is, and the node accepts SENDs again."""
+    import sqlite3
+
+    server = GochatProcess(
+        tmp_path / "data",
+        {"GOCHAT_OVERLOAD_SEND_LATENCY_MS": "200", "GOCHAT_RATE_LIMIT_BURST": "5000",
+         "GOCHAT_RATE_LIMIT_PER_S": "5000"},
+    )
+    server.start()
+
+    async def scenario() -> None:
+        alice = await create_user(server.http_url, "shed-alice")
+        bob = await create_user(server.http_url, "shed-bob")
+        a, b = await online(server, alice), await online(server, bob)
+        a.send(send_frame(Kind.DIRECT, bob.user_id, b"before", rid=1))
+        assert (await a.expect(SendAck)).seq == 1
+        assert (await b.expect(Deliver)).message.body == b"before"
+
+        blocker = sqlite3.connect(tmp_path / "data" / "gochat.db", isolation_level=None, timeout=10)
+        blocker.execute("BEGIN IMMEDIATE")  # the server's writer now waits for this lock
+        try:
+            accepted, shed = range(2, 2 + 1024), range(2 + 1024, 2 + 1024 + 100)
+            for start in range(accepted.start, accepted.stop, 256):
+                a.send(*(send_frame(Kind.DIRECT, bob.user_id, b"a%d" % i, rid=i)
+                         for i in range(start, min(start + 256, accepted.stop))))
+            await a.no_frame(within=0.5)  # nothing commits, nothing is answered yet
+            a.send(*(send_frame(Kind.DIRECT, bob.user_id, b"s%d" % i, rid=i) for i in shed))
+            errors = [await a.expect_error(ErrorCode.OVERLOADED) for _ in shed]
+            assert [e.rid for e in errors] == list(shed)
+            assert all(e.retry_after_ms >= 100 for e in errors)
+        finally:
+            blocker.rollback()
+            blocker.close()
+        acks = [await a.expect(SendAck, timeout=20) for _ in accepted]
+        assert [k.rid for k in acks] == list(accepted)
+        assert [k.seq for k in acks] == list(range(2, 2 + 1024))
+        got = [(await b.expect(Deliver, timeout=20)).message.body for _ in accepted]
+        assert got == [b"a%d" % i for i in accepted]
+        # the node recovers: the next SEND is accepted and follows the acknowledged ones
+        a.send(send_frame(Kind.DIRECT, bob.user_id, b"after", rid=5000))
+        assert (await a.expect(SendAck)).seq == 2 + 1024
+        assert (await b.expect(Deliver)).message.body == b"after"
+        # a burst into a node idle for longer than the limit is kept whole, also when its first
+        # SEND needs a conversation lookup (everything behind it waits in the send backlog)
+        carol = await create_user(server.http_url, "shed-carol")
+        a2 = await online(server, alice)  # two connections: a backlog holds at most 1,024
+        await asyncio.sleep(0.5)
+        for start in range(6000, 6000 + 550, 275):
+            for conn in (a, a2):
+                conn.send(*(send_frame(Kind.DIRECT, carol.user_id, b"b%d" % i, rid=i) for i in range(start, start + 275)))
+        acks = [await conn.expect(SendAck, timeout=20, skip=(Deliver,)) for conn in (a, a2) for _ in range(550)]
+        assert sorted(k.seq for k in acks) == list(range(1, 1101))
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"{server.http_url}/metrics") as r:
+                assert "gochat_sends_shed_total 100.0" in await r.text()
+
+    try:
+        run(scenario())
+    finally:
+        server.stop()
+    db = sqlite3.connect(tmp_path / "data" / "gochat.db")
+    try:
+        seqs = [s for (s,) in db.execute("SELECT seq FROM messages ORDER BY conv, seq")]
+    finally:
+        db.close()
+    assert seqs == list(range(1, 2 + 1024 + 1)) + list(range(1, 1101))  # acknowledged: stored; shed: not
