@@ -122,7 +122,7 @@ async def run(a: argparse.Namespace, argv: list[str]) -> Path:
         results["fanout"] = await fanout(ctx, targets, subs, sizes, a.batch, duration, progress)
     if scen in ("direct", "all", "quick"):
         rates = a.rates or ([500, 1000] if quick else [1000, 2000, 4000, 8000, 12000, 16000, 24000, 28000, 32000, 36000, 40000, 44000, 48000, 56000, 64000])
-        direct_targets = a.targets.split(",") if a.targets and scen == "direct" else ["gochat", "websockets-relay"]
+        direct_targets = a.targets.split(",") if a.targets and scen == "direct" else ["gochat", "websockets-relay", "cfloor-relay"]
         results["direct"] = await direct(
             ctx, direct_targets, a.pairs or (8 if quick else 50), 64, rates,
             1.5 if quick else (a.duration or 5.0), progress,

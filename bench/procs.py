@@ -246,6 +246,10 @@ class Target:
             from bench import native
 
             return [str(native.cfloor()), "0", "--coalesce"]
+        if self.name == "cfloor-relay":
+            from bench import native
+
+            return [str(native.cfloor()), "0", "--coalesce", "--relay"]
         if self.name == "picows":
             return [py, str(PEERS / "picows_peer.py"), "0"]
         if self.name == "aiohttp":
@@ -301,6 +305,8 @@ TARGETS: dict[str, Target] = {
         Target("aiohttp", "raw", "aiohttp WebSocketResponse.send_bytes per socket (uvloop)"),
         Target("node-ws", "raw", "Node 'ws' library, ws.send per socket"),
         Target("websockets-relay", "raw", "websockets relay: forwards [dest][payload], stores nothing"),
+        Target("cfloor-relay", "raw", "C epoll relay (floor for direct): forwards [dest][payload], one send(2) "
+               "per destination per epoll batch, stores nothing", True),
         Target("socketify", "raw", "socketify (uWebSockets), ws.publish to a topic every connection joins"),
         Target("nats", "raw", "nats-server WebSocket listener: PUB/SUB, NATS text protocol in WS frames",
                proto="nats"),

@@ -1,12 +1,15 @@
 """The SQLite writer alone, open loop: what one durable append costs at a fixed rate.
 
     python bench/writer_bench.py [--rates 12000,24000] [--seconds 4] [--convs 50]
-                                 [--commit-delay-ms 8] [--body 64]
+                                 [--commit-delay-ms 8] [--body 64] [--preload 0]
 
 Method: a fresh ``SQLiteStore`` (a new file in a temporary directory; WAL, synchronous=FULL)
 with ``--convs`` direct conversations. The event loop calls ``append_soon`` at ``--rate``
 appends/s spread evenly over time (open loop, 1 ms steps), round-robin over the conversations,
-with UUIDv7 client ids as the SDK makes them, for ``--seconds``. Reported per append: CPU of the
+with UUIDv7 client ids as the SDK makes them, for ``--seconds``; ``--preload N`` first stores N
+messages as fast as the writer takes them, so the indexes are as deep as in a database in use
+(a fresh file keeps every conversation's index entries in a few shared pages, and a commit
+dirties fewer pages than it would later). Reported per append: CPU of the
 writer thread and of the loop thread (user / kernel, from ``/proc/self/task``), bytes the
 process wrote to the file system and write syscalls (``/proc/self/io``), and appends per commit.
 This is the instrument behind docs/storage-and-auth.md's figures for schema 2 and the commit
@@ -51,16 +54,24 @@ def _thread_cpu(tid: int) -> tuple[int, int]:
     return int(fields[11]), int(fields[12])
 
 
-async def run_rate(rate: float, seconds: float, convs: int, body_size: int, delay_ms: float) -> dict[str, float]:
+async def direct_pairs(store: SQLiteStore, n: int) -> list[tuple[int, int]]:
+    """``n`` direct conversations between new users: [(conv, sender)]."""
+    out = []
+    for i in range(n):
+        a = await store.create_user(f"a{i}", "x")
+        b = await store.create_user(f"b{i}", "x")
+        out.append((await store.direct_conversation(a, b), a))
+    return out
+
+
+async def run_rate(
+    rate: float, seconds: float, convs: int, body_size: int, delay_ms: float, preload: int = 0
+) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as tmp:
         store = SQLiteStore(Path(tmp) / "writer.db", commit_delay_ms=delay_ms)
         await store.open()
         try:
-            targets = []
-            for i in range(convs):
-                a = await store.create_user(f"a{i}", "x")
-                b = await store.create_user(f"b{i}", "x")
-                targets.append((await store.direct_conversation(a, b), a))
+            targets = await direct_pairs(store, convs)
             writer = next(t for t in threading.enumerate() if t.name.startswith("gochat-sqlite-writer"))
             assert writer.native_id is not None
             body = os.urandom(body_size)
@@ -75,9 +86,14 @@ async def run_rate(rate: float, seconds: float, convs: int, body_size: int, dela
                 conv, sender = targets[i % convs]
                 store.append_soon(AppendRequest(conv, 1, sender, new_client_msg_id(), 1, body), done)
 
-            warm = 2000
-            for i in range(warm):
-                append(i)
+            # preload (closed loop, at most 4,096 outstanding), then a warm-up of 2,000
+            warm = preload + 2000
+            issued = 0
+            while issued < warm:
+                while issued < warm and issued - answered < 4096:
+                    append(issued)
+                    issued += 1
+                await asyncio.sleep(0.001)
             while answered < warm:
                 await asyncio.sleep(0.005)
 
@@ -118,13 +134,13 @@ async def run_rate(rate: float, seconds: float, convs: int, body_size: int, dela
 
 async def main(args: argparse.Namespace) -> None:
     rows = [
-        await run_rate(rate, args.seconds, args.convs, args.body, args.commit_delay_ms)
+        await run_rate(rate, args.seconds, args.convs, args.body, args.commit_delay_ms, args.preload)
         for rate in (float(r) for r in args.rates.split(","))
     ]
     print(
         f"machine: {platform.machine()}, {os.cpu_count()} CPUs, {platform.system()} {platform.release()},"
         f" Python {platform.python_version()}; {args.convs} conversations, {args.body} B bodies,"
-        f" commit_delay_ms={args.commit_delay_ms}\n"
+        f" commit_delay_ms={args.commit_delay_ms}, preload {args.preload:,} messages\n"
     )
     print("| offered/s | achieved/s | appends per commit | writer µs user / sys | loop µs user / sys"
           " | bytes written | write syscalls |")
@@ -144,4 +160,5 @@ if __name__ == "__main__":
     p.add_argument("--convs", type=int, default=50)
     p.add_argument("--body", type=int, default=64)
     p.add_argument("--commit-delay-ms", type=float, default=8.0)
+    p.add_argument("--preload", type=int, default=0, help="messages stored before the measured run")
     uvloop.run(main(p.parse_args()))

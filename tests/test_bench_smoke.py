@@ -59,8 +59,10 @@ def test_bench_quick_mode(tmp_path: Path) -> None:
     gochat_b = next(row for row in fanout if row["target"] == "gochat" and row["mode"] == "b")
     assert gochat_b["capacity"]["server_counters"]["socket_writes"] > 0
 
-    direct = [row for row in results["direct"] if row["target"] == "gochat"]
-    assert direct and all(row["deliveries"] > 0 for row in direct)
+    for target in ("gochat", "websockets-relay", "cfloor-relay"):
+        direct = [row for row in results["direct"] if row["target"] == target]
+        assert direct and all(row["deliveries"] > 0 for row in direct), (target, results["direct"])
+    assert "server CPU µs per message at" in (out / "results.md").read_text()
 
     memory = next(row for row in results["memory"] if row["target"] == "gochat")
     assert memory["points"][-1]["connections"] > 0
@@ -70,22 +72,37 @@ def test_bench_quick_mode(tmp_path: Path) -> None:
     assert storm["connections"] > 0 and storm["connects_per_s"] > 0
 
 
+def _script_table(args: list[str]) -> tuple[str, list[list[str]]]:
+    """Run a bench script; its stdout and the cells of its markdown table's data rows."""
+    r = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=100)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    rows = [line for line in r.stdout.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    return r.stdout, [[c.strip() for c in row.strip("|").split("|")] for row in rows]
+
+
 @pytest.mark.timeout(120)
 def test_writer_bench_runs_and_reports_every_column() -> None:
     """``bench/writer_bench.py`` on a tiny rate: one table row per rate, every append answered
     (the script asserts it), and the columns it documents. No timing is asserted."""
-    r = subprocess.run(
-        [sys.executable, "bench/writer_bench.py", "--rates", "500,1000", "--seconds", "0.5", "--convs", "4"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=100,
-    )
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    rows = [line for line in r.stdout.splitlines() if line.startswith("| ") and line[2].isdigit()]
-    assert [row.split("|")[1].strip() for row in rows] == ["500", "1,000"]
-    for row in rows:
-        cells = [c.strip() for c in row.strip("|").split("|")]
+    out, rows = _script_table(["bench/writer_bench.py", "--rates", "500,1000", "--seconds", "0.5", "--convs", "4",
+                               "--preload", "3000"])
+    assert "preload 3,000 messages" in out
+    assert [cells[0] for cells in rows] == ["500", "1,000"]
+    for cells in rows:
         assert len(cells) == 7
         assert float(cells[1].replace(",", "")) > 0  # achieved rate
         assert " / " in cells[3] and " / " in cells[4]  # writer and loop CPU, user / sys
+
+
+@pytest.mark.timeout(120)
+def test_sqlite_floor_runs_on_gochats_schema() -> None:
+    """``bench/sqlite_floor.py`` on small counts: it builds gochat's schema through SQLiteStore,
+    appends with the sqlite3 module alone, and prints one row per batch size. No timing is
+    asserted."""
+    out, rows = _script_table(["bench/sqlite_floor.py", "--batches", "10,40", "--preload", "2000", "--commits", "5",
+                               "--convs", "4"])
+    assert "preload 2,000 messages" in out
+    assert [cells[0] for cells in rows] == ["10", "40"]
+    for cells in rows:
+        assert len(cells) == 4
+        assert float(cells[1]) > 0 and float(cells[2].replace(",", "")) > 0

@@ -3,8 +3,13 @@
  * broadcast server in C: every binary message a client sends is broadcast, as is, to every
  * other open connection, in connection order.
  *
- *   cfloor PORT [--coalesce]      (PORT 0 picks a free port; prints "listening PORT")
+ *   cfloor PORT [--coalesce] [--relay]   (PORT 0 picks a free port; prints "listening PORT")
  *   kill -USR1 PID                  prints "counters writes=W frames=F" (send(2) calls, frames)
+ *
+ * --relay: the floor for the direct-message benchmark instead, with the protocol of
+ * bench/peers/websockets_peer.py --relay: a connection's first message is its id (u32 LE); every
+ * later message [u32 LE destination id][payload] is forwarded, as is, to the connection with
+ * that id. Nothing is stored.
  *
  * Default mode: one send(2) per message per socket, the moment the message is read ("one frame
  * per message per socket"). --coalesce: frames are appended to per-connection buffers while one
@@ -75,8 +80,13 @@ static void b64(const uint8_t *in, size_t n, char *out) {
 typedef struct { char *p; size_t len, cap; } buf_t;
 typedef struct conn {
     int fd, upgraded, dirty, want_out, closed;
+    int64_t id;                 /* --relay: the id from the first message; -1 until then */
     buf_t in, out;
 } conn_t;
+
+#define MAX_RELAY_ID (1 << 20)
+static conn_t **by_id;          /* --relay: id -> conn */
+static int relay;
 
 static conn_t **by_fd;          /* fd -> conn */
 static int *order;              /* open upgraded fds in connection order */
@@ -115,6 +125,7 @@ static void conn_close(conn_t *c) {
             memmove(order + i, order + i + 1, (size_t)(norder - i - 1) * sizeof(int)); norder--; break;
         }
     }
+    if (relay && c->id >= 0 && by_id[c->id] == c) by_id[c->id] = NULL;
     epoll_ctl(epfd, EPOLL_CTL_DEL, c->fd, NULL);
     close(c->fd);
     /* freed after the batch (it may still be on the dirty list) */
@@ -167,6 +178,17 @@ static void broadcast(conn_t *from, const uint8_t *payload, size_t n) {
     }
 }
 
+/* --relay: the first message names the connection, later ones are forwarded to their id. */
+static void relay_message(conn_t *c, const uint8_t *payload, size_t n) {
+    if (n < 4) return;
+    uint32_t id = (uint32_t)payload[0] | (uint32_t)payload[1] << 8 | (uint32_t)payload[2] << 16
+                  | (uint32_t)payload[3] << 24;
+    if (id >= MAX_RELAY_ID) return;
+    if (c->id < 0) { c->id = id; by_id[id] = c; return; }
+    conn_t *to = by_id[id];
+    if (to && !to->closed) send_frame(to, payload, n);
+}
+
 static int handshake(conn_t *c) {
     char *end = memmem(c->in.p, c->in.len, "\r\n\r\n", 4);
     if (!end) return c->in.len > 8192 ? -1 : 0;
@@ -210,7 +232,8 @@ static void on_frames(conn_t *c) {
             const uint8_t *m = f + hl - 4;
             if (m[0] | m[1] | m[2] | m[3]) for (uint64_t i = 0; i < n; i++) payload[i] ^= m[i & 3];
         }
-        if (op == 2 || op == 1) broadcast(c, payload, (size_t)n);
+        if ((op == 2 || op == 1) && relay) relay_message(c, payload, (size_t)n);
+        else if (op == 2 || op == 1) broadcast(c, payload, (size_t)n);
         else if (op == 8) { conn_close(c); return; }
         else if (op == 9) { uint8_t h[2] = {0x8A, 0}; buf_put(&c->out, h, 2); conn_flush(c); }
         off += hl + n;
@@ -220,7 +243,11 @@ static void on_frames(conn_t *c) {
 
 int main(int argc, char **argv) {
     int port = argc > 1 ? atoi(argv[1]) : 0;
-    for (int i = 2; i < argc; i++) if (!strcmp(argv[i], "--coalesce")) coalesce = 1;
+    for (int i = 2; i < argc; i++) {
+        if (!strcmp(argv[i], "--coalesce")) coalesce = 1;
+        if (!strcmp(argv[i], "--relay")) relay = 1;
+    }
+    by_id = calloc(MAX_RELAY_ID, sizeof *by_id);
     signal(SIGPIPE, SIG_IGN);
     struct sigaction sa = {.sa_handler = on_usr1}; sigaction(SIGUSR1, &sa, NULL);  /* no SA_RESTART */
     struct rlimit rl; getrlimit(RLIMIT_NOFILE, &rl); rl.rlim_cur = rl.rlim_max; setrlimit(RLIMIT_NOFILE, &rl);
@@ -257,7 +284,7 @@ int main(int argc, char **argv) {
                     if (cfd < 0) break;
                     if (cfd >= maxfd) { close(cfd); continue; }
                     setsockopt(cfd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
-                    conn_t *c = calloc(1, sizeof *c); c->fd = cfd; by_fd[cfd] = c;
+                    conn_t *c = calloc(1, sizeof *c); c->fd = cfd; c->id = -1; by_fd[cfd] = c;
                     struct epoll_event ce = {.events = EPOLLIN, .data.fd = cfd};
                     epoll_ctl(epfd, EPOLL_CTL_ADD, cfd, &ce);
                 }
