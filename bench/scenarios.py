@@ -17,6 +17,7 @@ from bench.procs import (
     LoadProc,
     Placement,
     ServerProc,
+    Target,
     cpu_ns,
     cpu_split_s,
     gochat_distinct_tokens,
@@ -324,57 +325,82 @@ async def _fanout_target(
 async def direct(
     ctx: Ctx, targets: list[str], pairs: int, size: int, rates: list[float], step_s: float, progress: Any
 ) -> list[dict[str, Any]]:
+    """Every target's server and generator start first; then each rate step is measured on
+    every target still below its knee, one target after the other, so that a slow phase of the
+    machine (common here: ±30 % over minutes) hits every target at about the same steps instead
+    of whichever ran last."""
     results: list[dict[str, Any]] = []
-    for name in targets:
-        target = TARGETS[name]
-        why = target.available()
-        if why:
-            log(f"direct: skip {name}: {why}")
-            results.append({"target": name, "skipped": why})
-            continue
-        workdir = ctx.workdir / f"direct-{name}"
-        workdir.mkdir(parents=True, exist_ok=True)
-        server = ServerProc(target, ctx.placement, workdir)
-        await server.start()
-        gen: LoadProc | None = None
-        try:
-            gochat = target.kind == "gochat"
-            pair_cfg: Any
-            if gochat:
-                users = await gochat_users(server.http_url, 2 * pairs, "d")
-                pair_cfg = [[users[2 * i][1], users[2 * i + 1][1], users[2 * i + 1][0]] for i in range(pairs)]
-            else:
-                pair_cfg = [[] for _ in range(pairs)]
-            gen = LoadProc(
-                f"direct-{name}",
-                {"role": "direct", "url": server.ws_url, "gochat": gochat, "pairs": pair_cfg, "size": size,
-                 "src": source_ips(0, 2)},
-                ctx.placement,
-                workdir,
-            )
-            await gen.start()
-            log(f"direct {name}: {pairs} pairs ready")
-            # warm-up
-            await gen.cmd(f"rate {rates[0]} 0.5", "done")
-            await _drain([gen], 0, idle_s=0.5)
-            for rate in rates:
-                g = gen
+    running: dict[str, tuple[ServerProc, LoadProc]] = {}
+    try:
+        for name in targets:
+            target = TARGETS[name]
+            why = target.available()
+            if why:
+                log(f"direct: skip {name}: {why}")
+                results.append({"target": name, "skipped": why})
+                continue
+            running[name] = await _direct_setup(ctx, target, pairs, size, rates[0])
+        for rate in rates:
+            for name, (server, gen) in list(running.items()):
 
-                async def run(rate: float = rate, g: LoadProc = g) -> dict[str, Any]:
+                async def run(rate: float = rate, g: LoadProc = gen) -> dict[str, Any]:
                     return await g.cmd(f"rate {rate} {step_s}", "done", timeout=step_s + 60)
 
                 m = await _measured(server, [gen], [], run, 1, f"direct-{int(rate)}")
-                row = {"target": name, "offered_msgs_per_s": rate, **m}
-                results.append(row)
+                results.append({"target": name, "offered_msgs_per_s": rate, **m})
                 progress(f"direct {name} offered {rate:.0f}/s", m)
                 if m["loss_pct"] > 1.0 or m["deliveries_per_s"] < 0.9 * rate or m["latency_us"]["p99"] > 1_000_000:
                     log(f"direct {name}: past the knee at {rate:.0f}/s")
-                    break
-        finally:
-            if gen is not None:
-                await gen.stop()
-            await server.stop()
+                    del running[name]
+                    await _direct_teardown(server, gen)
+    finally:
+        for server, gen in running.values():
+            await _direct_teardown(server, gen)
+    # one target's rows together, in target order, as before
+    order = {name: i for i, name in enumerate(targets)}
+    results.sort(key=lambda r: order[r["target"]])
     return results
+
+
+async def _direct_setup(
+    ctx: Ctx, target: Target, pairs: int, size: int, warm_rate: float
+) -> tuple[ServerProc, LoadProc]:
+    """Start ``target`` and its generator with ``pairs`` connected pairs, warmed up."""
+    workdir = ctx.workdir / f"direct-{target.name}"
+    workdir.mkdir(parents=True, exist_ok=True)
+    server = ServerProc(target, ctx.placement, workdir)
+    await server.start()
+    gen: LoadProc | None = None
+    try:
+        gochat = target.kind == "gochat"
+        pair_cfg: Any
+        if gochat:
+            users = await gochat_users(server.http_url, 2 * pairs, "d")
+            pair_cfg = [[users[2 * i][1], users[2 * i + 1][1], users[2 * i + 1][0]] for i in range(pairs)]
+        else:
+            pair_cfg = [[] for _ in range(pairs)]
+        gen = LoadProc(
+            f"direct-{target.name}",
+            {"role": "direct", "url": server.ws_url, "gochat": gochat, "pairs": pair_cfg, "size": size,
+             "src": source_ips(0, 2)},
+            ctx.placement,
+            workdir,
+        )
+        await gen.start()
+        log(f"direct {target.name}: {pairs} pairs ready")
+        await gen.cmd(f"rate {warm_rate} 0.5", "done")  # warm-up
+        await _drain([gen], 0, idle_s=0.5)
+    except BaseException:
+        await _direct_teardown(server, gen)
+        raise
+    return server, gen
+
+
+async def _direct_teardown(server: ServerProc, gen: LoadProc | None) -> None:
+    if gen is not None:
+        with contextlib.suppress(Exception):
+            await gen.stop()
+    await server.stop()
 
 
 # ---- memory per idle connection ------------------------------------------------------------------
