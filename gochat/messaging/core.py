@@ -131,11 +131,12 @@ class MessagingCore:
         self._backlog_tasks: set[asyncio.Task[None]] = set()
         self._sends_idle: asyncio.Future[None] | None = None
         # Load shedding (docs/architecture.md, "Overload"): SENDs answered so far, the answer
-        # rate measured over windows of _RATE_WINDOW_S, and when the node last went from no
-        # SEND in flight to some.
+        # rate measured over the last two windows of _RATE_WINDOW_S, and when the node last
+        # went from no SEND in flight to some.
         self._shed_after_s = settings.overload_send_latency_ms / 1000
         self._answered = 0
         self._answer_rate = 0.0
+        self._answer_rate_before = 0.0
         self._rate_since = 0.0
         self._rate_base = 0
         self._in_flight_since = 0.0
@@ -278,12 +279,15 @@ class MessagingCore:
             self._measure_answer_rate(now)  # also while nothing is answered: a stalled store
         if now - self._in_flight_since <= self._shed_after_s:
             return 0
-        wait = self._sends_in_flight / max(self._answer_rate, 1.0)
+        # the better of the last two windows: one slow commit (a checkpoint, a GC pass) must
+        # not make a node below its capacity shed; a real overload or a stall shows in both
+        wait = self._sends_in_flight / max(self._answer_rate, self._answer_rate_before, 1.0)
         if wait <= self._shed_after_s:
             return 0
         return min(5000, max(100, int(wait * 1000)))
 
     def _measure_answer_rate(self, now: float) -> None:
+        self._answer_rate_before = self._answer_rate
         self._answer_rate = (self._answered - self._rate_base) / (now - self._rate_since)
         self._rate_since = now
         self._rate_base = self._answered
