@@ -236,8 +236,9 @@ class MessagingCore:
         it out and acknowledges it after the commit. One whose conversation must be looked up
         first opens the connection's send backlog: it and every later SEND of the connection
         wait there in arrival order, so a connection's SENDs reach the store in the order they
-        arrived, while one task resolves them (:meth:`_drain_backlog`). Request errors raise
-        :class:`~gochat.errors.GochatError`.
+        arrived, while one task resolves them (:meth:`_drain_backlog`). Past the node's
+        capacity a direct or group SEND is answered OVERLOADED instead (:meth:`_shed_delay_ms`).
+        Request errors raise :class:`~gochat.errors.GochatError`.
         """
         kind = self._check_send(req)
         if kind == Kind.ROOM:
