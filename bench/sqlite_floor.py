@@ -1,7 +1,7 @@
 """The SQLite engine's own cost per durable append: the floor under gochat's durable direct path.
 
     python bench/sqlite_floor.py [--batches 50,163,500] [--preload 100000] [--convs 50]
-                                 [--commits 40] [--body 64]
+                                 [--commits 40] [--body 64] [--layout schema|log]
 
 Method: a database made by ``SQLiteStore.open()`` (gochat's real schema, indexes and pragmas:
 WAL, ``synchronous=FULL``), then closed, with ``--convs`` direct conversations. The script then
@@ -13,6 +13,11 @@ conversations: one ``executemany`` INSERT, one UPDATE of each touched conversati
 bytes. Reported per append: process CPU (user + kernel, ``time.process_time``: the engine, the
 file system and the fsync) and bytes written (``/proc/self/io``). The rows are built before the
 clock starts, so Python's share is one ``executemany`` step per row.
+
+``--layout log`` measures a write-optimised alternative instead: the same rows in a table keyed
+by ``msg_id`` with only the (time-ordered) dedup index, i.e. without the per-conversation
+``(conv, seq)`` index, which dirties one page per active conversation per commit. That is what
+a layout with a deferred per-conversation index would pay in the commit path.
 
 A server that stores each message durably in SQLite pays at least this per message, on top of
 reading the SEND and writing the ACK and the delivery (the C relay floor of
@@ -59,14 +64,32 @@ async def _make_db(path: Path, convs: int) -> list[tuple[int, int]]:
         await store.close()
 
 
+_LOG_TABLE = """
+CREATE TABLE message_log (
+    msg_id        INTEGER PRIMARY KEY,
+    conv          INTEGER NOT NULL REFERENCES conversations(conv) ON DELETE CASCADE,
+    seq           INTEGER NOT NULL,
+    sender_id     INTEGER NOT NULL,
+    ts_ms         INTEGER NOT NULL,
+    client_msg_id BLOB    NOT NULL,
+    content_type  INTEGER NOT NULL,
+    body          BLOB    NOT NULL,
+    UNIQUE (client_msg_id, sender_id)
+)"""
+
+
 class Appender:
     """Appends batches with the sqlite3 module only, keeping seqs and msg_ids like the writer."""
 
-    def __init__(self, path: Path, targets: list[tuple[int, int]], body: int) -> None:
+    def __init__(self, path: Path, targets: list[tuple[int, int]], body: int, layout: str) -> None:
         self.conn = sqlite3.connect(str(path), isolation_level=None)
         self.conn.execute("PRAGMA journal_mode = WAL")
         self.conn.execute("PRAGMA synchronous = FULL")
         self.conn.execute("PRAGMA foreign_keys = ON")
+        self.insert = _INSERT
+        if layout == "log":
+            self.conn.execute(_LOG_TABLE)
+            self.insert = _INSERT.replace("INTO messages", "INTO message_log")
         self.targets = targets
         self.seqs = dict.fromkeys((conv for conv, _ in targets), 0)
         self.msg_id = 1
@@ -89,7 +112,7 @@ class Appender:
     def commit(self, rows: list[tuple[object, ...]], touched: dict[int, int]) -> None:
         c = self.conn
         c.execute("BEGIN IMMEDIATE")
-        c.executemany(_INSERT, rows)
+        c.executemany(self.insert, rows)
         c.executemany("UPDATE conversations SET last_seq = ? WHERE conv = ?", [(s, v) for v, s in touched.items()])
         c.execute("COMMIT")
 
@@ -98,7 +121,7 @@ def main(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         path = Path(tmp) / "floor.db"
         targets = asyncio.run(_make_db(path, args.convs))
-        app = Appender(path, targets, args.body)
+        app = Appender(path, targets, args.body, args.layout)
         left = args.preload
         while left > 0:
             n = min(left, 1000)
@@ -116,12 +139,16 @@ def main(args: argparse.Namespace) -> None:
             cpu, written = time.process_time() - c0, _wchar() - w0
             n = batch * args.commits
             results.append((batch, cpu * 1e6 / n, written / n, wall * 1e3 / args.commits))
+        table = "message_log" if args.layout == "log" else "messages"
+        stored = app.conn.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]
         app.conn.close()
     print(
         f"machine: {platform.machine()}, {os.cpu_count()} CPUs, {platform.system()} {platform.release()},"
         f" Python {platform.python_version()}, SQLite {sqlite3.sqlite_version}; {args.convs} conversations,"
-        f" {args.body} B bodies, preload {args.preload:,} messages, {args.commits} commits per batch size\n"
+        f" {args.body} B bodies, preload {args.preload:,} messages, {args.commits} commits per batch size,"
+        f" layout {args.layout}\n"
     )
+    print(f"stored: {stored:,} rows in {table}\n")
     print("| appends per commit | CPU µs per append (user + kernel) | bytes written per append | ms per commit |")
     print("|---:|---:|---:|---:|")
     for batch, cpu_us, written, ms in results:
@@ -135,5 +162,7 @@ if __name__ == "__main__":
     p.add_argument("--convs", type=int, default=50)
     p.add_argument("--commits", type=int, default=40, help="transactions measured per batch size")
     p.add_argument("--body", type=int, default=64)
+    p.add_argument("--layout", choices=["schema", "log"], default="schema",
+                   help="schema: gochat's messages table; log: without the (conv, seq) index")
     p.add_argument("--dir", default=None, help="directory for the database (default: the system temp dir)")
     main(p.parse_args())

@@ -101,13 +101,15 @@ def test_writer_bench_runs_and_reports_every_column() -> None:
 
 
 @pytest.mark.timeout(120)
-def test_sqlite_floor_runs_on_gochats_schema() -> None:
+@pytest.mark.parametrize("layout", ["schema", "log"])
+def test_sqlite_floor_runs_on_gochats_schema(layout: str) -> None:
     """``bench/sqlite_floor.py`` on small counts: it builds gochat's schema through SQLiteStore,
-    appends with the sqlite3 module alone, and prints one row per batch size. No timing is
-    asserted."""
+    appends with the sqlite3 module alone (into gochat's messages table, or the log layout's
+    table), and prints one row per batch size. No timing is asserted."""
     out, rows = _script_table(["bench/sqlite_floor.py", "--batches", "10,40", "--preload", "2000", "--commits", "5",
-                               "--convs", "4"])
-    assert "preload 2,000 messages" in out
+                               "--convs", "4", "--layout", layout])
+    table = "message_log" if layout == "log" else "messages"
+    assert f"stored: {2000 + 10 * 5 + 40 * 5:,} rows in {table}" in out
     assert [cells[0] for cells in rows] == ["10", "40"]
     for cells in rows:
         assert len(cells) == 4
