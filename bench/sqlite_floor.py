@@ -30,6 +30,7 @@ import argparse
 import asyncio
 import os
 import platform
+import re
 import sqlite3
 import sys
 import tempfile
@@ -64,18 +65,13 @@ async def _make_db(path: Path, convs: int) -> list[tuple[int, int]]:
         await store.close()
 
 
-_LOG_TABLE = """
-CREATE TABLE message_log (
-    msg_id        INTEGER PRIMARY KEY,
-    conv          INTEGER NOT NULL REFERENCES conversations(conv) ON DELETE CASCADE,
-    seq           INTEGER NOT NULL,
-    sender_id     INTEGER NOT NULL,
-    ts_ms         INTEGER NOT NULL,
-    client_msg_id BLOB    NOT NULL,
-    content_type  INTEGER NOT NULL,
-    body          BLOB    NOT NULL,
-    UNIQUE (client_msg_id, sender_id)
-)"""
+def _log_table_sql(conn: sqlite3.Connection) -> str:
+    """gochat's messages table as stored, renamed message_log, without its (conv, seq) index."""
+    sql: str = conn.execute("SELECT sql FROM sqlite_master WHERE name = 'messages'").fetchone()[0]
+    without = re.sub(r"UNIQUE \(conv, seq\),\s*", "", sql)
+    if without == sql:
+        raise SystemExit("sqlite_floor: gochat's messages table no longer has UNIQUE (conv, seq)")
+    return without.replace('"messages"', "message_log", 1)
 
 
 class Appender:
@@ -88,7 +84,7 @@ class Appender:
         self.conn.execute("PRAGMA foreign_keys = ON")
         self.insert = _INSERT
         if layout == "log":
-            self.conn.execute(_LOG_TABLE)
+            self.conn.execute(_log_table_sql(self.conn))
             self.insert = _INSERT.replace("INTO messages", "INTO message_log")
         self.targets = targets
         self.seqs = dict.fromkeys((conv for conv, _ in targets), 0)
