@@ -81,7 +81,7 @@ class _HotCollector(Collector):
         yield CounterMetricFamily("gochat_deliveries", "DELIVER frames queued to connections", value=hot.deliveries)
         errors = CounterMetricFamily("gochat_errors", "ERROR frames sent, by code", labels=["code"])
         for code, n in sorted(hot.errors.items()):
-            errors.add_metric([str(code)], n)
+            errors.add_metric([str(int(code))], n)
         yield errors
         yield CounterMetricFamily(
             "gochat_sends_shed", "SENDs answered OVERLOADED because commits lagged", value=hot.sends_shed

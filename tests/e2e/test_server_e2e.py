@@ -648,7 +648,9 @@ def test_sends_are_shed_while_commits_lag_and_nothing_acknowledged_is_lost(tmp_p
         assert sorted(k.seq for k in acks) == list(range(1, 1101))
         async with aiohttp.ClientSession() as http:
             async with http.get(f"{server.http_url}/metrics") as r:
-                assert "gochat_sends_shed_total 100.0" in await r.text()
+                text = await r.text()
+        assert "gochat_sends_shed_total 100.0" in text
+        assert 'gochat_errors_total{code="503"} 100.0' in text  # the ERROR counters saw them too
 
     try:
         run(scenario())
