@@ -114,3 +114,24 @@ def test_sqlite_floor_runs_on_gochats_schema(layout: str) -> None:
     for cells in rows:
         assert len(cells) == 4
         assert float(cells[1]) > 0 and float(cells[2].replace(",", "")) > 0
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(180)
+def test_cluster_bench_open_loop_steps() -> None:
+    """``bench/cluster_bench.py --rates``: real cluster nodes (PostgreSQL and Redis, own schema
+    and key prefix, removed afterwards), every message crossing nodes, one JSON row per step
+    with the documented fields. No timing is asserted."""
+    r = subprocess.run(
+        [sys.executable, "bench/cluster_bench.py", "--nodes", "2", "--pairs", "4", "--seconds", "1",
+         "--rates", "100,200"],
+        cwd=ROOT, capture_output=True, text=True, timeout=170,
+    )
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    doc = json.loads(r.stdout)
+    assert [s["offered_per_s"] for s in doc["steps"]] == [100.0, 200.0]
+    for step in doc["steps"]:
+        assert step["acked"] + step["refused"] == step["sent"] > 0
+        assert step["delivered_per_s"] > 0
+        for key in ("deliver_ms_p50", "deliver_ms_p99", "ack_ms_p50", "node_cpu_us_per_message", "loss_pct"):
+            assert key in step, key
