@@ -31,7 +31,7 @@ import time
 import urllib.request
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -136,12 +136,12 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
             pairs.append((i, a, b))
         peers: list[tuple[Peer, Peer, int]] = []
         for i, (_, tok_a), (uid_b, tok_b) in pairs:
-            _, pa = await ws_connect(Peer, nodes[i % args.nodes][1])
-            _, pb = await ws_connect(Peer, nodes[(i + 1) % args.nodes][1])
-            for p, tok in ((pa, tok_a), (pb, tok_b)):
-                p.transport.send(WSMsgType.BINARY, encode(Auth(tok, rid=0)))
-                await p.ready.wait()
-            peers.append((pa, pb, uid_b))
+            ta, pa = await ws_connect(Peer, nodes[i % args.nodes][1])
+            tb, pb = await ws_connect(Peer, nodes[(i + 1) % args.nodes][1])
+            for transport, peer, tok in ((ta, pa, tok_a), (tb, pb, tok_b)):
+                transport.send(WSMsgType.BINARY, encode(Auth(tok, rid=0)))
+                await cast(Peer, peer).ready.wait()
+            peers.append((cast(Peer, pa), cast(Peer, pb), uid_b))
         await asyncio.sleep(0.5)
         if args.rates:
             steps = []
@@ -164,7 +164,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
                     rid += 1
                     pa.sent_at[rid] = time.perf_counter()
                     burst.append(Send(Kind.DIRECT, 0, uid_b, uuid.uuid4().bytes, body, rid=rid))
-                if burst:
+                if burst and pa.transport is not None:
                     pa.transport.send(WSMsgType.BINARY, encode_many(burst))
                 pa.window_free.clear()
                 await pa.window_free.wait()
@@ -189,10 +189,10 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
             "node_cpu_us_per_message": round(cpu / max(acks, 1) * 1e6, 1),
         }
     finally:
-        for p, _, _ in nodes:
-            p.terminate()
-        for p, _, _ in nodes:
-            p.wait(30)
+        for proc, _, _ in nodes:
+            proc.terminate()
+        for proc, _, _ in nodes:
+            proc.wait(30)
         import asyncpg
 
         conn = await asyncpg.connect(PG)
