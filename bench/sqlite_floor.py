@@ -39,6 +39,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.procs import proc_io
 from bench.writer_bench import direct_pairs
 from gochat.store.sqlite import SQLiteStore
 
@@ -46,13 +47,6 @@ _INSERT = (
     "INSERT INTO messages (conv, seq, msg_id, sender_id, ts_ms, client_msg_id, content_type, body)"
     " VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
 )
-
-
-def _wchar() -> int:
-    for line in Path("/proc/self/io").read_text().splitlines():
-        if line.startswith("wchar:"):
-            return int(line.split(":")[1])
-    return 0
 
 
 async def _make_db(path: Path, convs: int) -> list[tuple[int, int]]:
@@ -127,12 +121,12 @@ def main(args: argparse.Namespace) -> None:
         results = []
         for batch in (int(b) for b in args.batches.split(",")):
             work = [app.rows(batch) for _ in range(args.commits)]
-            w0, c0 = _wchar(), time.process_time()
+            w0, c0 = proc_io(os.getpid())["wchar"], time.process_time()
             t0 = time.perf_counter()
             for rows, touched in work:
                 app.commit(rows, touched)
             wall = time.perf_counter() - t0
-            cpu, written = time.process_time() - c0, _wchar() - w0
+            cpu, written = time.process_time() - c0, proc_io(os.getpid())["wchar"] - w0
             n = batch * args.commits
             results.append((batch, cpu * 1e6 / n, written / n, wall * 1e3 / args.commits))
         table = "message_log" if args.layout == "log" else "messages"

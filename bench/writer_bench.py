@@ -33,19 +33,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import uvloop
 
+from bench.procs import proc_io
 from gochat.client import new_client_msg_id
 from gochat.store.base import AppendRequest, AppendResult
 from gochat.store.sqlite import SQLiteStore
 
 _TICK_S = os.sysconf("SC_CLK_TCK")
-
-
-def _io() -> dict[str, int]:
-    out = {}
-    for line in Path("/proc/self/io").read_text().splitlines():
-        key, value = line.split(":")
-        out[key] = int(value)
-    return out
 
 
 def _thread_cpu(tid: int) -> tuple[int, int]:
@@ -98,7 +91,7 @@ async def run_rate(
                 await asyncio.sleep(0.005)
 
             n = int(rate * seconds)
-            io0, tx0 = _io(), store.stats.transactions
+            io0, tx0 = proc_io(os.getpid()), store.stats.transactions
             w0, l0 = _thread_cpu(writer.native_id), _thread_cpu(threading.get_native_id())
             start = time.perf_counter()
             sent = 0
@@ -111,7 +104,7 @@ async def run_rate(
             while answered < warm + n:
                 await asyncio.sleep(0.001)
             elapsed = time.perf_counter() - start
-            io1, tx1 = _io(), store.stats.transactions
+            io1, tx1 = proc_io(os.getpid()), store.stats.transactions
             w1, l1 = _thread_cpu(writer.native_id), _thread_cpu(threading.get_native_id())
         finally:
             await store.close()
