@@ -81,6 +81,8 @@ class ClusterLink:
         #: set by the server: (user_id, session_id) of every local authenticated session
         self.local_sessions: Callable[[], list[tuple[int, int]]] = list
         self._was_listed = False
+        #: our registry entry vanished and has not been listed again yet
+        self._vanished = False
         self.routed = 0
         self.route_failures = 0
         self.shed = 0
@@ -298,11 +300,18 @@ class ClusterLink:
                 self._spawn(self._drop_node(node))
         self._dead_handled -= alive  # a node that came back may die again later
         if self.node_id in alive:
+            if self._vanished:
+                # Listed again. A node that saw us gone drops our sessions, and that can land
+                # after the re-announce made when we vanished (seen after a Redis restart):
+                # record them once more now that every node sees us alive.
+                self._vanished = False
+                self._spawn(self.reannounce())
             self._was_listed = True
         elif self._was_listed:
             # Our entry vanished (a stall past the TTL, or Redis lost it): other nodes may have
             # dropped our sessions. The registry re-registers us; record the sessions again.
             self._was_listed = False
+            self._vanished = True
             self._spawn(self.reannounce())
 
     async def _drop_node(self, node: str) -> None:
