@@ -39,6 +39,7 @@ __all__ = [
     "RequestError",
     "UnavailableError",
     "close_code_for",
+    "error_for_http_status",
 ]
 
 #: WebSocket close code sent for a fatal error is ``CLOSE_CODE_BASE + code``
@@ -94,14 +95,16 @@ class ErrorSpec:
     fatal: bool
     retryable: bool
     description: str
+    #: the HTTP status of the HTTP API's error response carrying this code
+    http_status: int = 400
 
     @property
     def close_code(self) -> int:
         return CLOSE_CODE_BASE + int(self.code) if self.fatal else 0
 
 
-def _spec(code: ErrorCode, fatal: bool, retryable: bool, description: str) -> ErrorSpec:
-    return ErrorSpec(code, fatal, retryable, description)
+def _spec(code: ErrorCode, fatal: bool, retryable: bool, description: str, http_status: int = 400) -> ErrorSpec:
+    return ErrorSpec(code, fatal, retryable, description, http_status)
 
 
 _E = ErrorCode
@@ -122,28 +125,37 @@ ERRORS: Final[dict[int, ErrorSpec]] = {
         _spec(_E.NOT_AUTHENTICATED, True, False, "an operation other than AUTH or PING before authentication"),
         _spec(_E.BAD_FLAGS, True, False, "a flag bit that the operation does not define is set"),
         _spec(_E.UNEXPECTED_OP, True, False, "a server-to-client operation was sent by the client"),
-        _spec(_E.UNAUTHORIZED, True, False, "token missing, malformed, forged or signed with an unknown key"),
-        _spec(_E.TOKEN_EXPIRED, True, False, "token expired; refresh it and reconnect"),
-        _spec(_E.TOKEN_REVOKED, True, False, "token or session revoked (logout, kick)"),
-        _spec(_E.FORBIDDEN, False, False, "authenticated but not allowed to do this"),
+        _spec(_E.UNAUTHORIZED, True, False, "token missing, malformed, forged or signed with an unknown key", 401),
+        _spec(_E.TOKEN_EXPIRED, True, False, "token expired; refresh it and reconnect", 401),
+        _spec(_E.TOKEN_REVOKED, True, False, "token or session revoked (logout, kick)", 401),
+        _spec(_E.FORBIDDEN, False, False, "authenticated but not allowed to do this", 403),
         _spec(_E.ALREADY_AUTHENTICATED, False, False, "AUTH on a connection that is already authenticated"),
         _spec(_E.BAD_REQUEST, False, False, "a field value is invalid for this request"),
-        _spec(_E.NOT_FOUND, False, False, "unknown conversation, user or room"),
+        _spec(_E.NOT_FOUND, False, False, "unknown conversation, user or room", 404),
         _spec(_E.NOT_MEMBER, False, False, "sender is not a member of the conversation"),
-        _spec(_E.BODY_TOO_LARGE, False, False, "message body above the configured maximum"),
+        _spec(_E.BODY_TOO_LARGE, False, False, "message body above the configured maximum", 413),
         _spec(_E.EMPTY_BODY, False, False, "message body is empty"),
         _spec(_E.BAD_JSON, False, False, "CALL payload is not a JSON object"),
         _spec(_E.UNKNOWN_METHOD, False, False, "CALL method is not known"),
-        _spec(_E.CONFLICT, False, False, "state conflict (already a member, name taken, ...)"),
-        _spec(_E.RATE_LIMITED, False, True, "request rate above the per-connection limit; retry after retry_after_ms"),
+        _spec(_E.CONFLICT, False, False, "state conflict (a username that is taken, ...)", 409),
+        _spec(_E.RATE_LIMITED, False, True, "request rate above the per-connection limit; retry after retry_after_ms", 429),
         _spec(_E.SLOW_CONSUMER, True, False, "outbound buffer limit exceeded: the client does not read fast enough"),
         _spec(_E.IDLE_TIMEOUT, True, False, "nothing received within the idle timeout"),
-        _spec(_E.INTERNAL, False, True, "unexpected server error; the request may be retried"),
-        _spec(_E.UNAVAILABLE, False, True, "a dependency (store, broker) is unavailable; nothing was acknowledged"),
-        _spec(_E.SHUTTING_DOWN, True, True, "the node is draining; reconnect elsewhere"),
-        _spec(_E.OVERLOADED, False, True, "the node is overloaded; retry after retry_after_ms"),
+        _spec(_E.INTERNAL, False, True, "unexpected server error; the request may be retried", 500),
+        _spec(_E.UNAVAILABLE, False, True, "a dependency (store, broker) is unavailable; nothing was acknowledged", 503),
+        _spec(_E.SHUTTING_DOWN, True, True, "the node is draining; reconnect elsewhere", 503),
+        _spec(_E.OVERLOADED, False, True, "the node is overloaded; retry after retry_after_ms", 503),
     )
 }
+
+
+def error_for_http_status(status: int) -> ErrorCode:
+    """The request error (300–399) whose HTTP status is ``status`` (the first in code order),
+    for HTTP errors the web framework raises itself (404, 405, 413, ...); BAD_REQUEST when none."""
+    for spec in ERRORS.values():
+        if 300 <= spec.code < 400 and spec.http_status == status:
+            return spec.code
+    return ErrorCode.BAD_REQUEST
 
 
 def close_code_for(code: int) -> int:
@@ -212,14 +224,14 @@ class ConfigError(GochatError):
 def markdown_error_table() -> str:
     """The error table of ``docs/protocol.md`` §4, generated from :data:`ERRORS` (a test compares)."""
     lines = [
-        "| code | name | fatal | close code | retryable | description |",
-        "|---:|---|---|---:|---|---|",
+        "| code | name | fatal | close code | retryable | HTTP | description |",
+        "|---:|---|---|---:|---|---:|---|",
     ]
     for spec in sorted(ERRORS.values(), key=lambda s: int(s.code)):
         close = str(spec.close_code) if spec.fatal else "—"
         description = spec.description.replace("|", "\\|")
         lines.append(
             f"| {int(spec.code)} | {spec.code.name} | {'yes' if spec.fatal else 'no'} | {close} "
-            f"| {'yes' if spec.retryable else 'no'} | {description} |"
+            f"| {'yes' if spec.retryable else 'no'} | {spec.http_status} | {description} |"
         )
     return "\n".join(lines) + "\n"

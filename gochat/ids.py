@@ -31,6 +31,7 @@ from typing import Final, NamedTuple
 
 __all__ = [
     "EPOCH_MS",
+    "MAX_ID",
     "MAX_NODE_ID",
     "MAX_SEQUENCE",
     "IdGenerator",
@@ -48,6 +49,10 @@ MAX_NODE_ID: Final = (1 << NODE_BITS) - 1
 MAX_SEQUENCE: Final = (1 << SEQUENCE_BITS) - 1
 MAX_TIMESTAMP: Final = (1 << TIMESTAMP_BITS) - 1
 _NODE_SHIFT: Final = SEQUENCE_BITS
+#: The largest user, conversation, group and message id and the largest seq: the protocol's
+#: fields are u64, the stores' columns signed 64-bit. A request naming a larger id names
+#: nothing that exists (NOT_FOUND); a larger seq means "beyond the newest" (docs/protocol.md).
+MAX_ID: Final = (1 << 63) - 1
 _TS_SHIFT: Final = SEQUENCE_BITS + NODE_BITS
 
 

@@ -21,7 +21,7 @@ import orjson
 from aiohttp import web
 
 from gochat.auth.service import TokenPair
-from gochat.errors import ErrorCode, GochatError
+from gochat.errors import ERRORS, ErrorCode, GochatError, error_for_http_status
 
 if TYPE_CHECKING:
     from gochat.server import Server
@@ -29,21 +29,6 @@ if TYPE_CHECKING:
 __all__ = ["build_app"]
 
 log = logging.getLogger("gochat.api")
-
-_STATUS = {
-    ErrorCode.UNAUTHORIZED: 401,
-    ErrorCode.TOKEN_EXPIRED: 401,
-    ErrorCode.TOKEN_REVOKED: 401,
-    ErrorCode.FORBIDDEN: 403,
-    ErrorCode.NOT_FOUND: 404,
-    ErrorCode.CONFLICT: 409,
-    ErrorCode.BODY_TOO_LARGE: 413,
-    ErrorCode.RATE_LIMITED: 429,
-    ErrorCode.INTERNAL: 500,
-    ErrorCode.UNAVAILABLE: 503,
-    ErrorCode.SHUTTING_DOWN: 503,
-    ErrorCode.OVERLOADED: 503,
-}
 
 _MAX_BODY = 64 * 1024
 _SERVER_KEY: web.AppKey[Server] = web.AppKey("server")
@@ -54,7 +39,7 @@ def _json(data: Any, status: int = 200) -> web.Response:
 
 
 def error_response(code: ErrorCode, message: str) -> web.Response:
-    status = _STATUS.get(code, 400)
+    status = ERRORS[code].http_status
     return _json({"error": {"code": int(code), "name": code.name, "message": message}}, status)
 
 
@@ -72,9 +57,7 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        response = error_response(
-            ErrorCode.NOT_FOUND if exc.status == 404 else ErrorCode.BAD_REQUEST, exc.reason
-        )
+        response = error_response(error_for_http_status(exc.status), exc.reason)
         response.set_status(exc.status)
     except Exception:
         log.exception("HTTP %s %s failed", request.method, request.path)

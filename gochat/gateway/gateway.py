@@ -183,14 +183,25 @@ class Gateway:
             self._fatal(conn, 0, exc.code, exc.message)
             return
         if conn.authenticated and not conn.take_tokens(self.loop.time(), float(len(frames))):
-            for f in frames:
-                if f.op != Op.TYPING:
-                    self._error(conn, f.rid, ErrorCode.RATE_LIMITED, "", _RETRY_RATE_LIMITED_MS)
+            self._dispatch_limited(conn, frames)
             return
         for frame in frames:
             if conn.closing:
                 return
             self._dispatch(conn, frame)
+
+    def _dispatch_limited(self, conn: Connection, frames: list[Any]) -> None:
+        """A message with more frames than the rate limit has tokens: frames are limited one by
+        one, as in separate messages. Each frame within the budget is dispatched; each one past
+        it is answered RATE_LIMITED (a TYPING is dropped silently)."""
+        now = self.loop.time()
+        for frame in frames:
+            if conn.closing:
+                return
+            if conn.take_tokens(now, 1.0):
+                self._dispatch(conn, frame)
+            elif frame.op != Op.TYPING:
+                self._error(conn, frame.rid, ErrorCode.RATE_LIMITED, "", _RETRY_RATE_LIMITED_MS)
 
     def _dispatch(self, conn: Connection, f: Any) -> None:
         op = f.op
@@ -324,8 +335,9 @@ class Gateway:
             await asyncio.wait_for(self.core.sends_settled(), timeout)
         except TimeoutError:
             log.warning("drain: SENDs still uncommitted after %.1f s", timeout)
+        shutting_down = close_code_for(ErrorCode.SHUTTING_DOWN)  # 4502, as the GOAWAY's code says
         for conn in self.writer.connections():
-            conn.close_with(1001, "going away")
+            conn.close_with(shutting_down, "server is shutting down")
         self.writer.flush_now()
 
     def stats(self) -> dict[str, Any]:

@@ -23,7 +23,7 @@ from gochat._native.routing import RoutingTable
 from gochat.cluster.link import ClusterLink
 from gochat.config import Settings
 from gochat.errors import ErrorCode, RequestError
-from gochat.ids import IdGenerator
+from gochat.ids import MAX_ID, IdGenerator
 from gochat.messaging.presence import MemoryPresence
 from gochat.observability.metrics import Metrics
 from gochat.protocol import (
@@ -167,6 +167,8 @@ class MessagingCore:
         key = (me, peer) if me <= peer else (peer, me)
         conv = self._direct.get(key)
         if conv is None:
+            if peer > MAX_ID:
+                raise _err(ErrorCode.NOT_FOUND, "no such user")
             conv = await self.store.direct_conversation(me, peer)
             self._direct[key] = conv
         return conv
@@ -184,7 +186,7 @@ class MessagingCore:
         return await asyncio.shield(task)
 
     async def _load_members(self, conv: int) -> tuple[int, ...]:
-        if await self.store.conversation_kind(conv) != Kind.GROUP:
+        if conv > MAX_ID or await self.store.conversation_kind(conv) != Kind.GROUP:
             raise _err(ErrorCode.NOT_FOUND, "no such group")
         members = await self.store.members(conv)
         self._members[conv] = members
@@ -340,7 +342,7 @@ class MessagingCore:
         conv, members = target
         self.store.append_soon(
             AppendRequest(conv, kind, conn.user_id, req.client_msg_id, req.content_type, req.body),
-            partial(self._send_committed, conn, req, members, started),
+            partial(self._send_committed, conn, req, conv, members, started),
         )
         self._send_started(started)
 
@@ -356,6 +358,7 @@ class MessagingCore:
         self,
         conn: Connection,
         req: Send,
+        conv: int,
         members: tuple[int, ...],
         started: float,
         result: AppendResult | None,
@@ -375,9 +378,31 @@ class MessagingCore:
         hot.messages_in[m.kind] += 1
         if not result.duplicate:
             self._fan_out(conn, m, req.conv_id, members)
-        flags = FLAG_DUPLICATE if result.duplicate else 0
-        conn.push(encode_send_ack(req.rid, flags, m.kind, req.conv_id, m.seq, m.msg_id, m.ts_ms))
+            conn.push(encode_send_ack(req.rid, 0, m.kind, req.conv_id, m.seq, m.msg_id, m.ts_ms))
+        elif m.conv == conv:
+            conn.push(encode_send_ack(req.rid, FLAG_DUPLICATE, m.kind, req.conv_id, m.seq, m.msg_id, m.ts_ms))
+        else:
+            # A retry that names another conversation than the original SEND: the original
+            # SEND_ACK names the original's, as the sender addresses it (for a direct one, the
+            # peer, which only the store knows).
+            self._background(self._ack_original(conn, req.rid, m))
         hot.send_latency.observe(now - started)
+
+    async def _ack_original(self, conn: Connection, rid: int, m: StoredMessage) -> None:
+        try:
+            wire = m.conv
+            if m.kind == Kind.DIRECT:
+                me = m.sender_id
+                wire = next((u for u in await self.store.members(m.conv) if u != me), me)
+        except Exception as exc:
+            self.request_failed(conn, rid, exc)
+            return
+        conn.push(encode_send_ack(rid, FLAG_DUPLICATE, m.kind, wire, m.seq, m.msg_id, m.ts_ms))
+
+    def _background(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._backlog_tasks.add(task)
+        task.add_done_callback(self._backlog_tasks.discard)
 
     def _fan_out(self, conn: Connection, m: StoredMessage, wire_conv: int, members: tuple[int, ...]) -> None:
         me = m.sender_id
@@ -446,7 +471,8 @@ class MessagingCore:
         conv = await self._resolve(conn.user_id, req.kind, req.conv_id)
         limit = min(req.limit, self.settings.history_max_limit)
         backward = bool(req.flags & FLAG_BACKWARD)
-        rows, more = await self.store.history(conv, req.from_seq, limit, backward)
+        # a from_seq past any stored seq (up to 2**64-1 on the wire) reads as "the newest"
+        rows, more = await self.store.history(conv, min(req.from_seq, MAX_ID), limit, backward)
         wire = req.conv_id
         messages = [
             Message(m.kind, m.content_type, wire, m.seq, m.msg_id, m.sender_id, m.ts_ms, m.client_msg_id, m.body)
@@ -457,7 +483,7 @@ class MessagingCore:
     async def read(self, conn: Connection, req: Read) -> bytes:
         me = conn.user_id
         conv = await self._resolve(me, req.kind, req.conv_id)
-        seq = await self.store.set_read(conv, me, req.seq)
+        seq = await self.store.set_read(conv, me, min(req.seq, MAX_ID))
         self._announce(conn, EventType.READ, req.kind, req.conv_id, seq, droppable=False)
         return encode(ReadOk(rid=req.rid))
 
@@ -544,8 +570,10 @@ class MessagingCore:
     @staticmethod
     def _int(params: dict[str, Any], name: str) -> int:
         v = params.get(name)
-        if not isinstance(v, int) or isinstance(v, bool) or not 0 < v < 1 << 64:
+        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
             raise _err(ErrorCode.BAD_REQUEST, f"{name!r} must be a positive integer")
+        if v > MAX_ID:  # ids are at most 2**63-1: nothing has a larger one
+            raise _err(ErrorCode.NOT_FOUND, f"no such {name.removesuffix('_id')}")
         return v
 
     def _group_event(self, members: tuple[int, ...], etype: int, conv: int, actor: int, value: int) -> None:
@@ -557,8 +585,12 @@ class MessagingCore:
         members = p.get("members", [])
         if not isinstance(name, str) or not 0 < len(name) <= _GROUP_NAME_MAX:
             raise _err(ErrorCode.BAD_REQUEST, f"'name' must be 1–{_GROUP_NAME_MAX} characters")
-        if not isinstance(members, list) or not all(isinstance(m, int) and m > 0 for m in members):
+        if not isinstance(members, list) or not all(
+            isinstance(m, int) and not isinstance(m, bool) and m > 0 for m in members
+        ):
             raise _err(ErrorCode.BAD_REQUEST, "'members' must be a list of user ids")
+        if any(m > MAX_ID for m in members):
+            raise _err(ErrorCode.NOT_FOUND, "no such user")
         if len(members) + 1 > self.settings.max_group_members:
             raise _err(ErrorCode.BAD_REQUEST, f"at most {self.settings.max_group_members} members")
         info = await self.store.create_group(conn.user_id, name, sorted(set(members)))
