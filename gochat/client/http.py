@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
+from urllib.parse import quote
 
 import aiohttp
 import orjson
@@ -57,11 +59,17 @@ class HttpApi:
     ::
 
         async with HttpApi("http://127.0.0.1:8701") as api:
-            await api.register("alice", "secret")
-            tokens = await api.login("alice", "secret")
+            await api.register("alice", "alice-secret-1")
+            tokens = await api.login("alice", "alice-secret-1")
+            bob = await api.lookup_user("bob")  # sends tokens.access_token
 
     One :class:`aiohttp.ClientSession` is opened lazily and reused; close it with
     :meth:`close` (or use the instance as an async context manager).
+
+    Endpoints that need an access token (:meth:`lookup_user`) take it as ``access_token=``;
+    without one they use a token of the most recent :meth:`token_source` of this object (which
+    refreshes it when needed), else the access token of its last :meth:`login` or
+    :meth:`refresh`. :meth:`logout` always names the token it revokes.
     """
 
     def __init__(self, base_url: str, *, timeout: float = 10.0,
@@ -70,6 +78,9 @@ class HttpApi:
         self._timeout = aiohttp.ClientTimeout(total=timeout)
         self._session = session
         self._own_session = session is None
+        #: the latest tokens a login or refresh through this object returned
+        self.last_tokens: Tokens | None = None
+        self._token_provider: Callable[[], Awaitable[str]] | None = None
 
     async def __aenter__(self) -> HttpApi:
         return self
@@ -132,26 +143,45 @@ class HttpApi:
     async def login(self, username: str, password: str) -> Tokens:
         """Exchange a username and password for an access and a refresh token."""
         d = await self._request("POST", "/v1/auth/login", json={"username": username, "password": password})
-        return self._tokens(d)
+        self.last_tokens = t = self._tokens(d)
+        return t
 
     async def refresh(self, refresh_token: str) -> Tokens:
         """Exchange a refresh token for a new token pair."""
         d = await self._request("POST", "/v1/auth/refresh", json={"refresh_token": refresh_token})
-        return self._tokens(d)
+        self.last_tokens = t = self._tokens(d)
+        return t
+
+    async def _access_token(self, access_token: str | None) -> str:
+        """The token for an endpoint that requires one (see the class docstring)."""
+        if access_token:
+            return access_token
+        if self._token_provider is not None:
+            return await self._token_provider()
+        if self.last_tokens is not None:
+            return self.last_tokens.access_token
+        raise error_for(ErrorCode.UNAUTHORIZED,
+                        "this endpoint needs an access token: pass access_token=, or log in "
+                        "(login() or token_source()) through this HttpApi first")
 
     async def logout(self, access_token: str, refresh_token: str | None = None) -> None:
         """Revoke the session of ``access_token`` (and ``refresh_token`` if given)."""
         body = {"refresh_token": refresh_token} if refresh_token else None
         await self._request("POST", "/v1/auth/logout", json=body, token=access_token)
 
-    async def lookup_user(self, username: str) -> int:
-        """The user id of ``username`` (NOT_FOUND if there is none)."""
-        d = await self._request("GET", f"/v1/users/by-name/{username}")
+    async def lookup_user(self, username: str, *, access_token: str | None = None) -> int:
+        """The user id of ``username`` (NOT_FOUND if there is none). The endpoint requires an
+        access token: ``access_token``, else this object's own (see the class docstring)."""
+        token = await self._access_token(access_token)
+        d = await self._request("GET", f"/v1/users/by-name/{quote(username, safe='')}", token=token)
         return int(d["user_id"])
 
     def token_source(self, username: str, password: str) -> TokenSource:
-        """A token callable for :meth:`gochat.client.Client.connect` that logs in and refreshes."""
-        return TokenSource(self, username, password)
+        """A token callable for :meth:`gochat.client.Client.connect` that logs in and refreshes.
+        It also becomes the source of this object's token for :meth:`lookup_user`."""
+        source = TokenSource(self, username, password)
+        self._token_provider = source
+        return source
 
 
 class TokenSource:
