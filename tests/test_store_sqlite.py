@@ -98,7 +98,7 @@ def test_version_1_database_upgrades_with_its_messages(
 ) -> None:
     """Schema 2 rebuilds the messages table (keyed by msg_id, dedup index by client_msg_id
     first): a database written by schema 1 keeps every message, its dedup keys and its seqs."""
-    import gochat.store.sqlite as sqlite_module
+    import gochat.store.sqlite.schema as sqlite_module  # where migrate() reads MIGRATIONS
 
     path = tmp_path / "db.sqlite"
     keys = [os.urandom(16) for _ in range(5)]
