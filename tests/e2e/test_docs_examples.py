@@ -290,3 +290,33 @@ def test_every_marker_gives_a_reason_and_precedes_an_example() -> None:
         for b in parse_blocks(doc):
             if b.not_run is not None:
                 assert b.lang in RUN, f"{b.where}: only python and shell examples take a not-run marker"
+
+
+def _documented_metrics() -> dict[str, str]:
+    text = (ROOT / "docs" / "http-api.md").read_text(encoding="utf-8")
+    begin, end = "<!-- metrics:begin -->", "<!-- metrics:end -->"
+    assert text.count(begin) == 1 and text.count(end) == 1
+    table = text[text.index(begin) : text.index(end)]
+    return {m[1]: m[2] for m in re.finditer(r"^\| `(gochat_[a-z_]+)(?:\{[a-z_,]+\})?` \| (\w+) \|", table, re.M)}
+
+
+def test_metrics_doc_lists_the_exported_names(gochat_server: GochatProcess) -> None:
+    """docs/http-api.md names every metric family /metrics exports, with its type, and no other."""
+    import aiohttp
+
+    from gochat.protocol.frames import Error, Send
+    from tests.e2e.rawclient import connect
+
+    async def scrape() -> str:
+        c = await connect(gochat_server.ws_url)  # an ERROR (108) makes gochat_errors_total appear
+        c.send(Send(1, 1, 2, b"\0" * 16, b"x", rid=5))
+        await c.expect(Error)
+        c.close()
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"{gochat_server.http_url}/healthz") as r:
+                assert r.status == 200
+            async with http.get(f"{gochat_server.http_url}/metrics") as r:
+                return await r.text()
+
+    exported = dict(re.findall(r"^# TYPE (\S+) (\S+)$", run(scrape()), re.M))
+    assert exported == _documented_metrics()
