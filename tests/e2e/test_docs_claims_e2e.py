@@ -85,14 +85,14 @@ def test_header_token_gets_auth_ok_rid_0_and_bad_tokens_http_401(shared_server: 
 
 
 def test_expired_header_token_is_http_401_token_expired(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    server = GochatProcess(tmp_path / "data", {"GOCHAT_ACCESS_TTL_S": "1"})
+    server = GochatProcess(tmp_path / "data", {"GOCHAT_ACCESS_TTL_S": "3"})
     server.start()
     try:
         async def scenario() -> None:
             u = await create_user(server.http_url, "exp")
             c = await connect(server.ws_url, u.access_token)  # authenticated while valid
             await c.expect(AuthOk)
-            await asyncio.sleep(2.2)
+            await asyncio.sleep(4.2)
             # the open connection outlives its token
             c.send(Ping(b"still", rid=4))
             assert (await c.expect(Pong)).payload == b"still"
