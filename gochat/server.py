@@ -305,7 +305,11 @@ class Server:
         log.debug("HTTP API stopped")
         if self.cluster is not None:
             if self._guard_task is not None:
-                self._guard_task.cancel()
+                from gochat.cluster.redis import cancel_tasks
+
+                # awaited, and cancelled again if it runs on (redis-py can swallow a cancellation)
+                await cancel_tasks([self._guard_task], timeout_s=3.0)
+                self._guard_task = None
             await self.cluster.close()
             with contextlib.suppress(Exception):
                 await self.redis.delete(self._presence_mark)

@@ -12,10 +12,11 @@ durable store.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from typing import Any
 
 from gochat._native.fanout import FanoutWriter
@@ -75,7 +76,14 @@ class ClusterLink:
         self.nodes: list[NodeInfo] = []
         self._queue: list[tuple[Iterable[int], bytes, bool]] = []
         self._wake = asyncio.Event()
+        #: background work from _spawn (publishes, node drops, re-announces)
         self._tasks: list[asyncio.Task[Any]] = []
+        self._router_task: asyncio.Task[None] | None = None
+        #: deregistered (draining): our own entry leaving the registry is expected, and this
+        #: node's sessions are never recorded again
+        self._leaving = False
+        #: close() began: nothing new is spawned
+        self._closing = False
         self._dead_handled: set[str] = set()
         self._epochs: dict[int, int] = {}  # session_id -> presence epoch
         #: set by the server: (user_id, session_id) of every local authenticated session
@@ -93,20 +101,28 @@ class ClusterLink:
         await self.registry.register(info, load)
         self.nodes = await self.registry.nodes()
         self.registry.watch(self._nodes_changed)
-        self._tasks.append(asyncio.get_running_loop().create_task(self._router()))
+        self._router_task = asyncio.get_running_loop().create_task(self._router())
         if self.jobs is not None:
             await self.jobs.consume(FANOUT_STREAM, FANOUT_STREAM, self.node_id, self._fanout_job)
 
     async def deregister(self) -> None:
         """Leave the registry first on drain, so clients stop being sent here."""
+        self._leaving = True
         try:
             await self.registry.deregister()
         except GochatError as exc:
             log.warning("deregister failed: %s", exc.message)
 
     async def close(self) -> None:
-        for task in self._tasks:
+        self._leaving = self._closing = True
+        if self._tasks:
+            # publishes spawned just before (a kick, a revocation) get a moment to go out
+            await asyncio.wait(list(self._tasks), timeout=1.0)
+        tasks = [t for t in (*self._tasks, self._router_task) if t is not None and not t.done()]
+        for task in tasks:
             task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=2.0)
         closers = [self.broker.close, self.registry.close, self.presence.close]
         if self.jobs is not None:
             closers.insert(0, self.jobs.close)
@@ -169,17 +185,28 @@ class ClusterLink:
         for node in self.other_nodes():
             self._spawn(self.broker.send_to_node(node.node_id, payload))
 
-    def _spawn(self, coro: Any) -> None:
-        task = asyncio.get_running_loop().create_task(self._guard(coro))
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        if self._closing:
+            coro.close()  # shutting down: dropped, and not left un-awaited
+            return
+        # The task runs the coroutine itself (no wrapper coroutine awaiting it): a task that
+        # close() cancels before its first step then closes the coroutine instead of leaving
+        # it never awaited.
+        task = asyncio.get_running_loop().create_task(coro)
         self._tasks.append(task)
-        task.add_done_callback(self._tasks.remove)
+        task.add_done_callback(self._spawned_done)
 
-    async def _guard(self, coro: Any) -> None:
-        try:
-            await coro
-        except GochatError as exc:
+    def _spawned_done(self, task: asyncio.Task[Any]) -> None:
+        with contextlib.suppress(ValueError):
+            self._tasks.remove(task)
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if isinstance(exc, GochatError):
             self.route_failures += 1
             log.warning("cluster publish failed: %s", exc.message)
+        elif exc is not None:
+            log.error("cluster task failed", exc_info=exc)
 
     async def _router(self) -> None:
         while True:
@@ -258,8 +285,13 @@ class ClusterLink:
 
     async def reannounce(self, sessions: list[tuple[int, int]] | None = None) -> None:
         """Re-record every local session (after the presence backend lost its data, or after
-        another node wrongly declared this one dead and dropped its sessions)."""
+        another node wrongly declared this one dead and dropped its sessions). Nothing once
+        the node deregistered: its sessions are being drained."""
+        if self._leaving:
+            return
         for user_id, session_id in sessions if sessions is not None else self.local_sessions():
+            if self._leaving:
+                return
             lease = await self.presence.session_up(user_id, self.node_id, session_id)
             self._epochs[session_id] = lease.epoch
 
@@ -291,6 +323,8 @@ class ClusterLink:
             self.on_kick(env.user_id, env.code, env.reason)
 
     def _nodes_changed(self, nodes: list[NodeInfo]) -> None:
+        if self._closing:
+            return
         alive = {n.node_id for n in nodes}
         gone = [n.node_id for n in self.nodes if n.node_id not in alive and n.node_id != self.node_id]
         self.nodes = nodes
@@ -299,6 +333,11 @@ class ClusterLink:
                 self._dead_handled.add(node)
                 self._spawn(self._drop_node(node))
         self._dead_handled -= alive  # a node that came back may die again later
+        if self._leaving:
+            # We deregistered: our entry is gone on purpose. Re-announcing now would record
+            # the sessions being drained again (and, spawned just before close(), be cancelled
+            # before it ran).
+            return
         if self.node_id in alive:
             if self._vanished:
                 # Listed again. A node that saw us gone drops our sessions, and that can land

@@ -165,6 +165,8 @@ class MemoryRegistry:
         self._watch_task: asyncio.Task[None] | None = None
         self._watchers: list[tuple[Callable[[list[NodeInfo]], None], list[tuple[NodeInfo, ...] | None]]] = []
         self._event = asyncio.Event()
+        #: close() began: the watch calls no callback any more
+        self._closed = False
 
     def _put(self, info: NodeInfo) -> None:
         self.hub.check()
@@ -217,6 +219,8 @@ class MemoryRegistry:
         while True:
             await _wait_event(self._event, self.renew_s)
             self._event.clear()
+            if self._closed:
+                return
             if not self.hub.available:
                 continue
             nodes = self.hub.live_nodes()
@@ -231,6 +235,7 @@ class MemoryRegistry:
 
     async def close(self) -> None:
         """Stop renewing and watching; the entry (if any) expires after its TTL, like a crash."""
+        self._closed = True
         self.hub.registry_events.discard(self._event)
         await _cancel([t for t in (self._renew_task, self._watch_task) if t is not None])
         self._renew_task = self._watch_task = None

@@ -105,14 +105,25 @@ async def _wait_event(event: asyncio.Event, timeout_s: float) -> None:
             await event.wait()
 
 
-async def _cancel(tasks: Iterable[asyncio.Task[Any] | None], timeout_s: float = 5.0) -> None:
+async def cancel_tasks(tasks: Iterable[asyncio.Task[Any] | None], timeout_s: float = 5.0) -> None:
     """Cancel background tasks and wait (bounded) until they are done; their errors are
-    dropped, a cancellation of the caller is not."""
+    dropped, a cancellation of the caller is not.
+
+    A task still running a moment after its cancel is cancelled again: redis-py can swallow
+    a cancellation that lands while a command completes (the command returns normally), and
+    the task's loop then goes on as if nothing happened (seen when every node of a cluster
+    stopped at once: the registry watch outlived close() by seconds)."""
     live = [t for t in tasks if t is not None and not t.done()]
-    for t in live:
-        t.cancel()
-    if live:
-        await asyncio.wait(live, timeout=timeout_s)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while live:
+        for t in live:
+            t.cancel()
+        left = deadline - loop.time()
+        if left <= 0:
+            break
+        _, pending = await asyncio.wait(live, timeout=min(left, 0.2))
+        live = list(pending)
 
 
 class _Client:
@@ -278,7 +289,7 @@ class _Subscriber:
                 self._on_resubscribe()
 
     async def close(self) -> None:
-        await _cancel([self._task])
+        await cancel_tasks([self._task])
         self._task = None
         await self._drop(self._ps)
         self._ps = None
@@ -374,6 +385,8 @@ class RedisRegistry(_Client):
         self._sub: _Subscriber | None = None
         self._watchers: list[tuple[Callable[[list[NodeInfo]], None], list[tuple[NodeInfo, ...] | None]]] = []
         self._kick = asyncio.Event()
+        #: close() began: the watch calls no callback any more
+        self._closed = False
 
     def node_key(self, node_id: str) -> str:
         return f"{self.prefix}node:{node_id}"
@@ -422,7 +435,7 @@ class RedisRegistry(_Client):
     async def deregister(self) -> None:
         """Stop renewing and delete the entry (announced as ``leave``). Raises UnavailableError
         when Redis is down; the entry then expires by itself within ``ttl_s``."""
-        await _cancel([self._renew_task])
+        await cancel_tasks([self._renew_task])
         self._renew_task = None
         if self._info is None:
             return
@@ -467,6 +480,8 @@ class RedisRegistry(_Client):
         while True:
             await _wait_event(self._kick, self.renew_s)
             self._kick.clear()
+            if self._closed:
+                return
             try:
                 nodes = await self.nodes()
             except UnavailableError:
@@ -474,6 +489,8 @@ class RedisRegistry(_Client):
             except Exception:
                 log.exception("registry watch: reading the node list failed")
                 continue
+            if self._closed:
+                return
             key = _snapshot_key(nodes)
             for callback, last in list(self._watchers):
                 if last[0] != key:
@@ -490,7 +507,8 @@ class RedisRegistry(_Client):
     async def close(self) -> None:
         """Stop renewing and watching (without deregistering: the entry expires after
         ``ttl_s``, as after a crash; call :meth:`deregister` first for a graceful exit)."""
-        await _cancel([self._renew_task, self._watch_task])
+        self._closed = True
+        await cancel_tasks([self._renew_task, self._watch_task])
         self._renew_task = self._watch_task = None
         if self._sub is not None:
             await self._sub.close()
@@ -803,7 +821,7 @@ class RedisPresence(_Client):
     async def close(self) -> None:
         """Stop refreshing node liveness (sessions stay until session_down / drop_node, and stop
         counting after ``node_ttl_s``)."""
-        await _cancel([self._heartbeat_task])
+        await cancel_tasks([self._heartbeat_task])
         self._heartbeat_task = None
         await self._close_client()
 
@@ -992,7 +1010,7 @@ class RedisJobQueue(_Client):
                 await self._dead_letter(stream, key, group, eid, job_id, payload, repr(exc))
             return
         finally:
-            await _cancel([heartbeat])
+            await cancel_tasks([heartbeat])
         pipe = self.redis.pipeline(transaction=True)
         pipe.hset(marker, group, b"d")
         pipe.expire(marker, self.dedupe_ttl_s)
@@ -1025,6 +1043,6 @@ class RedisJobQueue(_Client):
     async def close(self) -> None:
         """Stop this instance's consumers at once: a running job stays pending, as if the
         consumer died, and another consumer claims it after ``claim_idle_ms``."""
-        await _cancel(self._tasks)
+        await cancel_tasks(self._tasks)
         self._tasks.clear()
         await self._close_client()
