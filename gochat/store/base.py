@@ -1,8 +1,14 @@
 """The Store seam: durable users, tokens, conversations and messages.
 
 Implementations: :mod:`gochat.store.sqlite` (embedded, WAL, one writer thread with group
-commit) and later PostgreSQL. The same behaviour tests run against every implementation.
-The store never touches a socket and never parses wire bytes.
+commit) and :mod:`gochat.store.postgres` (cluster, asyncpg, group commit). The same behaviour
+tests run against every implementation. The store never touches a socket and never parses wire
+bytes.
+
+The contract is split by concern, so that code can depend on the part it uses:
+:class:`StoreLifecycle` (open, close, ping, stats), :class:`UserStore`, :class:`TokenStore`
+(refresh tokens and the access-token deny-list), :class:`ConversationStore` and
+:class:`MessageStore`. :class:`Store` is all of them.
 
 Conversation identity inside the store is ``conv`` (an internal u64). A group's wire id is its
 ``conv``. A direct conversation between users A and B has one ``conv`` too; on the wire it is
@@ -24,11 +30,16 @@ __all__ = [
     "AppendRequest",
     "AppendResult",
     "ConversationState",
+    "ConversationStore",
     "GroupInfo",
+    "MessageStore",
     "RefreshStatus",
     "Store",
+    "StoreLifecycle",
     "StoredMessage",
+    "TokenStore",
     "UserRecord",
+    "UserStore",
 ]
 
 
@@ -104,7 +115,7 @@ class GroupInfo:
 
 
 class RefreshStatus:
-    """Outcome of :meth:`Store.use_refresh_token`."""
+    """Outcome of :meth:`TokenStore.use_refresh_token`."""
 
     OK = "ok"  #: valid and now spent
     REUSED = "reused"  #: already spent: the caller must revoke the family
@@ -113,9 +124,9 @@ class RefreshStatus:
 
 
 @runtime_checkable
-class Store(Protocol):
-    """Durable state. Every method may raise :class:`gochat.errors.UnavailableError` when the
-    backend cannot be reached; nothing is acknowledged in that case."""
+class StoreLifecycle(Protocol):
+    """Opening, closing and probing a store (``ping`` raises
+    :class:`gochat.errors.UnavailableError` when the backend cannot be reached)."""
 
     async def open(self) -> None:
         """Create or migrate the schema and start background work."""
@@ -130,7 +141,12 @@ class Store(Protocol):
     async def ping(self) -> None:
         """Raise UnavailableError if the backend is unreachable (readiness probe)."""
 
-    # ---- users -------------------------------------------------------------------------------
+
+@runtime_checkable
+class UserStore(Protocol):
+    """Accounts. Every method may raise :class:`gochat.errors.UnavailableError` when the
+    backend cannot be reached; nothing is acknowledged in that case."""
+
     async def create_user(self, username: str, password_hash: str) -> int:
         """Insert a user; raise ``RequestError(code=CONFLICT)`` if the name is taken."""
 
@@ -138,7 +154,13 @@ class Store(Protocol):
 
     async def get_user_by_name(self, username: str) -> UserRecord | None: ...
 
-    # ---- refresh tokens and revocation --------------------------------------------------------
+
+@runtime_checkable
+class TokenStore(Protocol):
+    """Refresh tokens (rotation, reuse detection) and the access-token deny-list.
+    Every method may raise :class:`gochat.errors.UnavailableError` when the backend cannot be
+    reached; nothing is acknowledged in that case."""
+
     async def add_refresh_token(self, jti: str, family: str, user_id: int, expires_ms: int) -> None: ...
 
     async def use_refresh_token(self, jti: str, now_ms: int) -> tuple[str, str, int]:
@@ -158,7 +180,13 @@ class Store(Protocol):
     async def revoked_jtis(self, now_ms: int) -> dict[str, int]:
         """All deny-listed access token ids not yet expired: jti -> expires_ms."""
 
-    # ---- conversations ---------------------------------------------------------------------
+
+@runtime_checkable
+class ConversationStore(Protocol):
+    """Direct conversations, groups and membership. Every method may raise
+    :class:`gochat.errors.UnavailableError` when the backend cannot be reached; nothing is
+    acknowledged in that case."""
+
     async def direct_conversation(self, a: int, b: int) -> int:
         """The conv of the direct conversation between users a and b, created on first use.
 
@@ -185,7 +213,13 @@ class Store(Protocol):
     async def conversations(self, user_id: int) -> list[ConversationState]:
         """Every conversation the user is in, with last_seq and the user's read_seq."""
 
-    # ---- messages ------------------------------------------------------------------------------
+
+@runtime_checkable
+class MessageStore(Protocol):
+    """Appends (group commit), history and read positions. Every method may raise
+    :class:`gochat.errors.UnavailableError` when the backend cannot be reached; nothing is
+    acknowledged in that case."""
+
     async def append(self, request: AppendRequest) -> AppendResult:
         """Persist one message durably (group commit: concurrent calls share one transaction).
 
@@ -214,3 +248,14 @@ class Store(Protocol):
 
     async def set_read(self, conv: int, user_id: int, seq: int) -> int:
         """Move the user's read position forward (never back, capped at last_seq); return it."""
+
+
+@runtime_checkable
+class Store(StoreLifecycle, UserStore, TokenStore, ConversationStore, MessageStore, Protocol):
+    """Durable state: every part of the contract. Every method may raise
+    :class:`gochat.errors.UnavailableError` when the backend cannot be reached; nothing is
+    acknowledged in that case.
+
+    Code that needs only a part should depend on that part (:class:`UserStore`,
+    :class:`TokenStore`, :class:`ConversationStore`, :class:`MessageStore`,
+    :class:`StoreLifecycle`); both stores satisfy each of them."""
