@@ -166,3 +166,25 @@ def test_history_backward_pages_are_ascending_and_newest_from_0_or_above_last_se
         ca.close()
 
     run(scenario())
+
+
+def test_client_messages_above_4_max_frame_close_1009_or_4102(shared_server: GochatProcess) -> None:
+    """One WebSocket frame above 4 × max_frame: close 1009; fragments above it: ERROR 102, 4102."""
+    from picows import WSMsgType
+
+    async def scenario() -> None:
+        u = await create_user(shared_server.http_url, "sz")
+        c = await connect(shared_server.ws_url, u.access_token)
+        await c.expect(AuthOk)
+        c.send_raw(b"\0" * (4 * 65536 + 1))
+        assert await c.wait_closed() == 1009
+        c = await connect(shared_server.ws_url, u.access_token)
+        await c.expect(AuthOk)
+        assert c.transport is not None
+        c.transport.send(WSMsgType.BINARY, b"\0" * 200_000, fin=False)
+        c.transport.send(WSMsgType.CONTINUATION, b"\0" * 100_000, fin=True)
+        err = await c.expect_error(ErrorCode.FRAME_TOO_LARGE)
+        assert err.rid == 0
+        assert await c.wait_closed() == 4102
+
+    run(scenario())
