@@ -356,7 +356,11 @@ class ServerProc:
         env = dict(os.environ)
         env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
         if self.target.name == "gochat":
+            # A fresh database per start: the scenarios register their users by fixed names
+            # (bench_s0, ...), so a rerun with the same --out would find them taken (409), and
+            # a measurement must not depend on what an earlier run left in the store.
             data = self.workdir / "gochat-data"
+            shutil.rmtree(data, ignore_errors=True)
             cmd += ["--data-dir", str(data), "--host", "127.0.0.1", "--ws-port", "0", "--http-port", "0"]
             env.update(
                 {

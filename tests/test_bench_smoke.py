@@ -135,3 +135,25 @@ def test_cluster_bench_open_loop_steps() -> None:
         assert step["delivered_per_s"] > 0
         for key in ("deliver_ms_p50", "deliver_ms_p99", "ack_ms_p50", "node_cpu_us_per_message", "loss_pct"):
             assert key in step, key
+
+
+def _bench(args: list[str], out: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "bench", *args, "--out", str(out)],
+        cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT), **env), capture_output=True, text=True, timeout=150,
+    )
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(330)
+def test_bench_reruns_with_the_same_out(tmp_path: Path) -> None:
+    """A second run into the same --out directory starts gochat on a fresh database: the users
+    the scenario registers by fixed names are not 'taken' (409) from the first run."""
+    out = tmp_path / "bench"
+    for run in (1, 2):
+        r = _bench(["storm", "--storm", "40"], out, BENCH_PURE_PYTHON_LOADGEN="1")
+        assert r.returncode == 0, (run, r.stderr[-3000:])
+        assert "username is taken" not in r.stderr
+        storm = json.loads((out / "results.json").read_text())["results"]["storm"][0]
+        assert storm["connections"] == 40 and storm["failed"] == 0, (run, storm)
+
