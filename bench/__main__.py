@@ -96,6 +96,15 @@ async def run(a: argparse.Namespace, argv: list[str]) -> Path:
     native.loadgen()
     native.cfloor()
     native.syscount()
+    warnings = []
+    fallback = native.fallback_reason()
+    if fallback is not None:
+        warnings.append(f"the load generators ran on the pure-Python fallback (bench/_loadgen_py.py), not the Cython "
+                        f"listener (bench/_loadgen.pyx): {fallback}. It costs several times more CPU per delivery, so "
+                        f"the load side may saturate before the server: these numbers are not comparable with "
+                        f"runs on the Cython one.")
+        bar = "!" * 100
+        print(f"{bar}\nbench: WARNING: {warnings[-1]}\n{bar}", file=sys.stderr, flush=True)
     repeat = a.repeat or (3 if a.scenario == "all" else 1)
     ctx = Ctx(placement, work, quick, repeat)
     facts = machine_facts()  # before anything runs: the commit the servers start from
@@ -146,12 +155,16 @@ async def run(a: argparse.Namespace, argv: list[str]) -> Path:
         "machine": facts,
         "results": results,
     }
+    if warnings:
+        doc["warnings"] = warnings
     end_commit = machine_facts()["git_commit"]
     if end_commit != facts["git_commit"]:
         doc["notes"] = [f"the working tree changed during the run: {facts['git_commit']} at the start, "
                         f"{end_commit} at the end; servers started later ran the newer code"]
     report.write(doc, out)
     log(f"done in {doc['elapsed_s']:.0f}s: {out / 'results.md'}")
+    for w in warnings:
+        log(f"WARNING: {w}")
     return out
 
 

@@ -51,17 +51,38 @@ def syscount() -> Path | None:
     return out
 
 
+#: why this process (and the load generators it starts) use the pure-Python load generator
+_FALLBACK_ENV = "BENCH_LOADGEN_FALLBACK_REASON"
+INSTALL_HINT = "pip install -r bench/requirements.txt (or pip install '.[bench]')"
+
+
 def loadgen() -> ModuleType:
     """Import ``_loadgen`` (Cython on picows), compiling it first when needed; the pure-Python
-    twin ``bench._loadgen_py`` when that cannot be built or ``BENCH_PURE_PYTHON_LOADGEN=1``."""
+    twin ``bench._loadgen_py`` when that cannot be built or ``BENCH_PURE_PYTHON_LOADGEN=1``.
+    The fallback is never silent: :func:`fallback_reason` says why, and the driver prints it
+    and writes it into the results."""
     if os.environ.get("BENCH_PURE_PYTHON_LOADGEN", "") not in ("", "0"):
         return importlib.import_module("bench._loadgen_py")
     try:
         return _cython_loadgen()
     except (ImportError, OSError, subprocess.CalledProcessError) as exc:
-        print(f"bench: Cython load generator unavailable ({exc!r}); using the pure-Python one", file=sys.stderr)
+        if isinstance(exc, ImportError) and exc.name == "Cython":
+            why = f"Cython is not installed ({INSTALL_HINT})"
+        else:
+            why = f"the Cython load generator did not build: {exc!r}"
+        print(f"bench: WARNING: {why}; using the pure-Python load generator", file=sys.stderr)
         os.environ["BENCH_PURE_PYTHON_LOADGEN"] = "1"  # child processes follow
+        os.environ[_FALLBACK_ENV] = why
         return importlib.import_module("bench._loadgen_py")
+
+
+def fallback_reason() -> str | None:
+    """None when the load generators record with the Cython listener; else why they do not
+    (the pure-Python one costs several times more CPU per delivery, so the load generator
+    may saturate before the server does: its numbers are not comparable)."""
+    if loadgen().__name__ == "_loadgen":
+        return None
+    return os.environ.get(_FALLBACK_ENV) or "BENCH_PURE_PYTHON_LOADGEN=1 is set"
 
 
 def loadgen_impl() -> str:

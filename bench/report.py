@@ -324,6 +324,7 @@ def markdown(doc: dict[str, Any]) -> str:
     parts = [
         f"# gochat bench: {doc['scenario']}",
         "",
+        *[line for w in doc.get("warnings", []) for line in (f"> **WARNING:** {w}", "")],
         f"- command: `{doc['command']}`",
         f"- started: {doc['started']}, took {doc['elapsed_s']:.0f} s",
         f"- machine: {m['cpu_model']}, {m['cpus']} CPUs, {m['mem_gib']} GiB, Linux {m['kernel']}",

@@ -157,3 +157,49 @@ def test_bench_reruns_with_the_same_out(tmp_path: Path) -> None:
         storm = json.loads((out / "results.json").read_text())["results"]["storm"][0]
         assert storm["connections"] == 40 and storm["failed"] == 0, (run, storm)
 
+
+@pytest.mark.e2e
+@pytest.mark.timeout(200)
+def test_bench_reports_the_pure_python_loadgen_fallback(tmp_path: Path) -> None:
+    """Running on the pure-Python load generator is said on stderr and in results.json and
+    results.md, with the reason."""
+    out = tmp_path / "bench"
+    r = _bench(["storm", "--storm", "40"], out, BENCH_PURE_PYTHON_LOADGEN="1")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "WARNING: the load generators ran on the pure-Python fallback" in r.stderr, r.stderr[-3000:]
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["machine"]["loadgen"] == "python"
+    [warning] = doc["warnings"]
+    assert "pure-Python fallback" in warning and "BENCH_PURE_PYTHON_LOADGEN=1" in warning
+    assert f"> **WARNING:** {warning}" in (out / "results.md").read_text()
+
+
+def test_loadgen_without_cython_falls_back_and_says_why(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """No Cython (and no listener built before): the pure-Python twin, a warning on stderr that
+    names the cause and the install command, and fallback_reason() for the results."""
+    from bench import native
+
+    monkeypatch.setattr(native, "BUILD", tmp_path / "build")  # nothing built there
+    monkeypatch.setitem(sys.modules, "Cython", None)  # import Cython -> ImportError
+    monkeypatch.setenv("BENCH_PURE_PYTHON_LOADGEN", "0")  # restored after the test
+    monkeypatch.setenv("BENCH_LOADGEN_FALLBACK_REASON", "")
+    mod = native.loadgen()
+    assert mod.__name__ == "bench._loadgen_py"
+    err = capsys.readouterr().err
+    assert "WARNING: Cython is not installed" in err and "bench/requirements.txt" in err, err
+    reason = native.fallback_reason()
+    assert reason is not None and "Cython is not installed" in reason
+    assert native.loadgen_impl() == "python"
+
+
+def test_bench_requirements_match_the_bench_extra() -> None:
+    """bench/requirements.txt and pyproject's [bench] extra list the same packages, Cython
+    (the load generator's listener) among them."""
+    import tomllib
+
+    extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["bench"]
+    reqs = [line.split("#")[0].strip() for line in (ROOT / "bench" / "requirements.txt").read_text().splitlines()]
+    reqs = [r for r in reqs if r]
+    assert sorted(reqs) == sorted(extra)
+    assert any(r.startswith("Cython") for r in reqs)
