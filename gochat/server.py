@@ -14,7 +14,6 @@ import os
 import signal
 import socket
 import sys
-import time
 from pathlib import Path
 from typing import Any, cast
 
@@ -27,14 +26,22 @@ from gochat._native.routing import RoutingTable
 from gochat.api.http import build_app
 from gochat.auth.keys import Algorithm, KeyRing
 from gochat.auth.service import AuthService
+from gochat.clock import now_ms
 from gochat.cluster.base import Broker, JobQueue, NodeInfo, Presence, Registry
 from gochat.cluster.link import ClusterLink
+from gochat.cluster.memory import (
+    MemoryBroker,
+    MemoryClusterPresence,
+    MemoryHub,
+    MemoryJobQueue,
+    MemoryRegistry,
+)
 from gochat.config import Settings
 from gochat.errors import ErrorCode, GochatError
 from gochat.gateway.gateway import Gateway
 from gochat.ids import IdGenerator
 from gochat.messaging.core import MessagingCore
-from gochat.messaging.presence import MemoryPresence
+from gochat.messaging.replies import ErrorReplies
 from gochat.observability.grpc_health import GrpcHealth
 from gochat.observability.metrics import Metrics
 from gochat.store import Store
@@ -60,14 +67,13 @@ class Server:
         self.http_url = ""
         self._ws_server: asyncio.AbstractServer | None = None
         self._http_runner: web.AppRunner | None = None
-        self.cluster: ClusterLink | None = None
         self._cluster_backends: tuple[Broker, Presence, Registry, JobQueue] | None = None
         self.redis: Any = None
         self._guard_task: asyncio.Task[None] | None = None
         self.grpc_health: GrpcHealth | None = None
         self.store: Store
         self.node_name = f"{socket.gethostname()}-{os.getpid()}-{settings.node_id}"
-        self.started_ms = int(time.time() * 1000)
+        self.started_ms = now_ms()
 
     async def start(self) -> None:
         s = self.settings
@@ -78,6 +84,11 @@ class Server:
         else:
             self.store = SQLiteStore(
                 data / "gochat.db", node_id=s.node_id, ids=self.ids, commit_delay_ms=s.store_commit_delay_ms
+            )
+            # Embedded mode: the same seams on in-process backends (a cluster of one node).
+            hub = MemoryHub()
+            self._cluster_backends = (
+                MemoryBroker(hub), MemoryClusterPresence(hub), MemoryRegistry(hub), MemoryJobQueue(hub)
             )
         await self.store.open()
         # In a cluster every node must verify every node's tokens: they share the key file
@@ -90,20 +101,20 @@ class Server:
         loop = asyncio.get_running_loop()
         self.writer = FanoutWriter(loop)
         self.routing = RoutingTable()
-        self.presence = MemoryPresence()
-        self.core = MessagingCore(s, self.store, self.routing, self.writer, self.presence, self.ids, self.metrics)
-        self.gateway = Gateway(
-            s, self.auth, self.core, self.routing, self.writer, self.presence, self.ids, self.metrics
+        assert self._cluster_backends is not None
+        broker, presence, registry, jobs = self._cluster_backends
+        self.cluster = ClusterLink(
+            self.node_name, broker, presence, registry, self.routing, self.writer, jobs, s.fanout_shard_size
         )
+        self.replies = ErrorReplies(self.metrics.hot.errors)
+        self.core = MessagingCore(
+            s, self.store, self.routing, self.writer, self.cluster, self.ids, self.metrics, self.replies
+        )
+        self.gateway = Gateway(s, self.auth, self.core, self.writer, self.replies)
         self.auth.on_revoke(self._revoked)
         self.metrics.attach_data_plane(self.gateway.stats)
         store = self.store
         self.metrics.attach_store(lambda: store.stats)
-        if self._cluster_backends is not None:
-            broker, presence, registry, jobs = self._cluster_backends
-            self.cluster = ClusterLink(
-                self.node_name, broker, presence, registry, self.routing, self.writer, jobs, s.fanout_shard_size
-            )
 
         heartbeat = s.heartbeat_ms / 1000
         # One logger object for every connection: given a logging.Logger, picows makes a child
@@ -147,13 +158,12 @@ class Server:
         if s.grpc_health_port:
             self.grpc_health = GrpcHealth(s.host, s.grpc_health_port, self._ready)
             await self.grpc_health.start()
-        if self.cluster is not None:
-            self.core.cluster = self.cluster
-            self.cluster.local_sessions = self.gateway.local_sessions
-            self.cluster.on_presence = self.core.presence_changed
-            self.cluster.on_revoke = self._remote_revocation
-            self.cluster.on_kick = self._remote_kick
-            await self.cluster.start(self._node_info(), self._node_info)
+        self.cluster.local_sessions = self.core.sessions.local
+        self.cluster.on_presence = self.core.presence_changed
+        self.cluster.on_revoke = self._remote_revocation
+        self.cluster.on_kick = self._remote_kick
+        await self.cluster.start(self._node_info(), self._node_info)
+        if self.redis is not None:
             await self.redis.set(self._presence_mark, b"1")
             self._guard_task = loop.create_task(self._presence_guard())
         log.info(
@@ -193,14 +203,13 @@ class Server:
     async def _presence_guard(self) -> None:
         """Redis keeps nothing across a restart: when this node's marker key is gone, the
         sessions it recorded are gone too, so record every local session again."""
-        assert self.cluster is not None
         interval = min(self.settings.registry_renew_s, 5)
         while True:
             await asyncio.sleep(interval)
             try:
                 if await self.redis.exists(self._presence_mark):
                     continue
-                sessions = self.gateway.local_sessions()
+                sessions = self.core.sessions.local()
                 await self.cluster.reannounce(sessions)
                 await self.redis.set(self._presence_mark, b"1")
                 log.warning("presence data was lost (Redis restarted?): re-recorded %d sessions", len(sessions))
@@ -252,21 +261,17 @@ class Server:
 
     def _revoked(self, user_id: int, revoked_id: str) -> None:
         self.gateway.kick_user(user_id, ErrorCode.TOKEN_REVOKED, "logged out", revoked_id)
-        if self.cluster is not None:
-            expires_ms = int(time.time() * 1000) + self.settings.access_ttl_s * 1000
-            self.cluster.publish_revocation(user_id, expires_ms, revoked_id)
+        expires_ms = now_ms() + self.settings.access_ttl_s * 1000
+        self.cluster.publish_revocation(user_id, expires_ms, revoked_id)
 
     async def gateways(self) -> list[dict[str, Any]]:
-        """The live gateways (every registered node in cluster mode)."""
-        if self.cluster is not None:
-            try:
-                nodes = await self.cluster.registry.nodes()
-            except GochatError as exc:
-                # Registry unreachable: the last list the watch delivered still helps clients.
-                log.warning("registry unavailable (%s); serving the last known gateways", exc.message)
-                nodes = list(self.cluster.nodes)
-        else:
-            nodes = [self._node_info()]
+        """The live gateways: every node the registry lists."""
+        try:
+            nodes = await self.cluster.registry.nodes()
+        except GochatError as exc:
+            # Registry unreachable: the last list the watch delivered still helps clients.
+            log.warning("registry unavailable (%s); serving the last known gateways", exc.message)
+            nodes = list(self.cluster.nodes)
         return [
             {
                 "node_id": n.node_id,
@@ -289,12 +294,10 @@ class Server:
         log.info("gochat draining")
         if self.grpc_health is not None:
             await self.grpc_health.draining()
-        hint = ""
-        if self.cluster is not None:
-            await self.cluster.deregister()
-            others = sorted(self.cluster.other_nodes(), key=lambda n: n.connections / max(n.weight, 1))
-            hint = others[0].ws_url if others else ""
-            log.debug("deregistered; reconnect hint %r", hint)
+        await self.cluster.deregister()
+        others = sorted(self.cluster.other_nodes(), key=lambda n: n.connections / max(n.weight, 1))
+        hint = others[0].ws_url if others else ""
+        log.debug("deregistered; reconnect hint %r", hint)
         if self._ws_server is not None:
             self._ws_server.close()
         await self.gateway.drain(url_hint=hint, timeout=self.settings.drain_timeout_s)
@@ -303,17 +306,17 @@ class Server:
         if self._http_runner is not None:
             await self._http_runner.cleanup()
         log.debug("HTTP API stopped")
-        if self.cluster is not None:
-            if self._guard_task is not None:
-                from gochat.cluster.redis import cancel_tasks
+        if self._guard_task is not None:
+            from gochat.cluster.redis import cancel_tasks
 
-                # awaited, and cancelled again if it runs on (redis-py can swallow a cancellation)
-                await cancel_tasks([self._guard_task], timeout_s=3.0)
-                self._guard_task = None
-            await self.cluster.close()
+            # awaited, and cancelled again if it runs on (redis-py can swallow a cancellation)
+            await cancel_tasks([self._guard_task], timeout_s=3.0)
+            self._guard_task = None
+        await self.cluster.close()
+        if self.redis is not None:
             with contextlib.suppress(Exception):
                 await self.redis.delete(self._presence_mark)
-            log.debug("cluster link closed")
+        log.debug("cluster link closed")
         await self.store.close()
         log.debug("store closed")
         if self.grpc_health is not None:

@@ -1,4 +1,10 @@
-"""Cluster seams (registry, broker, presence, job queue) and their memory and Redis backends."""
+"""Cluster seams (registry, broker, presence, job queue) and their memory and Redis backends.
+
+The Redis backends are imported on first use (``gochat.cluster.RedisBroker`` or
+``gochat.cluster.redis``), so a node on embedded defaults never loads redis-py.
+"""
+
+from typing import TYPE_CHECKING, Any
 
 from gochat.cluster.base import (
     REGISTRY_RENEW_S,
@@ -18,13 +24,20 @@ from gochat.cluster.memory import (
     MemoryJobQueue,
     MemoryRegistry,
 )
-from gochat.cluster.redis import (
-    RedisBroker,
-    RedisJobQueue,
-    RedisPresence,
-    RedisRegistry,
-    connect,
-)
+
+if TYPE_CHECKING:
+    from gochat.cluster.redis import RedisBroker, RedisJobQueue, RedisPresence, RedisRegistry, connect
+
+_REDIS_NAMES = frozenset({"RedisBroker", "RedisJobQueue", "RedisPresence", "RedisRegistry", "connect"})
+
+
+def __getattr__(name: str) -> Any:
+    if name in _REDIS_NAMES:
+        from gochat.cluster import redis
+
+        return getattr(redis, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "REGISTRY_RENEW_S",

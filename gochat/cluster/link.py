@@ -73,7 +73,9 @@ class ClusterLink:
         self.on_presence: Callable[[int, bool], None] = lambda uid, online: None
         self.on_revoke: Callable[[int, int, str], None] = lambda uid, exp, rid: None
         self.on_kick: Callable[[int, int, str], None] = lambda uid, code, reason: None
-        self.nodes: list[NodeInfo] = []
+        self._nodes: list[NodeInfo] = []
+        #: some other node is listed: remote routing has somewhere to go (read on the send path)
+        self.peers = False
         self._queue: list[tuple[Iterable[int], bytes, bool]] = []
         self._wake = asyncio.Event()
         #: background work from _spawn (publishes, node drops, re-announces)
@@ -135,6 +137,16 @@ class ClusterLink:
                 log.warning("closing %r timed out", closer)
             except Exception:
                 log.exception("closing %r failed", closer)
+
+    @property
+    def nodes(self) -> list[NodeInfo]:
+        """The nodes the registry lists (this one included), as last read or watched."""
+        return self._nodes
+
+    @nodes.setter
+    def nodes(self, nodes: list[NodeInfo]) -> None:
+        self._nodes = nodes
+        self.peers = any(n.node_id != self.node_id for n in nodes)
 
     def other_nodes(self) -> list[NodeInfo]:
         return [n for n in self.nodes if n.node_id != self.node_id and not n.draining]

@@ -13,38 +13,26 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
-from collections.abc import Awaitable, Coroutine
+from collections.abc import Awaitable
 from typing import Any
 
 from picows import WSUpgradeRequest, WSUpgradeResponse, WSUpgradeResponseWithListener
 
 from gochat._native.fanout import Connection, FanoutWriter
-from gochat._native.routing import RoutingTable
 from gochat.auth.service import AuthService
-from gochat.auth.tokens import family_deny_key
+from gochat.auth.tokens import Claims
 from gochat.config import Settings
-from gochat.errors import ERRORS, ErrorCode, GochatError, close_code_for
-from gochat.ids import IdGenerator
-from gochat.messaging.core import MessagingCore, SessionState
-from gochat.messaging.presence import MemoryPresence
-from gochat.observability.metrics import Metrics
-from gochat.protocol import (
-    CLIENT_OPS,
-    Op,
-    decode,
-    encode,
-    encode_error,
-)
-from gochat.protocol.frames import AuthOk, GoAway, Pong
+from gochat.errors import ErrorCode, GochatError, close_code_for
+from gochat.messaging.core import MessagingCore
+from gochat.messaging.replies import ErrorReplies
+from gochat.protocol import CLIENT_OPS, Op, decode, encode
+from gochat.protocol.frames import GoAway, Pong
 
 __all__ = ["Gateway"]
 
 log = logging.getLogger("gochat.gateway")
 
 _RETRY_RATE_LIMITED_MS = 1000
-#: retry hint for retryable errors that name none (store or broker unavailable)
-_DEFAULT_RETRY_MS = 1000
 
 
 class Gateway:
@@ -53,26 +41,20 @@ class Gateway:
         settings: Settings,
         auth: AuthService,
         core: MessagingCore,
-        routing: RoutingTable,
         writer: FanoutWriter,
-        presence: MemoryPresence,
-        ids: IdGenerator,
-        metrics: Metrics,
+        replies: ErrorReplies,
     ) -> None:
         self.settings = settings
         self.auth = auth
         self.core = core
-        self.routing = routing
+        self.sessions = core.sessions
         self.writer = writer
-        self.presence = presence
-        self.ids = ids
-        self.metrics = metrics
+        self.replies = replies
         self.loop = asyncio.get_running_loop()
         self.inflight: set[asyncio.Task[None]] = set()
         self.draining = False
         self._picows_max_message = settings.max_frame * 4
-        core.request_failed = self.request_failed
-        core.refuse = self._error
+        self._auth_timeout_s = settings.auth_timeout_ms / 1000
 
     # ---- listener factory ------------------------------------------------------------------
     def listener_factory(self, request: WSUpgradeRequest) -> Any:
@@ -92,7 +74,7 @@ class Gateway:
             float(self.settings.rate_limit_burst),
             self._picows_max_message,
         )
-        conn.state = SessionState()
+        claims: Claims | None = None
         header = request.headers.get("Authorization")
         if header:
             scheme, _, token = header.partition(" ")
@@ -105,36 +87,15 @@ class Gateway:
                 return WSUpgradeResponseWithListener(
                     WSUpgradeResponse.create_error_response(401, body), None
                 )
-            conn.user_id = claims.user_id
-            conn.state.jti = claims.jti
-            conn.state.sid = claims.sid
-            conn.state.token_exp = claims.exp
-            conn.authenticated = True  # AUTH_OK is sent in on_connected
+        self.sessions.opened(conn, claims)  # a header-authenticated session starts in on_connected
         return conn
 
     # ---- connection lifecycle (called by Connection) -----------------------------------------
     def on_connected(self, conn: Connection) -> None:
-        state: SessionState = conn.state
-        if conn.authenticated:
-            self._authenticated(conn, rid=0)
-        else:
-            state.auth_timer = self.loop.call_later(
-                self.settings.auth_timeout_ms / 1000, self._auth_timeout, conn
-            )
+        self.sessions.connected(conn, self._auth_timeout_s, self._auth_timeout)
 
     def on_disconnected(self, conn: Connection) -> None:
-        state: SessionState | None = conn.state
-        if state is not None and state.auth_timer is not None:
-            state.auth_timer.cancel()
-        self.core.connection_closed(conn)
-        if conn.authenticated and conn.session_id:
-            self.routing.remove_connection(conn)
-            went_offline = self.presence.disconnected(conn.user_id)
-            cluster = self.core.cluster
-            if cluster is not None:
-                self._background(cluster.session_down(conn.user_id, conn.session_id))
-            elif went_offline:
-                self.core.presence_changed(conn.user_id, False)
+        self.sessions.closed(conn)
 
     def on_text(self, conn: Connection) -> None:
         self._fatal(conn, 0, ErrorCode.TEXT_FRAME, "only binary WebSocket messages are allowed")
@@ -145,33 +106,6 @@ class Gateway:
     def _auth_timeout(self, conn: Connection) -> None:
         if not conn.authenticated and not conn.closing:
             self._fatal(conn, 0, ErrorCode.NOT_AUTHENTICATED, "no AUTH within the time allowed")
-
-    def _authenticated(self, conn: Connection, rid: int) -> None:
-        state: SessionState = conn.state
-        if state.auth_timer is not None:
-            state.auth_timer.cancel()
-            state.auth_timer = None
-        conn.authenticated = True
-        conn.session_id = self.ids.next_id()
-        self.routing.add_user_connection(conn)
-        came_online = self.presence.connected(conn.user_id)
-        cluster = self.core.cluster
-        if cluster is not None:
-            self._background(cluster.session_up(conn.user_id, conn.session_id))
-        elif came_online:
-            self.core.presence_changed(conn.user_id, True)
-        conn.push(
-            encode(
-                AuthOk(
-                    conn.user_id,
-                    conn.session_id,
-                    _now_ms(),
-                    self.settings.heartbeat_ms,
-                    self.settings.max_frame,
-                    rid=rid,
-                )
-            )
-        )
 
     # ---- inbound ---------------------------------------------------------------------------------
     def on_message(self, conn: Connection, data: bytes) -> None:
@@ -201,7 +135,7 @@ class Gateway:
             if conn.take_tokens(now, 1.0):
                 self._dispatch(conn, frame)
             elif frame.op != Op.TYPING:
-                self._error(conn, frame.rid, ErrorCode.RATE_LIMITED, "", _RETRY_RATE_LIMITED_MS)
+                self.replies.error(conn, frame.rid, ErrorCode.RATE_LIMITED, "", _RETRY_RATE_LIMITED_MS)
 
     def _dispatch(self, conn: Connection, f: Any) -> None:
         op = f.op
@@ -222,9 +156,9 @@ class Gateway:
             try:
                 core.send_soon(conn, f, self.loop.time())
             except GochatError as exc:
-                self._error(conn, f.rid, exc.code, exc.message, exc.retry_after_ms)
+                self.replies.error(conn, f.rid, exc.code, exc.message, exc.retry_after_ms)
         elif op == Op.AUTH:
-            self._error(conn, f.rid, ErrorCode.ALREADY_AUTHENTICATED, "")
+            self.replies.error(conn, f.rid, ErrorCode.ALREADY_AUTHENTICATED)
         elif op == Op.SYNC:
             self._spawn(conn, f.rid, core.sync(conn, f))
         elif op == Op.HISTORY:
@@ -239,7 +173,7 @@ class Gateway:
             try:
                 conn.push(core.subscribe(conn, f) if op == Op.SUBSCRIBE else core.unsubscribe(conn, f))
             except GochatError as exc:
-                self._error(conn, f.rid, exc.code, exc.message, exc.retry_after_ms)
+                self.replies.error(conn, f.rid, exc.code, exc.message, exc.retry_after_ms)
 
     def _auth_frame(self, conn: Connection, f: Any) -> None:
         try:
@@ -247,20 +181,7 @@ class Gateway:
         except GochatError as exc:
             self._fatal(conn, f.rid, exc.code, exc.message)
             return
-        conn.user_id = claims.user_id
-        state: SessionState = conn.state
-        state.jti = claims.jti
-        state.sid = claims.sid
-        state.token_exp = claims.exp
-        self._authenticated(conn, f.rid)
-
-    def _background(self, coro: Coroutine[Any, Any, None]) -> None:
-        task = self.loop.create_task(coro)
-        self.inflight.add(task)
-        task.add_done_callback(self.inflight.discard)
-
-    def local_sessions(self) -> list[tuple[int, int]]:
-        return [(c.user_id, c.session_id) for c in self.writer.connections() if c.authenticated]
+        self.sessions.authenticate(conn, claims, f.rid)
 
     @property
     def connection_count(self) -> int:
@@ -276,50 +197,19 @@ class Gateway:
         try:
             reply = await coro
         except Exception as exc:
-            self.request_failed(conn, rid, exc)
+            self.replies.failed(conn, rid, exc)
             return
         if reply is not None:
             conn.push(reply)
 
-    def request_failed(self, conn: Connection, rid: int, exc: BaseException) -> None:
-        """Answer a failed request with ERROR: its own code for a :class:`GochatError`,
-        INTERNAL (logged) for anything else."""
-        if isinstance(exc, GochatError):
-            self._error(conn, rid, exc.code, exc.message, exc.retry_after_ms)
-            return
-        log.error("request failed (rid %d, user %d)", rid, conn.user_id, exc_info=exc)
-        self._error(conn, rid, ErrorCode.INTERNAL, "", 0)
-
-    # ---- errors ------------------------------------------------------------------------------
-    def _error(self, conn: Connection, rid: int, code: int, message: str, retry_after_ms: int = 0) -> None:
-        spec = ERRORS[code]  # keyed by ErrorCode, an IntEnum: a plain int finds its entry
-        if spec.retryable and not retry_after_ms:
-            retry_after_ms = _DEFAULT_RETRY_MS
-        errors = self.metrics.hot.errors
-        errors[code] = errors.get(code, 0) + 1
-        conn.push(encode_error(rid, code, retry_after_ms, message or spec.description))
-        if spec.fatal:
-            conn.close_with(close_code_for(code), spec.code.name)
-
     def _fatal(self, conn: Connection, rid: int, code: int, message: str) -> None:
-        errors = self.metrics.hot.errors
-        errors[code] = errors.get(code, 0) + 1
-        conn.push(encode_error(rid, code, 0, message or ERRORS[code].description))
-        conn.close_with(close_code_for(code), ErrorCode(code).name)
+        """A protocol violation (or a refused AUTH): ERROR, then close ``4000 + code``."""
+        self.replies.error(conn, rid, code, message)
 
     # ---- control ---------------------------------------------------------------------------------
     def kick_user(self, user_id: int, code: ErrorCode, reason: str, revoked_id: str = "") -> int:
-        """GOAWAY and close the sessions of ``user_id`` on this node that use the revoked access
-        token or login session ``revoked_id`` (every session of the user when it is empty)."""
-        conns = [
-            c
-            for c in self.routing.user_connections(user_id)
-            if not revoked_id or revoked_id in (c.state.jti, family_deny_key(c.state.sid))
-        ]
-        for conn in conns:
-            conn.push(encode(GoAway(int(code), 0, "", reason)))
-            conn.close_with(close_code_for(code), reason)
-        return len(conns)
+        """See :meth:`~gochat.messaging.sessions.Sessions.kick`."""
+        return self.sessions.kick(user_id, code, reason, revoked_id)
 
     async def drain(self, url_hint: str = "", timeout: float = 10.0) -> None:
         """Stop taking work: GOAWAY everyone, let in-flight requests commit, close."""
@@ -344,14 +234,10 @@ class Gateway:
         w = self.writer
         return {
             "connections": self.connection_count,
-            "authenticated": self.routing.connections,
+            "authenticated": self.sessions.routing.connections,
             "frames_out": w.frames_out,
             "bytes_out": w.bytes_out,
             "writes": w.writes,
             "drops": w.drops,
             "slow_disconnects": w.slow_disconnects,
         }
-
-
-def _now_ms() -> int:
-    return time.time_ns() // 1_000_000

@@ -1,10 +1,11 @@
-"""Presence of one node: who is online, and who watches whom.
+"""Presence watchers of one node: which local sessions watch which users.
 
 Presence is subscription based: a session that asks ``presence.query`` for some users is told
 (EVENT PRESENCE) when any of them goes online or offline, until it disconnects. Broadcasting every
 status change to every contact would cost O(contacts) writes per connect, which large groups make
-unbounded; watching keeps it proportional to interest. The embedded implementation is in memory;
-the cluster one (Redis) keeps the same interface.
+unbounded; watching keeps it proportional to interest. Who is online is the cluster
+:class:`~gochat.cluster.base.Presence` seam's (in memory in embedded mode, Redis in a cluster);
+this class only remembers, per node, who asked.
 """
 
 from __future__ import annotations
@@ -13,36 +14,17 @@ from collections.abc import Iterable
 
 from gochat._native.fanout import Connection
 
-__all__ = ["MAX_WATCHES_PER_SESSION", "MemoryPresence"]
+__all__ = ["MAX_WATCHES_PER_SESSION", "PresenceWatchers"]
 
 MAX_WATCHES_PER_SESSION = 1000
 
 
-class MemoryPresence:
+class PresenceWatchers:
     def __init__(self) -> None:
-        self._sessions: dict[int, int] = {}  # user_id -> number of online sessions
         # Keyed by the Connection itself (identity hash), not by an int conn_id object per entry;
         # the inner dicts are insertion-ordered sets.
         self._watchers: dict[int, dict[Connection, None]] = {}  # watched user -> watching conns
         self._watching: dict[Connection, set[int]] = {}  # conn -> watched users
-
-    def connected(self, user_id: int) -> bool:
-        """Count a session; True when the user just came online."""
-        n = self._sessions.get(user_id, 0) + 1
-        self._sessions[user_id] = n
-        return n == 1
-
-    def disconnected(self, user_id: int) -> bool:
-        """Uncount a session; True when the user just went offline."""
-        n = self._sessions.get(user_id, 0) - 1
-        if n <= 0:
-            self._sessions.pop(user_id, None)
-            return True
-        self._sessions[user_id] = n
-        return False
-
-    def is_online(self, user_id: int) -> bool:
-        return user_id in self._sessions
 
     def watch(self, conn: Connection, user_ids: Iterable[int]) -> None:
         watching = self._watching.setdefault(conn, set())

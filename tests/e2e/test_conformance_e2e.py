@@ -87,6 +87,7 @@ def test_ids_above_2_63_are_not_found_never_retryable(shared_server: GochatProce
             ("group.remove", {"group_id": U63, "user_id": bob.user_id}),
             ("group.leave", {"group_id": U64_MAX}),
             ("group.create", {"name": "g", "members": [U63]}),
+            ("presence.query", {"user_ids": [bob.user_id, U64_MAX]}),
         ):
             rid += 1
             await _call_error(c, method, json.dumps(body).encode(), rid, ErrorCode.NOT_FOUND)

@@ -62,12 +62,6 @@ MARKER = re.compile(r"^<!-- example: not run, (\S.*\S) -->$")
 FENCE = re.compile(r"^```(\S*)\s*$")
 BLOCK_TIMEOUT_S = 90
 
-#: Documents owned by others whose code blocks still need a not-run marker (or an example that
-#: runs): docs/cluster.md (three ```sh blocks: one cluster start, two benchmarks),
-#: docs/benchmarks.md (one ```sh block of benchmark commands) and docs/storage-and-auth.md (one
-#: ```python signature fragment). A test checks that each of them still has such a block, so an
-#: entry must go as soon as its document is fixed, and then every example there runs too.
-PENDING_MARKERS = {"docs/benchmarks.md", "docs/cluster.md", "docs/storage-and-auth.md"}
 
 
 @dataclass
@@ -262,7 +256,7 @@ def _unrunnable(blocks: list[Block]) -> list[str]:
     return bad
 
 
-@pytest.mark.parametrize("doc", [d for d in documents() if d not in PENDING_MARKERS])
+@pytest.mark.parametrize("doc", documents())
 def test_doc_examples_run(doc: str, runner: Runner) -> None:
     blocks = parse_blocks(doc)
     assert not _unrunnable(blocks), _unrunnable(blocks)
@@ -275,14 +269,6 @@ def test_doc_examples_run(doc: str, runner: Runner) -> None:
             continue
         runner.run(block, index)
 
-
-def test_pending_documents_still_need_markers() -> None:
-    """The ratchet of :data:`PENDING_MARKERS`: a listed document must still have an unmarked
-    example (else remove it from the list, and its examples run in the test above)."""
-    for doc in sorted(PENDING_MARKERS):
-        assert (ROOT / doc).exists(), doc
-        unmarked = [b for b in parse_blocks(doc) if b.lang in RUN and b.not_run is None]
-        assert unmarked, f"{doc} has no unmarked example left: remove it from PENDING_MARKERS"
 
 
 def test_every_marker_gives_a_reason_and_precedes_an_example() -> None:

@@ -1,0 +1,209 @@
+"""CALL methods (control-plane RPC over the WebSocket): groups, conversations, presence, users.
+
+Each method takes the caller's connection and the JSON object of the request and returns the
+JSON object of the result; a refusal raises :class:`~gochat.errors.GochatError` with the code
+that docs/protocol.md lists for the method. The method table :data:`ControlCalls.methods` is
+the one that docs/protocol.md documents (a test keeps them in step).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from gochat._native.fanout import Connection
+from gochat.config import Settings
+from gochat.errors import ErrorCode, RequestError
+from gochat.ids import MAX_ID
+from gochat.messaging.addressing import Addressing, not_found
+from gochat.messaging.delivery import Delivery
+from gochat.messaging.watchers import PresenceWatchers
+from gochat.protocol import EventType, Kind, encode, encode_event
+from gochat.protocol.frames import CallResult
+from gochat.store import Store
+
+if TYPE_CHECKING:
+    from gochat.cluster.link import ClusterLink
+
+__all__ = ["GROUP_NAME_MAX", "PRESENCE_QUERY_MAX", "ControlCalls"]
+
+GROUP_NAME_MAX = 128
+PRESENCE_QUERY_MAX = 1000
+
+Method = Callable[[Connection, dict[str, Any]], Awaitable[dict[str, Any]]]
+
+
+def _bad(message: str) -> RequestError:
+    return RequestError(message, code=ErrorCode.BAD_REQUEST)
+
+
+def _id(params: dict[str, Any], name: str) -> int:
+    """A positive id field; an id above MAX_ID names nothing (NOT_FOUND)."""
+    v = params.get(name)
+    if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+        raise _bad(f"{name!r} must be a positive integer")
+    if v > MAX_ID:
+        raise not_found(name.removesuffix("_id"))
+    return v
+
+
+class ControlCalls:
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        addressing: Addressing,
+        delivery: Delivery,
+        watchers: PresenceWatchers,
+        link: ClusterLink,
+    ) -> None:
+        self.max_group_members = settings.max_group_members
+        self.store = store
+        self.addressing = addressing
+        self.delivery = delivery
+        self.watchers = watchers
+        self.link = link
+        self.methods: dict[str, Method] = {
+            "group.create": self.group_create,
+            "group.info": self.group_info,
+            "group.members": self.group_members,
+            "group.add": self.group_add,
+            "group.remove": self.group_remove,
+            "group.leave": self.group_leave,
+            "conversation.list": self.conversation_list,
+            "presence.query": self.presence_query,
+            "user.lookup": self.user_lookup,
+        }
+
+    async def call(self, conn: Connection, method: str, payload: bytes, rid: int) -> bytes:
+        handler = self.methods.get(method)
+        if handler is None:
+            raise RequestError(f"unknown method {method!r}", code=ErrorCode.UNKNOWN_METHOD)
+        try:
+            params = orjson.loads(payload) if payload else {}
+        except orjson.JSONDecodeError as exc:
+            raise RequestError(f"payload is not JSON: {exc}", code=ErrorCode.BAD_JSON) from None
+        if not isinstance(params, dict):
+            raise RequestError("payload must be a JSON object", code=ErrorCode.BAD_JSON)
+        result = await handler(conn, params)
+        return encode(CallResult(orjson.dumps(result), rid=rid))
+
+    def _group_event(self, members: tuple[int, ...], etype: int, conv: int, actor: int, value: int) -> None:
+        self.delivery.users(members, encode_event(etype, Kind.GROUP, conv, actor, value), None)
+
+    # ---- groups ----------------------------------------------------------------------------------
+    async def group_create(self, conn: Connection, p: dict[str, Any]) -> dict[str, Any]:
+        name = p.get("name", "")
+        members = p.get("members", [])
+        if not isinstance(name, str) or not 0 < len(name) <= GROUP_NAME_MAX:
+            raise _bad(f"'name' must be 1–{GROUP_NAME_MAX} characters")
+        if not isinstance(members, list) or not all(
+            isinstance(m, int) and not isinstance(m, bool) and m > 0 for m in members
+        ):
+            raise _bad("'members' must be a list of user ids")
+        if any(m > MAX_ID for m in members):
+            raise not_found("user")
+        if len(members) + 1 > self.max_group_members:
+            raise _bad(f"at most {self.max_group_members} members")
+        info = await self.store.create_group(conn.user_id, name, sorted(set(members)))
+        self.addressing.set_members(info.conv, info.members)
+        for uid in info.members:
+            if uid != conn.user_id:
+                self._group_event(info.members, EventType.MEMBER_ADDED, info.conv, conn.user_id, uid)
+        return {"group_id": info.conv, "name": info.name, "members": list(info.members)}
+
+    async def group_info(self, conn: Connection, p: dict[str, Any]) -> dict[str, Any]:
+        conv = _id(p, "group_id")
+        await self.addressing.member_group(conv, conn.user_id)
+        info = await self.store.group_info(conv)
+        if info is None:
+            raise not_found("group")
+        return {
+            "group_id": info.conv,
+            "name": info.name,
+            "owner_id": info.owner_id,
+            "created_ms": info.created_ms,
+            "members": list(info.members),
+            "last_seq": info.last_seq,
+        }
+
+    async def group_members(self, conn: Connection, p: dict[str, Any]) -> dict[str, Any]:
+        conv = _id(p, "group_id")
+        members = await self.addressing.member_group(conv, conn.user_id)
+        return {"group_id": conv, "members": list(members)}
+
+    async def group_add(self, conn: Connection, p: dict[str, Any]) -> dict[str, Any]:
+        """Idempotent: adding a member again answers ``{"added": false}``."""
+        conv, uid = _id(p, "group_id"), _id(p, "user_id")
+        members = await self.addressing.member_group(conv, conn.user_id)
+        if len(members) >= self.max_group_members:
+            raise _bad("group is full")
+        if await self.store.get_user(uid) is None:
+            raise not_found("user")
+        added = await self.store.add_member(conv, uid)
+        if added:
+            members = await self.addressing.reload_members(conv)
+            self._group_event(members, EventType.MEMBER_ADDED, conv, conn.user_id, uid)
+        return {"added": added}
+
+    async def group_remove(self, conn: Connection, p: dict[str, Any]) -> dict[str, Any]:
+        conv, uid = _id(p, "group_id"), _id(p, "user_id")
+        members = await self.addressing.member_group(conv, conn.user_id)
+        info = await self.store.group_info(conv)
+        if info is not None and uid != conn.user_id and info.owner_id != conn.user_id:
+            raise RequestError("only the owner removes other members", code=ErrorCode.FORBIDDEN)
+        removed = await self.store.remove_member(conv, uid)
+        if removed:
+            await self.addressing.reload_members(conv)
+            self._group_event(members, EventType.MEMBER_REMOVED, conv, conn.user_id, uid)
+        return {"removed": removed}
+
+    async def group_leave(self, conn: Connection, p: dict[str, Any]) -> dict[str, Any]:
+        conv = _id(p, "group_id")
+        members = await self.addressing.member_group(conv, conn.user_id)
+        await self.store.remove_member(conv, conn.user_id)
+        await self.addressing.reload_members(conv)
+        self._group_event(members, EventType.MEMBER_REMOVED, conv, conn.user_id, conn.user_id)
+        return {"left": True}
+
+    # ---- conversations, presence, users ----------------------------------------------------------
+    async def conversation_list(self, conn: Connection, p: dict[str, Any]) -> dict[str, Any]:
+        out = []
+        for c in await self.store.conversations(conn.user_id):
+            wire = c.peer_id if c.kind == Kind.DIRECT else c.conv
+            out.append(
+                {
+                    "kind": c.kind,
+                    "conv_id": wire,
+                    "last_seq": c.last_seq,
+                    "read_seq": c.read_seq,
+                    "name": c.name,
+                }
+            )
+        return {"conversations": out}
+
+    async def presence_query(self, conn: Connection, p: dict[str, Any]) -> dict[str, Any]:
+        """Who of ``user_ids`` is online; the connection then watches them (EVENT PRESENCE)."""
+        ids = p.get("user_ids")
+        if (
+            not isinstance(ids, list)
+            or not all(isinstance(i, int) and not isinstance(i, bool) and i > 0 for i in ids)
+            or len(ids) > PRESENCE_QUERY_MAX
+        ):
+            raise _bad(f"'user_ids' must be a list of at most {PRESENCE_QUERY_MAX} user ids")
+        if any(i > MAX_ID for i in ids):
+            raise not_found("user")
+        self.watchers.watch(conn, ids)
+        online = await self.link.online(ids)
+        return {"online": {str(i): online.get(i, False) for i in ids}}
+
+    async def user_lookup(self, conn: Connection, p: dict[str, Any]) -> dict[str, Any]:
+        name = p.get("username")
+        if not isinstance(name, str):
+            raise _bad("'username' must be a string")
+        user = await self.store.get_user_by_name(name)
+        if user is None:
+            raise not_found("user")
+        return {"user_id": user.user_id, "username": user.username}

@@ -1,0 +1,221 @@
+"""The send path: SEND → (conversation lookup) → store.append_soon → commit → fan-out → SEND_ACK.
+
+No coroutine, Task or Future per message on the common path: a SEND whose conversation is in
+the addressing caches is handed to the store with a callback, and :meth:`SendPath.committed`
+fans it out and acknowledges it after the commit, in queue order. A SEND whose conversation must
+be looked up first opens the connection's send backlog: it and every later SEND of the
+connection wait there in arrival order, so a connection's SENDs reach the store in the order
+they arrived, while one task resolves them. A room message is fanned out and acknowledged at
+once (rooms store nothing). Past the node's capacity a direct or group SEND is answered
+OVERLOADED (:mod:`gochat.messaging.shedding`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from functools import partial
+from typing import Any
+
+from gochat._native.fanout import Connection
+from gochat.clock import now_ms
+from gochat.config import Settings
+from gochat.errors import ErrorCode, RequestError
+from gochat.ids import IdGenerator
+from gochat.messaging.addressing import Addressing, Target
+from gochat.messaging.delivery import Delivery
+from gochat.messaging.replies import ErrorReplies
+from gochat.messaging.sessions import SessionState
+from gochat.messaging.shedding import SendAccounting
+from gochat.observability.metrics import HotCounters
+from gochat.protocol import FLAG_DUPLICATE, Kind, encode_deliver, encode_send_ack
+from gochat.protocol.frames import Send
+from gochat.store import AppendRequest, AppendResult, Store, StoredMessage
+
+__all__ = ["MAX_SEND_BACKLOG", "SendPath"]
+
+#: SENDs of one connection that may wait behind a conversation lookup (beyond: OVERLOADED);
+#: above the default rate-limit burst (400), so only a client past its limit can reach it
+MAX_SEND_BACKLOG = 1024
+
+
+class SendPath:
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        addressing: Addressing,
+        delivery: Delivery,
+        replies: ErrorReplies,
+        ids: IdGenerator,
+        hot: HotCounters,
+    ) -> None:
+        self.max_body = settings.max_body
+        self.store = store
+        self.addressing = addressing
+        self.delivery = delivery
+        self.replies = replies
+        self.ids = ids
+        self.hot = hot
+        self.accounting = SendAccounting(settings.overload_send_latency_ms)
+        self._loop_time = asyncio.get_running_loop().time
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def send_soon(self, conn: Connection, req: Send, started: float) -> None:
+        """Handle a SEND; request errors found at once raise :class:`~gochat.errors.GochatError`,
+        later ones (after a lookup or the commit) are answered through the ERROR replies."""
+        kind = self._check(req)
+        if kind == Kind.ROOM:
+            conn.push(self._send_room(conn, req))
+            self.hot.send_latency.observe(self._loop_time() - started)
+            return
+        accounting = self.accounting
+        retry_after_ms = accounting.shed_delay_ms(started)
+        if retry_after_ms:
+            self.hot.sends_shed += 1
+            self.replies.error(
+                conn, req.rid, ErrorCode.OVERLOADED, "commits are lagging; retry later", retry_after_ms
+            )
+            return
+        state: SessionState = conn.state
+        backlog = state.send_backlog
+        if backlog is not None:
+            if len(backlog) >= MAX_SEND_BACKLOG:
+                raise RequestError(
+                    "too many SENDs waiting for a conversation lookup", code=ErrorCode.OVERLOADED
+                )
+            backlog.append((req, kind, started))
+            accounting.started(started)
+            return
+        target = self.addressing.cached_target(conn.user_id, kind, req.conv_id)
+        if target is not None:
+            self._append(conn, req, kind, target, started)
+            return
+        state.send_backlog = backlog = deque(((req, kind, started),))
+        accounting.started(started)
+        self._spawn(self._drain_backlog(conn, backlog))
+
+    def _check(self, req: Send) -> int:
+        body_len = len(req.body)
+        if body_len == 0:
+            raise RequestError(code=ErrorCode.EMPTY_BODY)
+        if body_len > self.max_body:
+            raise RequestError(f"body above {self.max_body} bytes", code=ErrorCode.BODY_TOO_LARGE)
+        return req.kind
+
+    async def _drain_backlog(self, conn: Connection, backlog: deque[tuple[Send, int, float]]) -> None:
+        """Enqueue a connection's waiting SENDs in arrival order, each as soon as its
+        conversation is known, and every cached one in the same pass (so a backlog drains in one
+        loop iteration once the lookup is done; docs/architecture.md, "The send path")."""
+        addressing = self.addressing
+        try:
+            while backlog:
+                req, kind, started = backlog[0]
+                try:
+                    target = addressing.cached_target(conn.user_id, kind, req.conv_id)
+                    if target is None:
+                        target = await addressing.target(conn.user_id, kind, req.conv_id)
+                    self._append(conn, req, kind, target, started)
+                except Exception as exc:
+                    self.replies.failed(conn, req.rid, exc)
+                backlog.popleft()
+                self.accounting.settled()
+        finally:
+            conn.state.send_backlog = None
+            while backlog:  # cancelled (the server is stopping): answer what still waits
+                req, _, _ = backlog.popleft()
+                self.replies.error(conn, req.rid, ErrorCode.UNAVAILABLE, "server stopping")
+                self.accounting.settled()
+
+    def _append(self, conn: Connection, req: Send, kind: int, target: Target, started: float) -> None:
+        conv, members = target
+        self.store.append_soon(
+            AppendRequest(conv, kind, conn.user_id, req.client_msg_id, req.content_type, req.body),
+            partial(self.committed, conn, req, conv, members, started),
+        )
+        self.accounting.started(started)
+
+    def committed(
+        self,
+        conn: Connection,
+        req: Send,
+        conv: int,
+        members: tuple[int, ...],
+        started: float,
+        result: AppendResult | None,
+        error: BaseException | None,
+    ) -> None:
+        """After the commit (in queue order): fan out, then SEND_ACK."""
+        now = self._loop_time()
+        self.accounting.answered(now)
+        if result is None:
+            self.replies.failed(
+                conn, req.rid, error if error is not None else RequestError(code=ErrorCode.INTERNAL)
+            )
+            return
+        m = result.message
+        hot = self.hot
+        hot.messages_in[m.kind] += 1
+        if not result.duplicate:
+            self._fan_out(conn, m, req.conv_id, members)
+            conn.push(encode_send_ack(req.rid, 0, m.kind, req.conv_id, m.seq, m.msg_id, m.ts_ms))
+        elif m.conv == conv:
+            conn.push(encode_send_ack(req.rid, FLAG_DUPLICATE, m.kind, req.conv_id, m.seq, m.msg_id, m.ts_ms))
+        else:
+            # A retry that names another conversation than the original SEND: the original
+            # SEND_ACK names the original's, as the sender addresses it (for a direct one, the
+            # peer, which only the store knows).
+            self._spawn(self._ack_original(conn, req.rid, m))
+        hot.send_latency.observe(now - started)
+
+    async def _ack_original(self, conn: Connection, rid: int, m: StoredMessage) -> None:
+        try:
+            wire = m.conv
+            if m.kind == Kind.DIRECT:
+                me = m.sender_id
+                wire = next((u for u in await self.store.members(m.conv) if u != me), me)
+        except Exception as exc:
+            self.replies.failed(conn, rid, exc)
+            return
+        conn.push(encode_send_ack(rid, FLAG_DUPLICATE, m.kind, wire, m.seq, m.msg_id, m.ts_ms))
+
+    def _fan_out(self, conn: Connection, m: StoredMessage, wire_conv: int, members: tuple[int, ...]) -> None:
+        me = m.sender_id
+        if m.kind == Kind.GROUP:
+            data = encode_deliver(
+                m.kind, m.content_type, wire_conv, m.seq, m.msg_id, me, m.ts_ms, m.client_msg_id, m.body
+            )
+            n = self.delivery.users(members, data, conn)
+        else:
+            n = self.delivery.direct(
+                conn,
+                me,
+                wire_conv,
+                lambda conv_id: encode_deliver(
+                    m.kind, m.content_type, conv_id, m.seq, m.msg_id, me, m.ts_ms, m.client_msg_id, m.body
+                ),
+            )
+        self.hot.deliveries += n
+
+    def _send_room(self, conn: Connection, req: Send) -> bytes:
+        state: SessionState = conn.state
+        if req.conv_id not in state.rooms:
+            raise RequestError("subscribe to the room before sending", code=ErrorCode.NOT_MEMBER)
+        msg_id = self.ids.next_id()
+        ts = now_ms()
+        data = encode_deliver(
+            Kind.ROOM, req.content_type, req.conv_id, 0, msg_id, conn.user_id, ts, req.client_msg_id, req.body
+        )
+        hot = self.hot
+        hot.deliveries += self.delivery.room(req.conv_id, data, conn)
+        hot.messages_in[Kind.ROOM] += 1
+        return encode_send_ack(req.rid, 0, Kind.ROOM, req.conv_id, 0, msg_id, ts)
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def settled(self) -> None:
+        """Wait until every SEND handed to :meth:`send_soon` has been answered."""
+        await self.accounting.all_settled()
