@@ -114,6 +114,8 @@ class ChatSession:
         self.ids: dict[str, int] = {username: client.user_id}
         self.groups: dict[int, str] = {}
         self.target: tuple[int, int] | None = None
+        #: whether the server answers CALL ``user.get`` (id -> name); None until first asked
+        self.user_get: bool | None = None
 
     # -- output ----------------------------------------------------------------------------
 
@@ -124,9 +126,12 @@ class ChatSession:
         print(f"! {line}", file=self.err, flush=True)
 
     def user_label(self, user_id: int) -> str:
+        """The user's name when known (looked up, listed, or resolved by :meth:`resolve_user`),
+        else ``user#ID``: never a bare number that reads like part of the message."""
         if user_id == self.client.user_id:
             return "you"
-        return self.names.get(user_id, str(user_id))
+        name = self.names.get(user_id)
+        return name if name is not None else f"user#{user_id}"
 
     def conv_label(self, kind: int, conv_id: int) -> str:
         if kind == Kind.DIRECT:
@@ -186,6 +191,27 @@ class ChatSession:
         self.names[uid] = name
         return uid
 
+    async def resolve_user(self, user_id: int) -> None:
+        """Learn the name of ``user_id`` before it is shown. The protocol maps names to ids
+        (``user.lookup``, ``GET /v1/users/by-name``) but has no id -> name method yet: this
+        asks ``user.get`` once, and after UNKNOWN_METHOD shows ``user#ID`` until the name is
+        learnt another way (``/to NAME``, ``/group``, ``/list``)."""
+        if user_id <= 0 or user_id == self.client.user_id or user_id in self.names or self.user_get is False:
+            return
+        try:
+            res = await self.client.call("user.get", {"user_id": user_id}, timeout=5.0)
+        except GochatError as e:
+            if e.code == ErrorCode.UNKNOWN_METHOD:
+                self.user_get = False
+            return
+        except TimeoutError:
+            return
+        self.user_get = True
+        name = res.get("username")
+        if isinstance(name, str) and name:
+            self.names[user_id] = name
+            self.ids.setdefault(name, user_id)
+
     async def load_conversations(self) -> list[dict[str, Any]]:
         convs: list[dict[str, Any]] = (await self.client.call("conversation.list")).get("conversations", [])
         for c in convs:
@@ -212,10 +238,16 @@ class ChatSession:
         """Print the event stream until the client closes."""
         async for item in self.client:
             if isinstance(item, Message):
+                await self.resolve_user(item.sender_id)
                 if item.kind == Kind.GROUP:
                     await self.group_name(item.conv_id)
+                elif item.kind == Kind.DIRECT:
+                    await self.resolve_user(item.conv_id)  # the peer (a message from my other device)
                 self.say(self.format_message(item))
             else:
+                await self.resolve_user(item.actor_id)
+                if item.type in (EventType.MEMBER_ADDED, EventType.MEMBER_REMOVED):
+                    await self.resolve_user(item.value)
                 line = self.format_event(item)
                 if line:
                     self.say(line)
@@ -303,6 +335,7 @@ class ChatSession:
             return
         res = await self.client.history(kind, conv, NEWEST, max(1, min(n, 1000)), backward=True)
         for m in sorted(res.messages, key=lambda m: m.seq):
+            await self.resolve_user(m.sender_id)
             self.say(self.format_message(m))
         if not res.messages:
             self.say("* no messages yet")
