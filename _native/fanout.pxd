@@ -11,7 +11,16 @@
 #
 # Slow consumers: while picows reports the transport paused (kernel + transport buffers full),
 # frames accumulate in `out`; above `soft_limit` droppable frames (typing, presence, room
-# messages) are dropped; above `hard_limit` the connection is closed with 4401 SLOW_CONSUMER.
+# messages) are dropped; above `hard_limit` (`out` + uvloop's write buffer) the connection is
+# closed at once: its buffers are freed, ERROR 401 + CLOSE 4401 are sent only if they can still
+# be written, else the transport is aborted (RST). Accepted sockets get a bounded SO_SNDBUF.
+#
+# Message size: a flush larger than `max_message` (the inbound limit, 4 x max_frame) leaves as
+# several WebSocket messages cut at frame boundaries (Connection._send_split).
+#
+# WebSocket conformance picows leaves to the listener (RFC 6455 §5.2, §5.4, §7.4): reserved
+# bits, fragmentation order and close codes are checked in Connection.on_ws_frame; violations
+# fail the connection with 1002 (1007 for a close reason that is not UTF-8).
 #
 # Registry and heartbeat: the writer lists every connected Connection in two intrusive lists
 # (links in the Connection, no allocation): `idle` ordered by the last incoming frame (a frame
@@ -25,7 +34,7 @@
 # Connection small, settings shared by every connection live in one ConnShared object.
 
 from libc.stdint cimport uint64_t
-from picows.picows cimport WSListener, WSTransport
+from picows.picows cimport WSFrame, WSListener, WSMsgType, WSTransport
 
 cdef enum:
     HEADROOM = 16            # picows needs <= 10 bytes in front for a server-side header
@@ -85,6 +94,14 @@ cdef class Connection(WSListener):
     cpdef bint take_tokens(self, double now, double n)
     cpdef push(self, bytes data, bint droppable=*)
     cpdef close_with(self, int close_code, str reason=*)
+    # (after the methods above: modules compiled against an older pxd keep their vtable offsets)
+    cdef Py_ssize_t _buffered(self) except -1
+    cdef int _release_out(self) noexcept
+    cdef int _slow_consumer(self) except -1
+    cdef int _send_split(self, char* data, Py_ssize_t size) except -1
+    cdef int _fragment(self, WSFrame frame, WSMsgType t) except -1
+    cdef int _on_close(self, WSTransport transport, WSFrame frame) except -1
+    cdef int _ws_fail(self, int code, str reason) except -1
 
 
 cdef class FanoutWriter:

@@ -1,9 +1,31 @@
 """Type stubs for gochat._native.fanout (see fanout.pxd for the data flow)."""
 
+import logging
 from asyncio import AbstractEventLoop
 from typing import Any
 
 from picows import WSFrame, WSListener, WSTransport
+
+#: SO_SNDBUF given to every accepted WebSocket (Linux accounts twice this)
+SOCKET_SNDBUF: int
+#: longest interval between two WARNINGs about client protocol errors
+CLIENT_ERROR_SUMMARY_S: float
+
+class ClientErrors:
+    logger: logging.Logger | logging.LoggerAdapter[Any]
+    interval: float
+    total: int
+    pending: int
+    last: str
+    window_end: float
+    def __init__(self, logger: logging.Logger | logging.LoggerAdapter[Any], interval: float = ...) -> None: ...
+    def report(self, text: str) -> None: ...
+
+CLIENT_ERRORS: ClientErrors
+
+class ClientErrorLog(logging.LoggerAdapter[logging.Logger]):
+    errors: ClientErrors
+    def __init__(self, logger: logging.Logger, errors: ClientErrors | None = None) -> None: ...
 
 class Connection(WSListener):
     transport: WSTransport

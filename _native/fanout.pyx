@@ -12,7 +12,10 @@ from posix.time cimport clock_getres, clock_gettime, timespec
 
 from picows.picows cimport MemoryBuffer, WSFrame, WSListener, WSMsgType, WSTransport, WSCloseCode
 
+import asyncio
 import logging
+import struct
+import time as _time
 from gc import get_referents as _get_referents
 from operator import index as _index
 
@@ -30,6 +33,140 @@ cdef enum:
 
 # picows' delay between the CLOSE frame and abort() when a peer misses the PONG deadline.
 cdef double _ABORT_DELAY = 0.01
+
+cdef extern from "<sys/socket.h>" nogil:
+    enum: SOL_SOCKET
+    enum: SO_SNDBUF
+    enum: SO_LINGER
+    struct linger:
+        int l_onoff
+        int l_linger
+    int setsockopt(int fd, int level, int optname, const void* optval, unsigned int optlen)
+
+# Kernel send buffer of every accepted WebSocket (SO_SNDBUF; Linux doubles it for bookkeeping,
+# so a socket holds at most 2 x this in kernel memory). Autotuning would let a client that does
+# not read pin up to tcp_wmem[2] (4 MiB) each. 128 KiB still moves ~2.5 MB/s at 50 ms RTT.
+cdef int _SNDBUF = 128 * 1024
+SOCKET_SNDBUF = _SNDBUF
+
+
+cdef inline bint _valid_close_code(unsigned int code) noexcept:
+    """A close code a peer may send (RFC 6455 §7.4): 1000-1003 and 1007-1011 defined there,
+    1012-1014 registered with IANA since, 3000-4999 for libraries and applications. 1004-1006
+    and 1015 are reserved (never on the wire), 0-999, 1016-2999 and >= 5000 are invalid."""
+    return (1000 <= code <= 1003) or (1007 <= code <= 1014) or (3000 <= code <= 4999)
+
+
+cdef inline Py_ssize_t _frame_len(const char* p, Py_ssize_t left) noexcept:
+    """Length of the gochat frame at ``p`` (u32 LE at its start), clamped to 1..``left``: a
+    length that does not fit (never produced by the server's encoders) takes the rest."""
+    cdef const unsigned char* u = <const unsigned char*>p
+    cdef Py_ssize_t n
+    if left < 4:
+        return left
+    n = <Py_ssize_t>(u[0] | (u[1] << 8) | (u[2] << 16) | (<unsigned int>u[3] << 24))
+    if n < 1 or n > left:
+        return left
+    return n
+
+
+cdef void _abort(WSTransport transport) noexcept:
+    """Drop the connection now: RST (SO_LINGER 0) instead of FIN, so that neither uvloop's
+    write buffer nor the kernel's send queue keeps the unsent bytes of a peer that does not
+    read; on_ws_disconnected follows on the next loop iteration."""
+    cdef linger lg
+    lg.l_onoff = 1
+    lg.l_linger = 0
+    setsockopt(transport._socket, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg))
+    try:
+        transport.underlying_transport.abort()
+    except Exception:
+        _log.exception("abort failed")
+
+
+# ---- client-triggered errors: counted, detail at DEBUG, a rate-limited WARNING ------------------
+CLIENT_ERROR_SUMMARY_S = 60.0
+
+
+class ClientErrors:
+    """Protocol errors a client causes (bad WebSocket frames, invalid close codes, ...). One
+    client must not flood the log: each error is logged at DEBUG; the first one after a quiet
+    ``interval`` is a WARNING, and the ones after it within the interval are counted and
+    reported in ONE summary WARNING when it ends. ``total`` counts every error."""
+
+    def __init__(self, logger, interval=CLIENT_ERROR_SUMMARY_S):
+        self.logger = logger
+        self.interval = interval
+        self.total = 0
+        self.pending = 0
+        self.last = ""
+        self.window_end = 0.0
+        self._timer = None
+
+    def report(self, text):
+        cdef object logger = self.logger
+        self.total += 1
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug("client protocol error: %s", text)
+        now = _time.monotonic()
+        if now >= self.window_end:
+            pending = self.pending
+            self.pending = 0
+            self.window_end = now + self.interval
+            if pending:
+                logger.warning("client protocol error: %s (and %d more before it since the last report)",
+                               text, pending)
+            else:
+                logger.warning("client protocol error: %s (further ones are counted and summarized "
+                               "at most every %.0f s; each is logged at DEBUG)", text, self.interval)
+            return
+        self.pending += 1
+        self.last = text
+        if self._timer is None:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                return  # no loop: reported with the next error after the window
+            self._timer = loop.call_later(self.window_end - now, self._summary)
+
+    def _summary(self):
+        self._timer = None
+        if self.pending:
+            self.logger.warning("%d more client protocol error(s) in the last %.0f s; the last: %s",
+                                self.pending, self.interval, self.last)
+            self.pending = 0
+            self.window_end = _time.monotonic() + self.interval
+
+
+#: the gateway's reporter (one per process)
+CLIENT_ERRORS = ClientErrors(_log)
+
+# picows' messages for errors a client causes; picows logs them at ERROR, one per bad frame
+_CLIENT_TRIGGERED = (
+    "WS parser error",
+    "on_ws_frame raised WSProtocolError",
+    "Disconnect because HTTP request",
+)
+
+
+class ClientErrorLog(logging.LoggerAdapter):
+    """The logger to hand picows (``logger_name=``): its messages about client-triggered
+    protocol errors go to :data:`CLIENT_ERRORS` (DEBUG + a rate-limited WARNING) instead of one
+    ERROR line each; everything else passes through unchanged."""
+
+    def __init__(self, logger, errors=None):
+        super().__init__(logger, {})
+        self.errors = errors if errors is not None else CLIENT_ERRORS
+
+    def log(self, level, msg, *args, **kwargs):
+        if level >= logging.WARNING and isinstance(msg, str) and msg.startswith(_CLIENT_TRIGGERED):
+            try:
+                text = msg % args if args else msg
+            except Exception:
+                text = msg
+            self.errors.report(text)
+            return
+        super().log(level, msg, *args, **kwargs)
 
 
 cdef extern from "<time.h>" nogil:
@@ -124,6 +261,13 @@ cdef bytes with_headroom(bytes data):
     return framed
 
 
+# ERROR 401 SLOW_CONSUMER (rid 0) after HEADROOM spare bytes, sent as is by a slow consumer's close
+_SLOW_TEXT = b"outbound buffer limit exceeded: the client does not read fast enough"
+cdef bytes _SLOW_CONSUMER_ERROR = with_headroom(
+    struct.pack("<IBBHIHI", 18 + len(_SLOW_TEXT), 1, 0x7F, 0, 0, 401, 0) + _SLOW_TEXT
+)
+
+
 @cython.final
 cdef class ConnShared:
     pass
@@ -199,6 +343,10 @@ cdef class Connection(WSListener):
         # Only measure_roundtrip_time() (never called on a server) uses this weak proxy.
         transport.listener_proxy = None
         _free_write_buffer(transport)
+        # bound the kernel's send queue (see _SNDBUF); a failure leaves the default
+        cdef int sndbuf = _SNDBUF
+        if sndbuf > 0:
+            setsockopt(transport._socket, SOL_SOCKET, SO_SNDBUF, &sndbuf, sizeof(sndbuf))
         self.trim_pending = True
         self.shared.writer.track(self)
         self.shared.handler.on_connected(self)
@@ -208,41 +356,91 @@ cdef class Connection(WSListener):
         cdef FanoutWriter writer = self.shared.writer
         if writer.hb_idle > 0.0:
             writer.hb_frame(self, t == WSMsgType.PONG)
+        if frame.rsv1 | frame.rsv2 | frame.rsv3:
+            # RFC 6455 §5.2: no extension is negotiated, so a reserved bit fails the connection
+            # (picows hands such frames on unchecked)
+            if not self.is_closing:
+                self._ws_fail(1002, "reserved bit set, no extension negotiated")
+            return
         if t == WSMsgType.BINARY and frame.fin and self.fragments is None:
             self.shared.handler.on_message(self, frame.get_payload_as_bytes())
-        elif t == WSMsgType.BINARY or (t == WSMsgType.CONTINUATION and self.fragments is not None):
-            # Rare: a fragmented message. Reassemble within the message size limit.
-            if self.fragments is None:
-                self.fragments = bytearray()
-            self.fragments += frame.get_payload_as_memoryview()
-            if len(self.fragments) > self.shared.max_message:
-                self.fragments = None
-                self.shared.handler.on_oversize(self)
-            elif frame.fin:
-                data = bytes(self.fragments)
-                self.fragments = None
-                self.shared.handler.on_message(self, data)
-        elif t == WSMsgType.TEXT or t == WSMsgType.CONTINUATION:
-            self.shared.handler.on_text(self)
+        elif t == WSMsgType.BINARY or t == WSMsgType.CONTINUATION:
+            self._fragment(frame, t)
+        elif t == WSMsgType.TEXT:
+            if self.fragments is not None:
+                if not self.is_closing:
+                    self._ws_fail(1002, "new data frame inside a fragmented message")
+            else:
+                self.shared.handler.on_text(self)
         elif t == WSMsgType.CLOSE:
-            if not self.is_closing:
-                self.is_closing = True
-                self.flush()
-                transport.send_close(frame.get_close_code(), frame.get_close_message())
-            transport.disconnect()
+            self._on_close(transport, frame)
         elif t == WSMsgType.PING:
             # Reached only with picows' enable_auto_pong=False (the server: the heartbeat then
             # sees every frame); answered as picows' auto-pong does.
             transport.send_pong(frame.get_payload_as_bytes())
         # PONG: consumed by the heartbeat above (or by picows' own auto-ping when enabled).
 
+    cdef int _fragment(self, WSFrame frame, WSMsgType t) except -1:
+        """Rare: a fragmented message (RFC 6455 §5.4), reassembled within the message size
+        limit. A data frame inside an open message, or a continuation without one, fails the
+        connection (picows does not track fragmentation)."""
+        if self.is_closing:
+            return 0
+        if t == WSMsgType.BINARY:
+            if self.fragments is not None:
+                return self._ws_fail(1002, "new data frame inside a fragmented message")
+            self.fragments = bytearray()
+        elif self.fragments is None:
+            return self._ws_fail(1002, "continuation frame without a message to continue")
+        self.fragments += frame.get_payload_as_memoryview()
+        if len(self.fragments) > self.shared.max_message:
+            self.fragments = None
+            self.shared.handler.on_oversize(self)
+        elif frame.fin:
+            data = bytes(self.fragments)
+            self.fragments = None
+            self.shared.handler.on_message(self, data)
+        return 0
+
+    cdef int _on_close(self, WSTransport transport, WSFrame frame) except -1:
+        """A CLOSE from the peer: echo a valid code (1000 for an empty CLOSE); an invalid one
+        (RFC 6455 §5.5.1, §7.4) fails the connection with 1002, a reason that is not UTF-8
+        with 1007. picows checks some of this itself (and then never calls us), but lets
+        0, 1006 and codes >= 5000 through."""
+        cdef Py_ssize_t n = frame.payload_size
+        cdef unsigned int code = 1000
+        cdef bytes message = None
+        if not self.is_closing:
+            if n == 1:
+                return self._ws_fail(1002, "close frame with a 1-byte payload")
+            if n >= 2:
+                code = <unsigned int>frame.get_close_code()
+                if not _valid_close_code(code):
+                    return self._ws_fail(1002, f"invalid close code {code}")
+                try:
+                    frame.get_close_reason()
+                except UnicodeDecodeError:
+                    return self._ws_fail(1007, "close reason is not valid UTF-8")
+                message = frame.get_close_message()
+            self.is_closing = True
+            self.flush()
+            self._release_out()
+            transport.send_close(<WSCloseCode>code, message)
+        transport.disconnect()
+        return 0
+
+    cdef int _ws_fail(self, int code, str reason) except -1:
+        """Fail the WebSocket connection (RFC 6455 §7.1.7): CLOSE with ``code``, then close
+        the TCP connection; nothing more this peer sends is processed. Logged through
+        CLIENT_ERRORS (rate-limited)."""
+        self.fragments = None
+        CLIENT_ERRORS.report(f"{reason} (closing with {code})")
+        self.close_with(code, reason)
+        return 0
+
     cpdef on_ws_disconnected(self, WSTransport transport):
         self.is_closing = True
-        self.out_size = 0
-        self.solo = None
-        if self.out is not NULL:
-            free(self.out)
-            self.out = NULL
+        self._release_out()
         self.shared.writer.untrack(self)
         self.shared.handler.on_disconnected(self)
 
@@ -275,20 +473,62 @@ cdef class Connection(WSListener):
 
     cdef int _admit(self, Py_ssize_t size, bint droppable) except -1:
         """1 if ``size`` more bytes may be queued; 0 if dropped (droppable above the soft
-        limit) or the connection is closing or was just closed (hard limit)."""
+        limit) or the connection is closing or was just closed (hard limit: what is queued here
+        and in the transport's buffer)."""
         cdef ConnShared shared = self.shared
         if self.is_closing:
             return 0
-        if self.out_size + size > shared.soft_limit and (droppable or self.is_paused):
+        if self.out_size + size > shared.soft_limit:
             if droppable:
                 self.dropped += 1
                 shared.writer.drops += 1
                 return 0
-            if self.out_size + size > shared.hard_limit:
-                shared.writer.slow_disconnects += 1
-                self.close_with(4401, "slow consumer")
+            # queued to this client: our block and what uvloop holds. Checked paused or not:
+            # one tick can queue any amount (a group commit delivers a whole batch at once).
+            if self.out_size + size + self._buffered() > shared.hard_limit:
+                self._slow_consumer()
                 return 0
         return 1
+
+    cdef Py_ssize_t _buffered(self) except -1:
+        """Bytes waiting in the transport's (uvloop's) write buffer."""
+        if self.transport is None or self.transport.is_disconnected:
+            return 0
+        return <Py_ssize_t>self.transport._tr_get_write_buffer_size()
+
+    cdef int _release_out(self) noexcept:
+        """Drop what is queued (nothing queued after a CLOSE can be sent: picows ignores it)."""
+        self.out_size = 0
+        self.solo = None
+        if self.out is not NULL:
+            free(self.out)
+            self.out = NULL
+        return 0
+
+    cdef int _slow_consumer(self) except -1:
+        """Past the hard limit: close the connection now and free its buffers. ERROR 401 and
+        CLOSE 4401 go out only when they can still be written (the transport holds nothing, so
+        they reach the kernel at once), then a graceful close; otherwise (the usual case: the
+        peer does not read and uvloop's buffer is full) the connection is aborted with a RST,
+        which frees uvloop's write buffer and the kernel's send queue at once."""
+        cdef WSTransport t = self.transport
+        self.shared.writer.slow_disconnects += 1
+        self.is_closing = True
+        self.fragments = None
+        self._release_out()
+        if t is None or t.is_disconnected:
+            return 0
+        if not t.is_close_frame_sent and self._buffered() == 0:
+            t.send_reuse_external_buffer(
+                WSMsgType.BINARY, PyBytes_AS_STRING(_SLOW_CONSUMER_ERROR) + HEADROOM,
+                PyBytes_GET_SIZE(_SLOW_CONSUMER_ERROR) - HEADROOM
+            )
+            t.send_close(<WSCloseCode>4401, b"slow consumer")
+            if self._buffered() == 0:
+                t.disconnect()
+                return 0
+        _abort(t)
+        return 0
 
     cdef int queue_frame(self, bytes data, bint droppable) except -1:
         """Queue encoded frame(s); 1 if queued, 0 if dropped or the connection is gone."""
@@ -339,22 +579,57 @@ cdef class Connection(WSListener):
             return 0  # resume_writing marks us dirty again
         cdef FanoutWriter writer = self.shared.writer
         cdef bytes solo
+        cdef Py_ssize_t size = self.out_size
         writer.writes += 1
-        writer.bytes_out += self.out_size
+        writer.bytes_out += size
+        self.out_size = 0
         if self.solo is not None:
             solo = <bytes>self.solo
             self.solo = None
-            self.transport.send_reuse_external_buffer(
-                WSMsgType.BINARY, PyBytes_AS_STRING(solo) + HEADROOM, self.out_size
-            )
-            self.out_size = 0
+            if size <= self.shared.max_message:
+                self.transport.send_reuse_external_buffer(
+                    WSMsgType.BINARY, PyBytes_AS_STRING(solo) + HEADROOM, size
+                )
+            else:
+                self._send_split(PyBytes_AS_STRING(solo) + HEADROOM, size)
             return 0
-        self.transport.send_reuse_external_buffer(WSMsgType.BINARY, self.out + HEADROOM, self.out_size)
-        self.out_size = 0
+        if size <= self.shared.max_message:
+            self.transport.send_reuse_external_buffer(WSMsgType.BINARY, self.out + HEADROOM, size)
+        else:
+            self._send_split(self.out + HEADROOM, size)
         # Give the block back after every flush: an idle connection then holds no outbound
         # memory, and malloc+free per tick is noise next to the send(2) it accompanies.
         free(self.out)
         self.out = NULL
+        return 0
+
+    cdef int _send_split(self, char* data, Py_ssize_t size) except -1:
+        """Send the ``size`` bytes of frames at ``data`` (HEADROOM spare bytes in front) as
+        several WebSocket messages of at most ``max_message`` bytes (the limit clients are told
+        to accept, 4 x max_frame), cut at frame boundaries; a frame larger than that goes alone.
+        The first message is sent from ``data`` in place, as a single one is; the later ones from
+        fresh buffers: picows writes each header into the bytes in front of its message, which
+        in place would be the end of the previous message, already handed to the transport (and
+        ``data`` may be a buffer shared by many connections)."""
+        cdef Py_ssize_t limit = self.shared.max_message
+        cdef Py_ssize_t start = 0, end, flen
+        cdef WSTransport t = self.transport
+        cdef bytes chunk
+        while start < size:
+            end = start
+            while end < size:
+                flen = _frame_len(data + end, size - end)
+                if end > start and end - start + flen > limit:
+                    break
+                end += flen
+            if start == 0:
+                t.send_reuse_external_buffer(WSMsgType.BINARY, data, end)
+            else:
+                chunk = PyBytes_FromStringAndSize(NULL, HEADROOM + end - start)
+                memcpy(PyBytes_AS_STRING(chunk) + HEADROOM, data + start, end - start)
+                t.send_reuse_external_buffer(WSMsgType.BINARY, PyBytes_AS_STRING(chunk) + HEADROOM, end - start)
+                self.shared.writer.writes += 1
+            start = end
         return 0
 
     cdef int _trim_buffers(self) except -1:
@@ -389,6 +664,8 @@ cdef class Connection(WSListener):
             return
         self.flush()
         self.is_closing = True
+        # still queued after the flush (a paused transport): unsendable after the CLOSE
+        self._release_out()
         self.transport.send_close(<WSCloseCode>close_code, reason.encode())
         self.transport.disconnect()
 

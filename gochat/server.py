@@ -21,7 +21,7 @@ from aiohttp import web
 from picows import ws_create_server
 
 from gochat import __version__
-from gochat._native.fanout import FanoutWriter
+from gochat._native.fanout import ClientErrorLog, FanoutWriter
 from gochat._native.routing import RoutingTable
 from gochat.api.http import build_app
 from gochat.auth.keys import Algorithm, KeyRing
@@ -119,7 +119,9 @@ class Server:
         heartbeat = s.heartbeat_ms / 1000
         # One logger object for every connection: given a logging.Logger, picows makes a child
         # Logger per connection (~0.5 KiB each, idle memory per connection is a target).
-        picows_log = logging.LoggerAdapter(logging.getLogger("picows.gochat.picows"), {})
+        # ClientErrorLog: picows logs every bad frame a client sends at ERROR; it turns them into
+        # DEBUG lines and a rate-limited WARNING (docs/protocol.md, WebSocket conformance).
+        picows_log = ClientErrorLog(logging.getLogger("picows.gochat.picows"))
         # The writer's heartbeat replaces picows' auto-ping (a Task and a timer per connection,
         # ~1.8 KiB): PING after 2 heartbeats without a frame, close 1 heartbeat later without a
         # PONG. Connection answers PINGs itself (auto-pong off) so the heartbeat sees every frame.
