@@ -7,13 +7,13 @@ routing. ``gochat serve`` calls :func:`run`.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
 import logging
 import os
 import signal
 import socket
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
 
@@ -27,25 +27,19 @@ from gochat.api.http import build_app
 from gochat.auth.keys import Algorithm, KeyRing
 from gochat.auth.service import AuthService
 from gochat.clock import now_ms
-from gochat.cluster.base import Broker, JobQueue, NodeInfo, Presence, Registry
+from gochat.cluster.backends import ClusterBackends, memory_backends, redis_backends
+from gochat.cluster.base import PRESENCE_GUARD_S, NodeInfo
 from gochat.cluster.link import ClusterLink
-from gochat.cluster.memory import (
-    MemoryBroker,
-    MemoryClusterPresence,
-    MemoryHub,
-    MemoryJobQueue,
-    MemoryRegistry,
-)
 from gochat.config import Settings
 from gochat.errors import ErrorCode, GochatError
 from gochat.gateway.gateway import Gateway
 from gochat.ids import IdGenerator
 from gochat.messaging.core import MessagingCore
+from gochat.messaging.delivery import LocalDelivery
 from gochat.messaging.replies import ErrorReplies
 from gochat.observability.grpc_health import GrpcHealth
 from gochat.observability.metrics import Metrics
 from gochat.store import Store
-from gochat.store.sqlite import SQLiteStore
 
 __all__ = ["Server", "run"]
 
@@ -67,9 +61,6 @@ class Server:
         self.http_url = ""
         self._ws_server: asyncio.AbstractServer | None = None
         self._http_runner: web.AppRunner | None = None
-        self._cluster_backends: tuple[Broker, Presence, Registry, JobQueue] | None = None
-        self.redis: Any = None
-        self._guard_task: asyncio.Task[None] | None = None
         self.grpc_health: GrpcHealth | None = None
         self.store: Store
         self.node_name = f"{socket.gethostname()}-{os.getpid()}-{settings.node_id}"
@@ -79,17 +70,12 @@ class Server:
         s = self.settings
         data = Path(s.data_dir)
         data.mkdir(parents=True, exist_ok=True)
-        if s.cluster:
-            await self._open_cluster_backends()
-        else:
-            self.store = SQLiteStore(
-                data / "gochat.db", node_id=s.node_id, ids=self.ids, commit_delay_ms=s.store_commit_delay_ms
-            )
-            # Embedded mode: the same seams on in-process backends (a cluster of one node).
-            hub = MemoryHub()
-            self._cluster_backends = (
-                MemoryBroker(hub), MemoryClusterPresence(hub), MemoryRegistry(hub), MemoryJobQueue(hub)
-            )
+        backends, open_store = self._choose_backends(data)
+        if s.node_id == 0:
+            # A snowflake node id (0-1023) unique among live nodes: taken from a cluster counter.
+            self.ids = IdGenerator(await backends.registry.node_number() % 1024)
+            self.node_name = f"{socket.gethostname()}-{os.getpid()}-{self.ids.node_id}"
+        self.store = open_store()
         await self.store.open()
         # In a cluster every node must verify every node's tokens: they share the key file
         # (same data_dir on one machine, or the file distributed as a secret; docs/cluster.md).
@@ -101,10 +87,12 @@ class Server:
         loop = asyncio.get_running_loop()
         self.writer = FanoutWriter(loop)
         self.routing = RoutingTable()
-        assert self._cluster_backends is not None
-        broker, presence, registry, jobs = self._cluster_backends
         self.cluster = ClusterLink(
-            self.node_name, broker, presence, registry, self.routing, self.writer, jobs, s.fanout_shard_size
+            self.node_name,
+            backends,
+            LocalDelivery(self.routing, self.writer),
+            s.fanout_shard_size,
+            presence_guard_s=min(s.registry_renew_s, PRESENCE_GUARD_S),
         )
         self.replies = ErrorReplies(self.metrics.hot.errors)
         self.core = MessagingCore(
@@ -160,14 +148,7 @@ class Server:
         if s.grpc_health_port:
             self.grpc_health = GrpcHealth(s.host, s.grpc_health_port, self._ready)
             await self.grpc_health.start()
-        self.cluster.local_sessions = self.core.sessions.local
-        self.cluster.on_presence = self.core.presence_changed
-        self.cluster.on_revoke = self._remote_revocation
-        self.cluster.on_kick = self._remote_kick
-        await self.cluster.start(self._node_info(), self._node_info)
-        if self.redis is not None:
-            await self.redis.set(self._presence_mark, b"1")
-            self._guard_task = loop.create_task(self._presence_guard())
+        await self.cluster.start(self._node_info(), self._node_info, _NodeEvents(self))
         log.info(
             "gochat listening ws=%s http=%s data=%s node=%s",
             self.ws_url,
@@ -176,47 +157,38 @@ class Server:
             self.node_name,
         )
 
-    async def _open_cluster_backends(self) -> None:
-        from gochat.cluster.redis import RedisBroker, RedisJobQueue, RedisPresence, RedisRegistry
-        from gochat.cluster.redis import connect as redis_connect
-        from gochat.store.postgres import PostgresStore
-
+    def _choose_backends(self, data: Path) -> tuple[ClusterBackends, Callable[[], Store]]:
+        """The one choice of backends: Redis + PostgreSQL for a cluster, in-process + SQLite in
+        ``data_dir`` on embedded defaults (a cluster of one node). Everything after it runs the
+        same code; a backend's package is imported only when chosen. The store is opened later,
+        once the node id is known."""
         s = self.settings
-        self.redis = redis_connect(s.redis_url, timeout_s=5.0)
-        if s.node_id == 0:
-            # A snowflake node id (0-1023) unique among live nodes: taken from a cluster counter.
-            seq = int(await self.redis.incr(f"{s.redis_prefix}node-seq"))
-            self.ids = IdGenerator(seq % 1024)
-        self.node_name = f"{socket.gethostname()}-{os.getpid()}-{self.ids.node_id}"
-        self.store = PostgresStore(s.postgres_dsn, node_id=self.ids.node_id, ids=self.ids, schema=s.postgres_schema)
-        self._cluster_backends = (
-            RedisBroker(s.redis_url, s.redis_prefix, timeout_s=5.0),
-            RedisPresence(self.redis, s.redis_prefix, node_ttl_s=s.registry_ttl_s, timeout_s=5.0),
-            RedisRegistry(
-                self.redis, s.redis_prefix, ttl_s=s.registry_ttl_s, renew_s=s.registry_renew_s, timeout_s=5.0
-            ),
-            RedisJobQueue(self.redis, s.redis_prefix, timeout_s=5.0),
-        )
+        if s.cluster:
+            backends = redis_backends(
+                s.redis_url,
+                s.redis_prefix,
+                registry_ttl_s=s.registry_ttl_s,
+                registry_renew_s=s.registry_renew_s,
+                timeout_s=5.0,
+            )
 
-    @property
-    def _presence_mark(self) -> str:
-        return f"{self.settings.redis_prefix}pmark:{self.node_name}"
+            def postgres() -> Store:
+                from gochat.store.postgres import PostgresStore
 
-    async def _presence_guard(self) -> None:
-        """Redis keeps nothing across a restart: when this node's marker key is gone, the
-        sessions it recorded are gone too, so record every local session again."""
-        interval = min(self.settings.registry_renew_s, 5)
-        while True:
-            await asyncio.sleep(interval)
-            try:
-                if await self.redis.exists(self._presence_mark):
-                    continue
-                sessions = self.core.sessions.local()
-                await self.cluster.reannounce(sessions)
-                await self.redis.set(self._presence_mark, b"1")
-                log.warning("presence data was lost (Redis restarted?): re-recorded %d sessions", len(sessions))
-            except Exception as exc:  # Redis still down: try again next time
-                log.info("presence guard: %r", exc)
+                return PostgresStore(
+                    s.postgres_dsn, node_id=self.ids.node_id, ids=self.ids, schema=s.postgres_schema
+                )
+
+            return backends, postgres
+
+        def sqlite() -> Store:
+            from gochat.store.sqlite import SQLiteStore
+
+            return SQLiteStore(
+                data / "gochat.db", node_id=self.ids.node_id, ids=self.ids, commit_delay_ms=s.store_commit_delay_ms
+            )
+
+        return memory_backends(), sqlite
 
     def _node_info(self) -> NodeInfo:
         return NodeInfo(
@@ -230,13 +202,6 @@ class Server:
             started_ms=self.started_ms,
         )
 
-    def _remote_revocation(self, user_id: int, expires_ms: int, revoked_id: str) -> None:
-        self.auth.apply_revocation(revoked_id, expires_ms)
-        self.gateway.kick_user(user_id, ErrorCode.TOKEN_REVOKED, "logged out", revoked_id)
-
-    def _remote_kick(self, user_id: int, code: int, reason: str) -> None:
-        self.gateway.kick_user(user_id, ErrorCode(code), reason)
-
     async def readiness(self) -> tuple[bool, dict[str, str]]:
         """(ready, checks): dependencies reachable and not draining."""
         checks: dict[str, str] = {}
@@ -247,13 +212,13 @@ class Server:
         except GochatError as exc:
             checks["store"] = f"unavailable: {exc.message}"
             ready = False
-        if self.redis is not None:
-            try:
-                await asyncio.wait_for(self.redis.ping(), 2.0)
-                checks["redis"] = "ok"
-            except Exception as exc:  # redis-py raises its own ConnectionError/TimeoutError types
-                checks["redis"] = f"unavailable: {exc!r}"
-                ready = False
+        try:
+            async with asyncio.timeout(2.0):
+                await self.cluster.ping()
+            checks["cluster"] = "ok"
+        except (GochatError, TimeoutError) as exc:
+            checks["cluster"] = f"unavailable: {exc}"
+            ready = False
         checks["gateway"] = "draining" if self.draining else "ok"
         ready = ready and not self.draining
         return ready, checks
@@ -308,24 +273,33 @@ class Server:
         if self._http_runner is not None:
             await self._http_runner.cleanup()
         log.debug("HTTP API stopped")
-        if self._guard_task is not None:
-            from gochat.cluster.redis import cancel_tasks
-
-            # awaited, and cancelled again if it runs on (redis-py can swallow a cancellation)
-            await cancel_tasks([self._guard_task], timeout_s=3.0)
-            self._guard_task = None
         await self.cluster.close()
-        if self.redis is not None:
-            with contextlib.suppress(Exception):
-                await self.redis.delete(self._presence_mark)
         log.debug("cluster link closed")
         await self.store.close()
         log.debug("store closed")
         if self.grpc_health is not None:
             await self.grpc_health.stop()
-        if self.redis is not None:
-            await self.redis.aclose()
         log.info("gochat stopped")
+
+
+class _NodeEvents:
+    """What this node does when the cluster link reports an event from anywhere."""
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+
+    def presence_changed(self, user_id: int, online: bool) -> None:
+        self.server.core.presence_changed(user_id, online)
+
+    def revoked(self, user_id: int, expires_ms: int, revoked_id: str) -> None:
+        self.server.auth.apply_revocation(revoked_id, expires_ms)
+        self.server.gateway.kick_user(user_id, ErrorCode.TOKEN_REVOKED, "logged out", revoked_id)
+
+    def kicked(self, user_id: int, code: int, reason: str) -> None:
+        self.server.gateway.kick_user(user_id, ErrorCode(code), reason)
+
+    def local_sessions(self) -> list[tuple[int, int]]:
+        return self.server.core.sessions.local()
 
 
 async def _serve(settings: Settings) -> None:

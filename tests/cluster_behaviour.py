@@ -54,6 +54,10 @@ class Backend:
     def jobs(self, *, claim_idle_ms: int = 30_000, max_deliveries: int = 16) -> JobQueue:
         raise NotImplementedError
 
+    async def lose_data(self) -> None:
+        """What a backend restart without persistence does: every key is gone."""
+        raise NotImplementedError
+
     async def aclose(self) -> None:
         for obj in reversed(self.closables):
             try:
@@ -81,6 +85,9 @@ class MemoryBackend(Backend):
 
     def jobs(self, *, claim_idle_ms: int = 30_000, max_deliveries: int = 16) -> JobQueue:
         return self._track(MemoryJobQueue(self.hub, claim_idle_ms=claim_idle_ms, max_deliveries=max_deliveries))
+
+    async def lose_data(self) -> None:
+        self.hub.lose_data()
 
 
 BackendFactory = Callable[[], Backend]
@@ -139,6 +146,14 @@ async def ids(registry: Registry) -> list[str]:
 
 
 class RegistryBehaviour:
+    def test_node_numbers_start_at_0_and_never_repeat(self, backend_factory: BackendFactory) -> None:
+        async def body(b: Backend) -> None:
+            ra, rb = b.registry(), b.registry()
+            numbers = [await ra.node_number(), await rb.node_number(), await ra.node_number()]
+            assert numbers == [0, 1, 2]
+
+        run_with(backend_factory, body)
+
     def test_register_lists_live_nodes_sorted_with_metadata(self, backend_factory: BackendFactory) -> None:
         async def body(b: Backend) -> None:
             infos = [node("n2", weight=50, extra={"zone": "b"}), node("n1", connections=7), node("n3")]
@@ -319,6 +334,22 @@ class BrokerBehaviour:
 
 
 class PresenceBehaviour:
+    def test_lost_tells_a_node_its_sessions_must_be_recorded_again(self, backend_factory: BackendFactory) -> None:
+        async def body(b: Backend) -> None:
+            pa, pb = b.presence(), b.presence()
+            await pa.ping()
+            await pa.mark("A")
+            assert await pb.lost("A") is False  # another client sees the same mark
+            await pa.session_up(5, "A", 1)
+            await b.lose_data()
+            assert await pa.online([5]) == {5: False}
+            assert await pa.lost("A") is True
+            assert await pa.lost("A") is False, "lost() marks the node again"
+            await pa.unmark("A")
+            assert await pb.lost("A") is True
+
+        run_with(backend_factory, body)
+
     def test_multi_device_user_stays_online_until_last_session(self, backend_factory: BackendFactory) -> None:
         async def body(b: Backend) -> None:
             pa, pb = b.presence(), b.presence()  # the presence clients of nodes A and B

@@ -15,16 +15,36 @@ from gochat._native.fanout import FanoutWriter
 from gochat._native.routing import RoutingTable
 from gochat.cluster.base import NodeInfo
 from gochat.cluster.link import ClusterLink
-from gochat.cluster.memory import MemoryBroker, MemoryClusterPresence, MemoryHub, MemoryRegistry
+from gochat.cluster.backends import ClusterBackends
+from gochat.cluster.memory import MemoryBroker, MemoryClusterPresence, MemoryHub, MemoryJobQueue, MemoryRegistry
+from gochat.messaging.delivery import LocalDelivery
 
 
-def _link(hub: MemoryHub, node: str, sessions: list[tuple[int, int]]) -> ClusterLink:
-    link = ClusterLink(
-        node, MemoryBroker(hub), MemoryClusterPresence(hub), MemoryRegistry(hub, ttl_s=3, renew_s=1),
-        RoutingTable(), FanoutWriter(asyncio.get_running_loop()),
+class _Events:
+    """The node's side of the link, reduced to its local sessions."""
+
+    def __init__(self, sessions: list[tuple[int, int]]) -> None:
+        self.sessions = sessions
+
+    def presence_changed(self, user_id: int, online: bool) -> None:
+        pass
+
+    def revoked(self, user_id: int, expires_ms: int, revoked_id: str) -> None:
+        pass
+
+    def kicked(self, user_id: int, code: int, reason: str) -> None:
+        pass
+
+    def local_sessions(self) -> list[tuple[int, int]]:
+        return list(self.sessions)
+
+
+def _link(hub: MemoryHub, node: str, sessions: list[tuple[int, int]]) -> tuple[ClusterLink, _Events]:
+    backends = ClusterBackends(
+        MemoryBroker(hub), MemoryClusterPresence(hub), MemoryRegistry(hub, ttl_s=3, renew_s=1), MemoryJobQueue(hub)
     )
-    link.local_sessions = lambda: list(sessions)
-    return link
+    link = ClusterLink(node, backends, LocalDelivery(RoutingTable(), FanoutWriter(asyncio.get_running_loop())))
+    return link, _Events(sessions)
 
 
 def _info(node: str) -> NodeInfo:
@@ -52,9 +72,9 @@ def _run_checked(coro: object) -> None:
 def test_deregistered_node_does_not_reannounce_its_sessions() -> None:
     async def body() -> None:
         hub = MemoryHub()
-        a, b = _link(hub, "a", [(1, 11), (2, 12)]), _link(hub, "b", [])
-        await a.start(_info("a"), lambda: _info("a"))
-        await b.start(_info("b"), lambda: _info("b"))
+        (a, a_events), (b, b_events) = _link(hub, "a", [(1, 11), (2, 12)]), _link(hub, "b", [])
+        await a.start(_info("a"), lambda: _info("a"), a_events)
+        await b.start(_info("b"), lambda: _info("b"), b_events)
         await a.session_up(1, 11)
         await a.session_up(2, 12)
         await _until(lambda: {n.node_id for n in a.nodes} == {"a", "b"})
@@ -81,9 +101,10 @@ def test_deregistered_node_does_not_reannounce_its_sessions() -> None:
 def test_close_right_after_deregister_leaves_nothing_unawaited() -> None:
     async def body() -> None:
         hub = MemoryHub()
-        links = [_link(hub, n, [(i + 1, i + 10)]) for i, n in enumerate("abc")]
-        for link in links:
-            await link.start(_info(link.node_id), lambda n=link.node_id: _info(n))  # type: ignore[misc]
+        pairs = [_link(hub, n, [(i + 1, i + 10)]) for i, n in enumerate("abc")]
+        links = [link for link, _ in pairs]
+        for link, events in pairs:
+            await link.start(_info(link.node_id), lambda n=link.node_id: _info(n), events)  # type: ignore[misc]
         await _until(lambda: all(len(link.nodes) == 3 for link in links))
         # every node leaves at once: each sees itself and the others vanish while it closes
         await asyncio.gather(*(link.deregister() for link in links))

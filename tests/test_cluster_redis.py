@@ -96,6 +96,9 @@ class RedisBackend(Backend):
             RedisJobQueue(self.url, self.prefix, claim_idle_ms=claim_idle_ms, max_deliveries=max_deliveries, **kw)
         )
 
+    async def lose_data(self) -> None:
+        await delete_prefix(self.admin, self.prefix)
+
     async def keys(self) -> list[str]:
         return sorted([k.decode() async for k in self.admin.scan_iter(match=f"{self.prefix}*")])
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 __all__ = [
+    "PRESENCE_GUARD_S",
     "REGISTRY_RENEW_S",
     "REGISTRY_TTL_S",
     "Broker",
@@ -29,6 +30,8 @@ __all__ = [
 
 REGISTRY_TTL_S = 90
 REGISTRY_RENEW_S = 30
+#: how often a node checks that presence still holds its sessions (:meth:`Presence.lost`)
+PRESENCE_GUARD_S = 5
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +69,10 @@ class Registry(Protocol):
     def watch(self, callback: Callable[[list[NodeInfo]], None]) -> None:
         """Call ``callback(nodes)`` whenever the set of nodes or their metadata change (at most
         once per renew interval when nothing is announced, immediately on join/leave)."""
+
+    async def node_number(self) -> int:
+        """A number from a cluster-wide counter, different for every call (0 first for a new
+        cluster): a node without a configured node id derives its snowflake node id from it."""
 
     async def close(self) -> None: ...
 
@@ -122,6 +129,19 @@ class Presence(Protocol):
 
     async def drop_node(self, node_id: str) -> list[int]:
         """Forget every session of a dead node; returns the users that went offline."""
+
+    async def mark(self, node_id: str) -> None:
+        """Note that ``node_id`` has recorded its sessions (see :meth:`lost`)."""
+
+    async def lost(self, node_id: str) -> bool:
+        """True when the backend lost what it held since :meth:`mark` (a Redis restart without
+        persistence): the node must record its sessions again. Marks the node again."""
+
+    async def unmark(self, node_id: str) -> None:
+        """Forget the mark (graceful exit)."""
+
+    async def ping(self) -> None:
+        """Raise :class:`~gochat.errors.UnavailableError` when the backend is unreachable."""
 
     async def close(self) -> None: ...
 

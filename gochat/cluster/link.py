@@ -14,14 +14,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 import uuid
-from collections.abc import Callable, Coroutine, Iterable
-from typing import Any
+from collections.abc import Callable, Coroutine, Iterable, Sequence
+from typing import Any, Protocol
 
-from gochat._native.fanout import FanoutWriter
-from gochat._native.routing import RoutingTable
-from gochat.cluster.base import Broker, JobQueue, NodeInfo, Presence, Registry
+from gochat.cluster.backends import ClusterBackends
+from gochat.cluster.base import PRESENCE_GUARD_S, NodeInfo
 from gochat.cluster.envelope import (
     KickEnvelope,
     PresenceEnvelope,
@@ -39,7 +37,7 @@ from gochat.cluster.envelope import (
 )
 from gochat.errors import GochatError
 
-__all__ = ["ClusterLink"]
+__all__ = ["ClusterEvents", "ClusterLink", "LocalFanout"]
 
 log = logging.getLogger("gochat.cluster")
 
@@ -49,30 +47,66 @@ _MAX_QUEUE = 100_000
 FANOUT_STREAM = "fanout"
 
 
+class LocalFanout(Protocol):
+    """Where frames from other nodes go: this node's connections (the native routing table
+    and writer, ``gochat._native.routing.RoutingTable.fanout_users`` / ``fanout_room``; the
+    link does not depend on the data plane's types)."""
+
+    def users(self, user_ids: Sequence[int], frame: bytes, droppable: bool) -> int: ...
+
+    def room(self, room_id: int, frame: bytes) -> int: ...
+
+
+class ClusterEvents(Protocol):
+    """This node's reactions to cluster-wide events, given to :meth:`ClusterLink.start`."""
+
+    def presence_changed(self, user_id: int, online: bool) -> None:
+        """A user came online or went offline somewhere."""
+
+    def revoked(self, user_id: int, expires_ms: int, revoked_id: str) -> None:
+        """A token or login session was revoked (on any node)."""
+
+    def kicked(self, user_id: int, code: int, reason: str) -> None:
+        """A user's sessions are to be closed (on any node)."""
+
+    def local_sessions(self) -> list[tuple[int, int]]:
+        """(user_id, session_id) of every authenticated session on this node."""
+
+
+class _NoEvents:
+    def presence_changed(self, user_id: int, online: bool) -> None:
+        pass
+
+    def revoked(self, user_id: int, expires_ms: int, revoked_id: str) -> None:
+        pass
+
+    def kicked(self, user_id: int, code: int, reason: str) -> None:
+        pass
+
+    def local_sessions(self) -> list[tuple[int, int]]:
+        return []
+
+
 class ClusterLink:
     def __init__(
         self,
         node_id: str,
-        broker: Broker,
-        presence: Presence,
-        registry: Registry,
-        routing: RoutingTable,
-        writer: FanoutWriter,
-        jobs: JobQueue | None = None,
+        backends: ClusterBackends,
+        local: LocalFanout,
         shard_size: int = 1000,
+        presence_guard_s: float = PRESENCE_GUARD_S,
     ) -> None:
         self.node_id = node_id
-        self.jobs = jobs
+        self.backends = backends
+        self.jobs = backends.jobs
         self.shard_size = shard_size
-        self.broker = broker
-        self.presence = presence
-        self.registry = registry
-        self.routing = routing
-        self.writer = writer
-        #: set by the server: local reactions to cluster-wide events
-        self.on_presence: Callable[[int, bool], None] = lambda uid, online: None
-        self.on_revoke: Callable[[int, int, str], None] = lambda uid, exp, rid: None
-        self.on_kick: Callable[[int, int, str], None] = lambda uid, code, reason: None
+        self.broker = backends.broker
+        self.presence = backends.presence
+        self.registry = backends.registry
+        self.local = local
+        self.presence_guard_s = presence_guard_s
+        self.events: ClusterEvents = _NoEvents()
+        self._guard_task: asyncio.Task[None] | None = None
         self._nodes: list[NodeInfo] = []
         #: some other node is listed: remote routing has somewhere to go (read on the send path)
         self.peers = False
@@ -88,8 +122,6 @@ class ClusterLink:
         self._closing = False
         self._dead_handled: set[str] = set()
         self._epochs: dict[int, int] = {}  # session_id -> presence epoch
-        #: set by the server: (user_id, session_id) of every local authenticated session
-        self.local_sessions: Callable[[], list[tuple[int, int]]] = list
         self._was_listed = False
         #: our registry entry vanished and has not been listed again yet
         self._vanished = False
@@ -98,14 +130,36 @@ class ClusterLink:
         self.shed = 0
 
     # ---- lifecycle ---------------------------------------------------------------------------
-    async def start(self, info: NodeInfo, load: Callable[[], NodeInfo]) -> None:
+    async def start(self, info: NodeInfo, load: Callable[[], NodeInfo], events: ClusterEvents) -> None:
+        """Join: subscribe, register (``load()`` refreshes the entry), watch the other nodes,
+        and from now on tell ``events`` what happens elsewhere."""
+        self.events = events
         await self.broker.start(self.node_id, self._on_message)
         await self.registry.register(info, load)
         self.nodes = await self.registry.nodes()
         self.registry.watch(self._nodes_changed)
-        self._router_task = asyncio.get_running_loop().create_task(self._router())
-        if self.jobs is not None:
-            await self.jobs.consume(FANOUT_STREAM, FANOUT_STREAM, self.node_id, self._fanout_job)
+        loop = asyncio.get_running_loop()
+        self._router_task = loop.create_task(self._router())
+        await self.jobs.consume(FANOUT_STREAM, FANOUT_STREAM, self.node_id, self._fanout_job)
+        await self.presence.mark(self.node_id)
+        self._guard_task = loop.create_task(self._presence_guard())
+
+    async def _presence_guard(self) -> None:
+        """A presence backend that lost its data (Redis restarted without persistence) lost
+        this node's sessions too: record every local session again."""
+        while True:
+            await asyncio.sleep(self.presence_guard_s)
+            try:
+                if await self.presence.lost(self.node_id):
+                    sessions = self.events.local_sessions()
+                    await self.reannounce(sessions)
+                    log.warning("presence data was lost (backend restarted?): re-recorded %d sessions", len(sessions))
+            except GochatError as exc:  # the backend is still down: try again next time
+                log.info("presence guard: %s", exc.message)
+
+    async def ping(self) -> None:
+        """Raise :class:`~gochat.errors.UnavailableError` when the cluster backends are unreachable."""
+        await self.presence.ping()
 
     async def deregister(self) -> None:
         """Leave the registry first on drain, so clients stop being sent here."""
@@ -116,27 +170,19 @@ class ClusterLink:
             log.warning("deregister failed: %s", exc.message)
 
     async def close(self) -> None:
+        """Leave: stop every task of the link, forget this node's presence mark, close the
+        backends (each within a bound: a hung connection must not stall shutdown)."""
         self._leaving = self._closing = True
         if self._tasks:
             # publishes spawned just before (a kick, a revocation) get a moment to go out
             await asyncio.wait(list(self._tasks), timeout=1.0)
-        tasks = [t for t in (*self._tasks, self._router_task) if t is not None and not t.done()]
-        for task in tasks:
-            task.cancel()
-        if tasks:
-            await asyncio.wait(tasks, timeout=2.0)
-        closers = [self.broker.close, self.registry.close, self.presence.close]
-        if self.jobs is not None:
-            closers.insert(0, self.jobs.close)
-        for closer in closers:
-            try:
-                # shutdown must finish even if a backend connection hangs
-                async with asyncio.timeout(3.0):
-                    await closer()
-            except TimeoutError:
-                log.warning("closing %r timed out", closer)
-            except Exception:
-                log.exception("closing %r failed", closer)
+        await _cancel([*self._tasks, self._router_task, self._guard_task], timeout_s=3.0)
+        try:
+            async with asyncio.timeout(3.0):
+                await self.presence.unmark(self.node_id)
+        except (TimeoutError, GochatError) as exc:
+            log.info("presence unmark on close: %r", exc)
+        await self.backends.close()
 
     @property
     def nodes(self) -> list[NodeInfo]:
@@ -167,9 +213,6 @@ class ClusterLink:
         shard (Redis Streams); every node's consumer takes some, looks up presence for its shard
         and publishes. Spreads the work of a 10k-member group over the cluster and survives the
         death of a node mid-fan-out (pending jobs are claimed by another consumer)."""
-        if self.jobs is None:
-            self.route_users(user_ids, frame, droppable)
-            return
         ids = list(user_ids)
         origin = self.node_id.encode()
         key = uuid.uuid4().hex
@@ -186,7 +229,7 @@ class ClusterLink:
             if node == origin:
                 continue  # the origin delivered to its own connections already
             if node == self.node_id:
-                self.routing.fanout_users(self.writer, uids, env.frame, None, env.droppable)
+                self.local.users(uids, env.frame, env.droppable)
             else:
                 await self.broker.send_to_node(node, encode_users(uids, env.frame, env.droppable))
             self.routed += 1
@@ -301,7 +344,7 @@ class ClusterLink:
         the node deregistered: its sessions are being drained."""
         if self._leaving:
             return
-        for user_id, session_id in sessions if sessions is not None else self.local_sessions():
+        for user_id, session_id in sessions if sessions is not None else self.events.local_sessions():
             if self._leaving:
                 return
             lease = await self.presence.session_up(user_id, self.node_id, session_id)
@@ -324,15 +367,15 @@ class ClusterLink:
             log.error("dropping cluster message: %s", exc.message)
             return
         if isinstance(env, UsersEnvelope):
-            self.routing.fanout_users(self.writer, env.user_ids, env.frame, None, env.droppable)
+            self.local.users(env.user_ids, env.frame, env.droppable)
         elif isinstance(env, RoomEnvelope):
-            self.routing.fanout_room(self.writer, env.room_id, env.frame, None, True)
+            self.local.room(env.room_id, env.frame)
         elif isinstance(env, PresenceEnvelope):
-            self.on_presence(env.user_id, env.online)
+            self.events.presence_changed(env.user_id, env.online)
         elif isinstance(env, RevokeEnvelope):
-            self.on_revoke(env.user_id, env.expires_ms, env.revoked_id)
+            self.events.revoked(env.user_id, env.expires_ms, env.revoked_id)
         elif isinstance(env, KickEnvelope):
-            self.on_kick(env.user_id, env.code, env.reason)
+            self.events.kicked(env.user_id, env.code, env.reason)
 
     def _nodes_changed(self, nodes: list[NodeInfo]) -> None:
         if self._closing:
@@ -373,5 +416,13 @@ class ClusterLink:
             await self.broker.broadcast(encode_presence(uid, False))
 
 
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000
+async def _cancel(tasks: Iterable[asyncio.Task[Any] | None], timeout_s: float) -> None:
+    """Cancel ``tasks`` and wait for them, cancelling again while one runs on (a client library
+    can swallow a cancellation that lands just as its call completes)."""
+    pending = {t for t in tasks if t is not None and not t.done()}
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while pending and loop.time() < deadline:
+        for task in pending:
+            task.cancel()
+        _, pending = await asyncio.wait(pending, timeout=min(0.1, max(0.0, deadline - loop.time())))

@@ -89,11 +89,20 @@ class MemoryHub:
         self.sessions: dict[int, dict[tuple[str, int], int]] = {}
         self.node_users: dict[str, set[int]] = {}
         self.epochs: dict[int, int] = {}
+        #: nodes that recorded their sessions (Presence.mark); cleared by :meth:`lose_data`
+        self.marks: set[str] = set()
+        self.node_numbers = itertools.count()
         # jobs
         self.streams: dict[str, _Stream] = {}
         # (stream, job_id) -> (groups that finished it, dedupe deadline)
         self.job_state: dict[tuple[str, str], tuple[set[str], float]] = {}
         self.job_events: dict[str, asyncio.Event] = {}
+
+    def lose_data(self) -> None:
+        """Simulate a backend restart without persistence: presence and marks are gone."""
+        self.sessions.clear()
+        self.node_users.clear()
+        self.marks.clear()
 
     def check(self) -> None:
         if not self.available:
@@ -207,6 +216,10 @@ class MemoryRegistry:
     async def nodes(self) -> list[NodeInfo]:
         self.hub.check()
         return self.hub.live_nodes()
+
+    async def node_number(self) -> int:
+        self.hub.check()
+        return next(self.hub.node_numbers)
 
     def watch(self, callback: Callable[[list[NodeInfo]], None]) -> None:
         self._watchers.append((callback, [None]))
@@ -352,6 +365,24 @@ class MemoryClusterPresence:
                 del self.hub.sessions[uid]
                 offline.append(uid)
         return offline
+
+    async def mark(self, node_id: str) -> None:
+        self.hub.check()
+        self.hub.marks.add(node_id)
+
+    async def lost(self, node_id: str) -> bool:
+        self.hub.check()
+        if node_id in self.hub.marks:
+            return False
+        self.hub.marks.add(node_id)
+        return True
+
+    async def unmark(self, node_id: str) -> None:
+        self.hub.check()
+        self.hub.marks.discard(node_id)
+
+    async def ping(self) -> None:
+        self.hub.check()
 
     async def close(self) -> None:
         return None

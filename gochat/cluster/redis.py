@@ -457,6 +457,11 @@ class RedisRegistry(_Client):
         out.sort(key=lambda n: n.node_id)
         return out
 
+    async def node_number(self) -> int:
+        """INCR of ``{prefix}node-seq`` minus one (0 first for a new cluster)."""
+        async with self.guard("registry node_number"):
+            return int(await self.redis.incr(f"{self.prefix}node-seq")) - 1
+
     def watch(self, callback: Callable[[list[NodeInfo]], None]) -> None:
         """``callback(nodes)`` at once with the current nodes, then on every change: at once for
         announced ones (join, update, leave, expiry noticed by any reader), otherwise within
@@ -817,6 +822,27 @@ class RedisPresence(_Client):
             if not popped:
                 break
         return sorted(offline)
+
+    def mark_key(self, node_id: str) -> str:
+        return f"{self.prefix}pmark:{node_id}"
+
+    async def mark(self, node_id: str) -> None:
+        async with self.guard("presence mark"):
+            await self.redis.set(self.mark_key(node_id), b"1")
+
+    async def lost(self, node_id: str) -> bool:
+        """Redis keeps nothing across a restart without persistence: when the mark is gone,
+        the sessions recorded with it are gone too. SET NX re-marks in the same round trip."""
+        async with self.guard("presence lost"):
+            return bool(await self.redis.set(self.mark_key(node_id), b"1", nx=True))
+
+    async def unmark(self, node_id: str) -> None:
+        async with self.guard("presence unmark"):
+            await self.redis.delete(self.mark_key(node_id))
+
+    async def ping(self) -> None:
+        async with self.guard("presence ping"):
+            await self.redis.ping()
 
     async def close(self) -> None:
         """Stop refreshing node liveness (sessions stay until session_down / drop_node, and stop

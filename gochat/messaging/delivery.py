@@ -21,7 +21,24 @@ from gochat.protocol import EventType, encode_event
 if TYPE_CHECKING:
     from gochat.cluster.link import ClusterLink
 
-__all__ = ["Delivery"]
+__all__ = ["Delivery", "LocalDelivery"]
+
+
+class LocalDelivery:
+    """Frames that came from other nodes, to this node's sessions (the cluster link's
+    :class:`~gochat.cluster.link.LocalFanout`)."""
+
+    __slots__ = ("routing", "writer")
+
+    def __init__(self, routing: RoutingTable, writer: FanoutWriter) -> None:
+        self.routing = routing
+        self.writer = writer
+
+    def users(self, user_ids: Sequence[int], frame: bytes, droppable: bool) -> int:
+        return self.routing.fanout_users(self.writer, user_ids, frame, None, droppable)
+
+    def room(self, room_id: int, frame: bytes) -> int:
+        return self.routing.fanout_room(self.writer, room_id, frame, None, True)
 
 
 class Delivery:

@@ -1,0 +1,71 @@
+"""The cluster seams' backends, chosen once when a node is composed: in-process for embedded
+mode, Redis for a cluster. Whatever the choice, the node runs the same code over them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from gochat.cluster.base import Broker, JobQueue, Presence, Registry
+from gochat.cluster.memory import (
+    MemoryBroker,
+    MemoryClusterPresence,
+    MemoryHub,
+    MemoryJobQueue,
+    MemoryRegistry,
+)
+
+__all__ = ["ClusterBackends", "memory_backends", "redis_backends"]
+
+log = logging.getLogger("gochat.cluster")
+
+#: how long closing one backend may take on shutdown (a hung connection must not stall it)
+CLOSE_TIMEOUT_S = 3.0
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterBackends:
+    broker: Broker
+    presence: Presence
+    registry: Registry
+    jobs: JobQueue
+    #: resources the backends share (a Redis client), closed after them
+    shared: tuple[Callable[[], Awaitable[None]], ...] = ()
+
+    async def close(self) -> None:
+        """Close every backend, then what they share; each within CLOSE_TIMEOUT_S."""
+        closers = [self.jobs.close, self.broker.close, self.registry.close, self.presence.close, *self.shared]
+        for closer in closers:
+            try:
+                async with asyncio.timeout(CLOSE_TIMEOUT_S):
+                    await closer()
+            except TimeoutError:
+                log.warning("closing %r timed out", closer)
+            except Exception:
+                log.exception("closing %r failed", closer)
+
+
+def memory_backends(hub: MemoryHub | None = None) -> ClusterBackends:
+    """In-process backends: a cluster of the nodes that share ``hub`` (one node by default)."""
+    hub = hub if hub is not None else MemoryHub()
+    return ClusterBackends(MemoryBroker(hub), MemoryClusterPresence(hub), MemoryRegistry(hub), MemoryJobQueue(hub))
+
+
+def redis_backends(
+    url: str, prefix: str, *, registry_ttl_s: float, registry_renew_s: float, timeout_s: float = 5.0
+) -> ClusterBackends:
+    """Redis backends (imported here, so that embedded mode never loads redis-py). Presence,
+    registry and jobs share one client; the broker's pub/sub has connections of its own."""
+    from gochat.cluster.redis import RedisBroker, RedisJobQueue, RedisPresence, RedisRegistry, connect
+
+    client = connect(url, timeout_s=timeout_s)
+    return ClusterBackends(
+        RedisBroker(url, prefix, timeout_s=timeout_s),
+        RedisPresence(client, prefix, node_ttl_s=registry_ttl_s, timeout_s=timeout_s),
+        RedisRegistry(client, prefix, ttl_s=registry_ttl_s, renew_s=registry_renew_s, timeout_s=timeout_s),
+        RedisJobQueue(client, prefix, timeout_s=timeout_s),
+        shared=(client.aclose,),
+    )
