@@ -13,10 +13,16 @@ import warnings
 
 from gochat._native.fanout import FanoutWriter
 from gochat._native.routing import RoutingTable
+from gochat.cluster.backends import ClusterBackends
 from gochat.cluster.base import NodeInfo
 from gochat.cluster.link import ClusterLink
-from gochat.cluster.backends import ClusterBackends
-from gochat.cluster.memory import MemoryBroker, MemoryClusterPresence, MemoryHub, MemoryJobQueue, MemoryRegistry
+from gochat.cluster.memory import (
+    MemoryBroker,
+    MemoryClusterPresence,
+    MemoryHub,
+    MemoryJobQueue,
+    MemoryRegistry,
+)
 from gochat.messaging.delivery import LocalDelivery
 
 
