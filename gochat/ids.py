@@ -29,6 +29,8 @@ import time
 from collections.abc import Callable
 from typing import Final, NamedTuple
 
+from gochat.clock import now_ms
+
 __all__ = [
     "EPOCH_MS",
     "MAX_ID",
@@ -56,10 +58,6 @@ MAX_ID: Final = (1 << 63) - 1
 _TS_SHIFT: Final = SEQUENCE_BITS + NODE_BITS
 
 
-def _wall_ms() -> int:
-    return time.time_ns() // 1_000_000
-
-
 class IdParts(NamedTuple):
     unix_ms: int
     node_id: int
@@ -83,7 +81,7 @@ def id_unix_ms(value: int) -> int:
 class IdGenerator:
     """Thread-safe generator of strictly increasing snowflake ids for one node.
 
-    ``clock`` returns Unix milliseconds (tests inject a fake one). ``after`` is an id issued
+    ``clock`` returns Unix milliseconds (:func:`gochat.clock.now_ms` unless tests inject a fake one). ``after`` is an id issued
     earlier (by any generator with this node id); every new id is larger than it.
     """
 
@@ -96,7 +94,7 @@ class IdGenerator:
             raise ValueError("after must be a non-negative id")
         self.node_id = node_id
         self._node_bits = node_id << _NODE_SHIFT
-        self._clock = clock or _wall_ms
+        self._clock = clock or now_ms
         self._lock = threading.Lock()
         # Timestamp (ms since EPOCH_MS) and sequence of the last id handed out.
         self._last_ms = -1

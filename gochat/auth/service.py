@@ -115,15 +115,12 @@ class AuthService:
     def access_ttl_s(self) -> int:
         return self.tokens.access_ttl_s
 
-    def _now_ms(self) -> int:
-        return int(self.clock() * 1000)
-
     async def start(self) -> None:
         await self.reload_revocations()
 
     async def reload_revocations(self) -> None:
         """Load every unexpired deny-list entry from the store."""
-        self.tokens.load_denied(await self.store.revoked_jtis(self._now_ms()))
+        self.tokens.load_denied(await self.store.revoked_jtis(self.tokens.now_ms()))
 
     # ---- callbacks ---------------------------------------------------------------------------
 
@@ -179,7 +176,7 @@ class AuthService:
 
     async def _issue_pair(self, user_id: int, family: str) -> TokenPair:
         refresh = new_refresh_token()
-        refresh_expires_ms = self._now_ms() + self.refresh_ttl_s * 1000
+        refresh_expires_ms = self.tokens.now_ms() + self.refresh_ttl_s * 1000
         await self.store.add_refresh_token(refresh_token_jti(refresh), family, user_id, refresh_expires_ms)
         access, claims = self.tokens.issue_access(user_id, sid=family)
         return TokenPair(
@@ -202,7 +199,7 @@ class AuthService:
         if not isinstance(refresh_token, str) or not 0 < len(refresh_token) <= 256:
             raise AuthError("invalid refresh token", code=ErrorCode.UNAUTHORIZED)
         status, family, user_id = await self.store.use_refresh_token(
-            refresh_token_jti(refresh_token), self._now_ms()
+            refresh_token_jti(refresh_token), self.tokens.now_ms()
         )
         if status == RefreshStatus.OK:
             return await self._issue_pair(user_id, family)
@@ -218,7 +215,7 @@ class AuthService:
         await self.store.revoke_family(family)
         key = family_deny_key(family)
         # Every access token of the family was issued before now: deny the session for one TTL.
-        expires_ms = self._now_ms() + self.access_ttl_s * 1000
+        expires_ms = self.tokens.now_ms() + self.access_ttl_s * 1000
         await self.store.revoke_jti(key, expires_ms)
         self.tokens.deny(key, expires_ms)
         await self._notify(user_id, key)
@@ -230,7 +227,7 @@ class AuthService:
         The access token is deny-listed until it expires; the session it belongs to and the
         session of ``refresh_token`` (if given) are revoked; ``on_revoke`` callbacks run.
         """
-        now_ms = self._now_ms()
+        now_ms = self.tokens.now_ms()
         if isinstance(access, Claims):
             jti, user_id, expires_ms, families = access.jti, access.user_id, access.expires_ms, {access.sid}
         else:

@@ -30,6 +30,7 @@ from typing import Any, Final
 import jwt
 
 from gochat.auth.keys import KeyRing
+from gochat.clock import now_ms as wall_clock_ms
 from gochat.errors import AuthError, ErrorCode
 
 __all__ = [
@@ -131,6 +132,9 @@ class TokenService:
         self._last_prune_ms = 0
 
     def now_ms(self) -> int:
+        """``clock`` in milliseconds: :func:`gochat.clock.now_ms` unless a clock was injected."""
+        if self.clock is time.time:
+            return wall_clock_ms()
         return int(self.clock() * 1000)
 
     # ---- issue / verify ----------------------------------------------------------------------

@@ -51,6 +51,7 @@ from gochat.client.types import (
     Message,
     SendAck,
 )
+from gochat.clock import now_ms
 from gochat.errors import ErrorCode, GochatError, ProtocolError, RequestError
 from gochat.protocol import frames as F
 from gochat.protocol.constants import (
@@ -80,8 +81,7 @@ def new_client_msg_id() -> bytes:
     """A fresh ``client_msg_id``: a UUIDv7 (RFC 9562), 48 bits of Unix milliseconds then 74
     random bits. Time-ordered ids keep the server's dedup index (sender, client_msg_id) a
     mostly-appending b-tree instead of one random page write per message."""
-    ms = time.time_ns() // 1_000_000
-    value = (ms & 0xFFFF_FFFF_FFFF) << 80 | int.from_bytes(os.urandom(10), "big")
+    value = (now_ms() & 0xFFFF_FFFF_FFFF) << 80 | int.from_bytes(os.urandom(10), "big")
     value = value & ~(0xF << 76) | 0x7 << 76  # version 7
     value = value & ~(0x3 << 62) | 0x2 << 62  # variant 10
     return value.to_bytes(16, "big")

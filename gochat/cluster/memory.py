@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
+from gochat.clock import now_ms
 from gochat.cluster.base import (
     REGISTRY_RENEW_S,
     REGISTRY_TTL_S,
@@ -40,10 +41,6 @@ __all__ = [
 ]
 
 log = logging.getLogger("gochat.cluster.memory")
-
-
-def _now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 def _snapshot_key(nodes: Iterable[NodeInfo]) -> tuple[NodeInfo, ...]:
@@ -179,7 +176,7 @@ class MemoryRegistry:
 
     def _put(self, info: NodeInfo) -> None:
         self.hub.check()
-        info = dataclasses.replace(info, updated_ms=_now_ms())
+        info = dataclasses.replace(info, updated_ms=now_ms())
         old = self.hub.registry.get(info.node_id)
         self.hub.registry[info.node_id] = (info, time.monotonic() + self.ttl_s)
         if old is None or _snapshot_key([old[0]]) != _snapshot_key([info]):

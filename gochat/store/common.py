@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
+from gochat.clock import now_ms  # re-exported: gochat.clock is the one wall clock
 from gochat.errors import ErrorCode, RequestError, UnavailableError
 from gochat.ids import IdGenerator
 from gochat.store.base import AppendCallback, AppendRequest, AppendResult, StoredMessage
@@ -69,10 +69,6 @@ def run_callback(done: AppendCallback, result: AppendResult | None, error: BaseE
         done(result, error)
     except Exception:
         log.exception("append callback failed")
-
-
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 def resolve_ids(ids: IdGenerator | None, node_id: int) -> IdGenerator:

@@ -20,6 +20,7 @@ from typing import Any, Final
 
 import asyncpg
 
+from gochat.clock import now_ms
 from gochat.errors import ErrorCode, GochatError, RequestError, UnavailableError
 from gochat.ids import IdGenerator
 from gochat.store.base import AppendCallback, AppendRequest, AppendResult
@@ -27,7 +28,6 @@ from gochat.store.common import (
     MSG_COLUMNS,
     message_from_row,
     new_message,
-    now_ms,
     run_callback,
     validate_append,
 )

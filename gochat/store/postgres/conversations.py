@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from gochat.clock import now_ms
 from gochat.errors import ErrorCode, RequestError, UnavailableError
 from gochat.store.base import ConversationState, GroupInfo
-from gochat.store.common import direct_peer, now_ms
+from gochat.store.common import direct_peer
 from gochat.store.postgres.engine import PostgresEngine
 from gochat.store.postgres.pool import check_int64
 

@@ -19,13 +19,13 @@ from typing import Any, Final
 
 import asyncpg
 
+from gochat.clock import now_ms
 from gochat.errors import GochatError, UnavailableError
 from gochat.ids import IdGenerator, id_unix_ms
 from gochat.store.common import (
     DirectConversationCache,
     StoreCounters,
     StoreStats,
-    now_ms,
     resolve_ids,
     unavailable,
 )

@@ -14,8 +14,9 @@ from typing import Any, Final
 
 import asyncpg
 
+from gochat.clock import now_ms
 from gochat.errors import GochatError, UnavailableError
-from gochat.store.common import now_ms, unavailable
+from gochat.store.common import unavailable
 
 __all__ = ["MESSAGE_PARTITIONS", "MIGRATIONS", "SCHEMA_VERSION", "check_schema", "migrate", "migrate_schema"]
 

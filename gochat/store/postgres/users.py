@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from gochat.clock import now_ms
 from gochat.errors import ErrorCode, RequestError
 from gochat.store.base import UserRecord
-from gochat.store.common import now_ms
 from gochat.store.postgres.engine import PostgresEngine
 from gochat.store.postgres.pool import check_int64
 

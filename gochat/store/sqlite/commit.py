@@ -28,6 +28,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any, Final, cast
 
+from gochat.clock import now_ms
 from gochat.errors import ErrorCode, GochatError, RequestError
 from gochat.ids import IdGenerator
 from gochat.store.base import AppendCallback, AppendRequest, AppendResult, StoredMessage
@@ -38,7 +39,6 @@ from gochat.store.common import (
     invalid_value_error,
     message_from_row,
     new_message,
-    now_ms,
     run_callback,
     unavailable,
 )

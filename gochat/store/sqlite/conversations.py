@@ -5,9 +5,10 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Iterable
 
+from gochat.clock import now_ms
 from gochat.errors import ErrorCode, RequestError
 from gochat.store.base import ConversationState, GroupInfo
-from gochat.store.common import direct_peer, now_ms
+from gochat.store.common import direct_peer
 from gochat.store.sqlite.engine import SQLiteEngine
 
 __all__ = ["ConversationRepository"]

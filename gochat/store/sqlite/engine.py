@@ -27,13 +27,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from gochat.clock import now_ms
 from gochat.errors import ErrorCode, UnavailableError
 from gochat.ids import IdGenerator
 from gochat.store.common import (
     DirectConversationCache,
     StoreCounters,
     StoreStats,
-    now_ms,
     resolve_ids,
     unavailable,
 )

@@ -12,8 +12,8 @@ import logging
 import sqlite3
 from typing import Final
 
+from gochat.clock import now_ms
 from gochat.errors import UnavailableError
-from gochat.store.common import now_ms
 
 __all__ = ["MIGRATIONS", "SCHEMA_VERSION", "migrate"]
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import sqlite3
 
+from gochat.clock import now_ms
 from gochat.errors import ErrorCode, RequestError
 from gochat.store.base import UserRecord
-from gochat.store.common import now_ms
 from gochat.store.sqlite.engine import SQLiteEngine
 
 __all__ = ["UserRepository"]
