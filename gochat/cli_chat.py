@@ -192,10 +192,10 @@ class ChatSession:
         return uid
 
     async def resolve_user(self, user_id: int) -> None:
-        """Learn the name of ``user_id`` before it is shown. The protocol maps names to ids
-        (``user.lookup``, ``GET /v1/users/by-name``) but has no id -> name method yet: this
-        asks ``user.get`` once, and after UNKNOWN_METHOD shows ``user#ID`` until the name is
-        learnt another way (``/to NAME``, ``/group``, ``/list``)."""
+        """Learn the name of ``user_id`` before it is shown, with CALL ``user.get`` (id -> name).
+        A server without that method (an older one) answers UNKNOWN_METHOD once; from then on
+        the user is shown as ``user#ID`` until the name is learnt another way (``/to NAME``,
+        ``/group``, ``/list``)."""
         if user_id <= 0 or user_id == self.client.user_id or user_id in self.names or self.user_get is False:
             return
         try:

@@ -1,7 +1,7 @@
 """``gochat chat`` names the sender of an incoming message: never a bare user id.
 
 The session is driven directly (its receive loop writing into a buffer) against a real
-``gochat serve``; a stub client covers a server that answers ``user.get``.
+``gochat serve`` (which answers ``user.get``); a stub client covers a server with and without it.
 """
 
 from __future__ import annotations
@@ -54,9 +54,9 @@ def test_first_message_from_an_unknown_user_shows_a_name_not_a_bare_id(
             sender, dest = m.group(1), m.group(2)
             assert dest == "you"
             assert sender != str(alice.user_id), m.group(0)
-            # her name where the server can tell it (CALL user.get), else the id marked as one
-            expected = alice.username if session.user_get else f"user#{alice.user_id}"
-            assert sender == expected, (m.group(0), session.user_get)
+            # her name, which the server tells (CALL user.get)
+            assert session.user_get is True, out.getvalue()
+            assert sender == alice.username, m.group(0)
             # once the name is known (/to NAME looks it up), every later line uses it
             assert await session.handle(f"/to {alice.username}")
             await a.send(Kind.DIRECT, bob.user_id, "again")

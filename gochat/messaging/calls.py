@@ -75,6 +75,7 @@ class ControlCalls:
             "conversation.list": self.conversation_list,
             "presence.query": self.presence_query,
             "user.lookup": self.user_lookup,
+            "user.get": self.user_get,
         }
 
     async def call(self, conn: Connection, method: str, payload: bytes, rid: int) -> bytes:
@@ -204,6 +205,13 @@ class ControlCalls:
         if not isinstance(name, str):
             raise _bad("'username' must be a string")
         user = await self.store.get_user_by_name(name)
+        if user is None:
+            raise not_found("user")
+        return {"user_id": user.user_id, "username": user.username}
+
+    async def user_get(self, conn: Connection, p: dict[str, Any]) -> dict[str, Any]:
+        """A username by user id (the reverse of :meth:`user_lookup`)."""
+        user = await self.store.get_user(_id(p, "user_id"))
         if user is None:
             raise not_found("user")
         return {"user_id": user.user_id, "username": user.username}

@@ -224,3 +224,33 @@ def test_drain_goaway_then_close_4502(gochat_server: GochatProcess) -> None:
         assert await code_future == 0
 
     run(scenario())
+
+
+def test_user_get_names_a_user_by_id(shared_server: GochatProcess) -> None:
+    """CALL user.get (docs/protocol.md §7): id -> username, the reverse of user.lookup; a bad
+    id is 300 BAD_REQUEST, an unknown one (or one above 2**63-1) 301 NOT_FOUND."""
+
+    async def scenario() -> None:
+        alice = await create_user(shared_server.http_url, "uget-a")
+        bob = await create_user(shared_server.http_url, "uget-b")
+        c = await online(shared_server, alice)
+        got = orjson.loads((await _call(c, "user.get", {"user_id": bob.user_id}, 2)).payload)
+        assert got == {"user_id": bob.user_id, "username": bob.username}
+        me = orjson.loads((await _call(c, "user.get", {"user_id": alice.user_id}, 3)).payload)
+        assert me == {"user_id": alice.user_id, "username": alice.username}
+        looked_up = orjson.loads((await _call(c, "user.lookup", {"username": bob.username}, 4)).payload)
+        assert looked_up == got
+        rid = 10
+        for payload in (b"{}", b'{"user_id": 0}', b'{"user_id": -1}', b'{"user_id": "2"}',
+                        b'{"user_id": 1.0}', b'{"user_id": true}', b'{"user_id": null}'):
+            rid += 1
+            await _call_error(c, "user.get", payload, rid, ErrorCode.BAD_REQUEST)
+        for uid in (U63 - 1, U63, U64_MAX):
+            rid += 1
+            await _call_error(c, "user.get", json.dumps({"user_id": uid}).encode(), rid, ErrorCode.NOT_FOUND)
+        rid += 1
+        await _call_error(c, "user.get", b"[1]", rid, ErrorCode.BAD_JSON)
+        c.close()
+        await assert_healthy(shared_server)
+
+    run(scenario())
