@@ -53,6 +53,7 @@ cdef class ConnShared:
         double rate
         double burst
         Py_ssize_t max_message
+        object on_send                   # the handler's on_send, looked up once (native Session)
 
 
 cdef class Connection(WSListener):
@@ -102,6 +103,7 @@ cdef class Connection(WSListener):
     cdef int _fragment(self, WSFrame frame, WSMsgType t) except -1
     cdef int _on_close(self, WSTransport transport, WSFrame frame) except -1
     cdef int _ws_fail(self, int code, str reason) except -1
+    cdef int _on_payload(self, const unsigned char* data, Py_ssize_t size) except -1
 
 
 cdef class FanoutWriter:

@@ -274,7 +274,9 @@ cdef class ConnShared:
 
 
 cdef class Connection(WSListener):
-    """One client WebSocket. The gateway (Python) gets ``on_message(conn, bytes)``."""
+    """One client WebSocket: the picows listener, its outbound buffer and rate limiter. Each
+    binary message goes to :meth:`_on_payload`: here the gateway (Python) gets
+    ``on_message(conn, bytes)``; :class:`gochat._native.session.Session` walks it natively."""
 
     def __init__(self, handler, FanoutWriter writer not None, Py_ssize_t soft_limit, Py_ssize_t hard_limit,
                  double rate, double burst, Py_ssize_t max_message):
@@ -363,7 +365,7 @@ cdef class Connection(WSListener):
                 self._ws_fail(1002, "reserved bit set, no extension negotiated")
             return
         if t == WSMsgType.BINARY and frame.fin and self.fragments is None:
-            self.shared.handler.on_message(self, frame.get_payload_as_bytes())
+            self._on_payload(<const unsigned char*>frame.payload_ptr, frame.payload_size)
         elif t == WSMsgType.BINARY or t == WSMsgType.CONTINUATION:
             self._fragment(frame, t)
         elif t == WSMsgType.TEXT:
@@ -399,7 +401,14 @@ cdef class Connection(WSListener):
         elif frame.fin:
             data = bytes(self.fragments)
             self.fragments = None
-            self.shared.handler.on_message(self, data)
+            self._on_payload(<const unsigned char*>PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data))
+        return 0
+
+    cdef int _on_payload(self, const unsigned char* data, Py_ssize_t size) except -1:
+        """One whole WebSocket binary message (valid only during this call). Here: handed to
+        the gateway as bytes (``on_message``, the reference path); the native session
+        (gochat._native.session.Session) overrides it to walk the frames itself."""
+        self.shared.handler.on_message(self, PyBytes_FromStringAndSize(<const char*>data, size))
         return 0
 
     cdef int _on_close(self, WSTransport transport, WSFrame frame) except -1:

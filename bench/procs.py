@@ -233,10 +233,12 @@ class Target:
     desc: str
     coalesces: bool = False
     proto: str = "ws"  # "ws", or a broker the load generator adapts to: "nats" (over WS), "redis" (TCP)
+    #: environment of the server process (a gochat variant's settings)
+    env: dict[str, str] = field(default_factory=dict)
 
     def command(self) -> list[str]:
         py = sys.executable
-        if self.name == "gochat":
+        if self.kind == "gochat":
             return [py, "-m", "gochat.cli", "serve"]
         if self.name == "cfloor":
             from bench import native
@@ -298,6 +300,13 @@ TARGETS: dict[str, Target] = {
     t.name: t
     for t in (
         Target("gochat", "gochat", "gochat serve: picows + Cython coalescing FanoutWriter, real protocol", True),
+        Target(
+            "gochat-reference",
+            "gochat",
+            "gochat serve with native_session = false: frames decoded and dispatched by the Python reference gateway",
+            True,
+            env={"GOCHAT_NATIVE_SESSION": "false"},
+        ),
         Target("cfloor", "raw", "C epoll, one send(2) per message per socket (floor)"),
         Target("cfloor-coalesce", "raw", "C epoll, per-batch coalescing: one send(2) per socket per epoll batch", True),
         Target("picows", "raw", "bare picows (uvloop), transport.send per message per socket"),
@@ -355,7 +364,7 @@ class ServerProc:
             cmd = self.target.command()
         env = dict(os.environ)
         env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-        if self.target.name == "gochat":
+        if self.target.kind == "gochat":
             # A fresh database per start: the scenarios register their users by fixed names
             # (bench_s0, ...), so a rerun with the same --out would find them taken (409), and
             # a measurement must not depend on what an earlier run left in the store.
@@ -372,6 +381,7 @@ class ServerProc:
                     "GOCHAT_LOG_LEVEL": "INFO",
                 }
             )
+        env.update(self.target.env)
         env.update(self.env)
         self._preload_syscount(env)
         self.log_path = self.workdir / f"{self.target.name}-server.log"
@@ -425,7 +435,7 @@ class ServerProc:
                     ready.set_result(None)
                     continue
                 m = _LISTEN.search(line)
-                if m and self.target.name != "gochat":
+                if m and self.target.kind != "gochat":
                     self.port = int(m.group(1))
                     self.ws_url = f"ws://127.0.0.1:{self.port}/ws"
                     ready.set_result(None)
@@ -460,7 +470,7 @@ class ServerProc:
 
     async def write_counters(self) -> dict[str, int] | None:
         """Data-plane counters: gochat's /metrics, or cfloor's own (SIGUSR1)."""
-        if self.target.name == "gochat":
+        if self.target.kind == "gochat":
             async with aiohttp.ClientSession() as http, http.get(f"{self.http_url}/metrics") as r:
                 text = await r.text()
             out = {}

@@ -60,6 +60,9 @@ class Settings:
         250.0,
         "shed load: answer a SEND OVERLOADED when its commit would wait longer than this (0: never shed)",
     )
+    native_session: bool = _opt(
+        True, "walk client frames in the native session state machine (false: the Python reference gateway)"
+    )
     log_level: str = _opt("INFO", "logging level: DEBUG, INFO, WARNING, ERROR")
     # cluster mode (both URLs set): PostgreSQL store, Redis broker/presence/registry
     redis_url: str = _opt("", "Redis URL for cluster mode, e.g. redis://127.0.0.1:6379/0")

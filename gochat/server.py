@@ -216,8 +216,11 @@ class Server:
             async with asyncio.timeout(2.0):
                 await self.cluster.ping()
             checks["cluster"] = "ok"
-        except (GochatError, TimeoutError) as exc:
-            checks["cluster"] = f"unavailable: {exc}"
+        except GochatError as exc:
+            checks["cluster"] = f"unavailable: {exc.message}"
+            ready = False
+        except TimeoutError:
+            checks["cluster"] = "unavailable: no answer within 2 s"
             ready = False
         checks["gateway"] = "draining" if self.draining else "ok"
         ready = ready and not self.draining

@@ -344,7 +344,9 @@ class PresenceBehaviour:
             await b.lose_data()
             assert await pa.online([5]) == {5: False}
             assert await pa.lost("A") is True
-            assert await pa.lost("A") is False, "lost() marks the node again"
+            assert await pa.lost("A") is True, "lost until marked again"
+            await pa.mark("A")
+            assert await pa.lost("A") is False
             await pa.unmark("A")
             assert await pb.lost("A") is True
 

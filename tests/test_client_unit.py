@@ -1132,7 +1132,7 @@ def test_chat_formatting() -> None:
     mine = Message(Kind.DIRECT, 9, 2, 2, 7, ts, b"\0" * 16, 1, b"yo")
     assert s.format_message(mine) == "[13:04:05] you → bob: yo"
     g = Message(Kind.GROUP, 50, 3, 3, 11, ts, b"\0" * 16, 0, b"\1\2")
-    assert s.format_message(g) == "[13:04:05] 11 → #team: <2 bytes, content type 0>"
+    assert s.format_message(g) == "[13:04:05] user#11 → #team: <2 bytes, content type 0>"
     r = Message(Kind.ROOM, 4, 0, 4, 9, ts, b"\0" * 16, 1, b"x")
     assert s.format_message(r) == "[13:04:05] bob → room:4: x"
     assert s.format_event(Event(1, 0, 0, 9, 1)) == "* bob is online"

@@ -135,7 +135,7 @@ class Presence(Protocol):
 
     async def lost(self, node_id: str) -> bool:
         """True when the backend lost what it held since :meth:`mark` (a Redis restart without
-        persistence): the node must record its sessions again. Marks the node again."""
+        persistence): the node must record its sessions again, then :meth:`mark` again."""
 
     async def unmark(self, node_id: str) -> None:
         """Forget the mark (graceful exit)."""

@@ -153,6 +153,9 @@ class ClusterLink:
                 if await self.presence.lost(self.node_id):
                     sessions = self.events.local_sessions()
                     await self.reannounce(sessions)
+                    # marked only once every session is recorded again: a failure on the way
+                    # leaves the mark missing, and the next check tries again
+                    await self.presence.mark(self.node_id)
                     log.warning("presence data was lost (backend restarted?): re-recorded %d sessions", len(sessions))
             except GochatError as exc:  # the backend is still down: try again next time
                 log.info("presence guard: %s", exc.message)

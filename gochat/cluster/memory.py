@@ -369,10 +369,7 @@ class MemoryClusterPresence:
 
     async def lost(self, node_id: str) -> bool:
         self.hub.check()
-        if node_id in self.hub.marks:
-            return False
-        self.hub.marks.add(node_id)
-        return True
+        return node_id not in self.hub.marks
 
     async def unmark(self, node_id: str) -> None:
         self.hub.check()

@@ -1,9 +1,14 @@
 """The WebSocket gateway: connection lifecycle, authentication, decoding and dispatch.
 
-picows calls the native :class:`Connection` for every WebSocket message; the connection hands
-the bytes to :meth:`Gateway.on_message`, which decodes every frame of the message, applies the
-per-connection rate limit, and dispatches. Replies and pushes are queued on the connection and
-leave in one coalesced write at the end of the loop tick (``FanoutWriter``).
+picows calls the native connection for every WebSocket message. By default that is a
+:class:`~gochat._native.session.Session`, which walks the frames in C (validation, rate limit,
+auth gate, op switch, PING) and calls the coarse methods here: :meth:`Gateway.on_send` (plain
+values, straight into the send path), :meth:`Gateway.on_auth`, :meth:`Gateway.on_request` (one
+control-plane frame), :meth:`Gateway.on_violation`, :meth:`Gateway.on_rate_limited`. With
+``native_session = false`` a plain :class:`Connection` hands each message to
+:meth:`Gateway.on_message`, the reference implementation in Python that decodes every frame
+and dispatches it; the tests check that both answer alike. Replies and pushes are queued on the
+connection and leave in one coalesced write at the end of the loop tick (``FanoutWriter``).
 
 Errors: a request-level failure is answered with ERROR (the connection stays); a protocol
 violation is answered with ERROR and the connection is closed with ``4000 + code``.
@@ -19,6 +24,7 @@ from typing import Any
 from picows import WSUpgradeRequest, WSUpgradeResponse, WSUpgradeResponseWithListener
 
 from gochat._native.fanout import Connection, FanoutWriter
+from gochat._native.session import Session
 from gochat.auth.service import AuthService
 from gochat.auth.tokens import Claims
 from gochat.config import Settings
@@ -55,6 +61,9 @@ class Gateway:
         self.draining = False
         self._picows_max_message = settings.max_frame * 4
         self._auth_timeout_s = settings.auth_timeout_ms / 1000
+        self._connection_class = Session if settings.native_session else Connection
+        #: the native session's SEND entry: the send path itself, no gateway frame in between
+        self.on_send = core.sends.send
 
     # ---- listener factory ------------------------------------------------------------------
     def listener_factory(self, request: WSUpgradeRequest) -> Any:
@@ -65,7 +74,7 @@ class Gateway:
             return WSUpgradeResponseWithListener(
                 WSUpgradeResponse.create_error_response(503, b"draining"), None
             )
-        conn = Connection(
+        conn = self._connection_class(
             self,
             self.writer,
             self.settings.outbound_soft_limit,
@@ -107,7 +116,29 @@ class Gateway:
         if not conn.authenticated and not conn.closing:
             self._fatal(conn, 0, ErrorCode.NOT_AUTHENTICATED, "no AUTH within the time allowed")
 
-    # ---- inbound ---------------------------------------------------------------------------------
+    # ---- inbound: the native session's coarse calls ----------------------------------------------
+    def on_auth(self, conn: Connection, rid: int, token: str) -> None:
+        if conn.authenticated:
+            self.replies.error(conn, rid, ErrorCode.ALREADY_AUTHENTICATED)
+            return
+        try:
+            claims = self.auth.verify_access(token)
+        except GochatError as exc:
+            self._fatal(conn, rid, exc.code, exc.message)
+            return
+        self.sessions.authenticate(conn, claims, rid)
+
+    def on_request(self, conn: Connection, frame: bytes) -> None:
+        """One valid control-plane frame of an authenticated connection."""
+        self._dispatch(conn, decode(frame, self.settings.max_frame)[0])
+
+    def on_violation(self, conn: Connection, rid: int, code: int, message: str) -> None:
+        self._fatal(conn, rid, code, message)
+
+    def on_rate_limited(self, conn: Connection, rid: int) -> None:
+        self.replies.error(conn, rid, ErrorCode.RATE_LIMITED, "", _RETRY_RATE_LIMITED_MS)
+
+    # ---- inbound: the reference implementation ---------------------------------------------------
     def on_message(self, conn: Connection, data: bytes) -> None:
         if conn.closing:
             return
@@ -147,18 +178,15 @@ class Gateway:
             return
         if not conn.authenticated:
             if op == Op.AUTH:
-                self._auth_frame(conn, f)
+                self.on_auth(conn, f.rid, f.token)
             else:
                 self._fatal(conn, f.rid, ErrorCode.NOT_AUTHENTICATED, "AUTH first")
             return
         core = self.core
         if op == Op.SEND:
-            try:
-                core.send_soon(conn, f, self.loop.time())
-            except GochatError as exc:
-                self.replies.error(conn, f.rid, exc.code, exc.message, exc.retry_after_ms)
+            core.send_soon(conn, f, self.loop.time())
         elif op == Op.AUTH:
-            self.replies.error(conn, f.rid, ErrorCode.ALREADY_AUTHENTICATED)
+            self.on_auth(conn, f.rid, f.token)
         elif op == Op.SYNC:
             self._spawn(conn, f.rid, core.sync(conn, f))
         elif op == Op.HISTORY:
@@ -174,14 +202,6 @@ class Gateway:
                 conn.push(core.subscribe(conn, f) if op == Op.SUBSCRIBE else core.unsubscribe(conn, f))
             except GochatError as exc:
                 self.replies.error(conn, f.rid, exc.code, exc.message, exc.retry_after_ms)
-
-    def _auth_frame(self, conn: Connection, f: Any) -> None:
-        try:
-            claims = self.auth.verify_access(f.token)
-        except GochatError as exc:
-            self._fatal(conn, f.rid, exc.code, exc.message)
-            return
-        self.sessions.authenticate(conn, claims, f.rid)
 
     @property
     def connection_count(self) -> int:

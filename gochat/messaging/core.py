@@ -80,8 +80,8 @@ class MessagingCore:
 
     # ---- SEND and CALL ---------------------------------------------------------------------------
     def send_soon(self, conn: Connection, req: Send, started: float) -> None:
-        """See :meth:`SendPath.send_soon`."""
-        self.sends.send_soon(conn, req, started)
+        """A SEND given as a frame object (the reference gateway); see :meth:`SendPath.send`."""
+        self.sends.send(conn, req.rid, req.kind, req.content_type, req.conv_id, req.client_msg_id, req.body, started)
 
     async def call(self, conn: Connection, method: str, payload: bytes, rid: int) -> bytes:
         return await self.calls.call(conn, method, payload, rid)

@@ -20,7 +20,7 @@ from typing import Any
 from gochat._native.fanout import Connection
 from gochat.clock import now_ms
 from gochat.config import Settings
-from gochat.errors import ErrorCode, RequestError
+from gochat.errors import ErrorCode, GochatError, RequestError
 from gochat.ids import IdGenerator
 from gochat.messaging.addressing import Addressing, Target
 from gochat.messaging.delivery import Delivery
@@ -29,14 +29,17 @@ from gochat.messaging.sessions import SessionState
 from gochat.messaging.shedding import SendAccounting
 from gochat.observability.metrics import HotCounters
 from gochat.protocol import FLAG_DUPLICATE, Kind, encode_deliver, encode_send_ack
-from gochat.protocol.frames import Send
 from gochat.store import AppendRequest, AppendResult, Store, StoredMessage
 
-__all__ = ["MAX_SEND_BACKLOG", "SendPath"]
+__all__ = ["MAX_SEND_BACKLOG", "PendingSend", "SendPath"]
 
 #: SENDs of one connection that may wait behind a conversation lookup (beyond: OVERLOADED);
 #: above the default rate-limit burst (400), so only a client past its limit can reach it
 MAX_SEND_BACKLOG = 1024
+
+#: a SEND waiting in a connection's backlog: (rid, kind, content_type, conv_id, client_msg_id,
+#: body, arrival time)
+PendingSend = tuple[int, int, int, int, bytes, bytes, float]
 
 
 class SendPath:
@@ -61,84 +64,107 @@ class SendPath:
         self._loop_time = asyncio.get_running_loop().time
         self._tasks: set[asyncio.Task[None]] = set()
 
-    def send_soon(self, conn: Connection, req: Send, started: float) -> None:
-        """Handle a SEND; request errors found at once raise :class:`~gochat.errors.GochatError`,
-        later ones (after a lookup or the commit) are answered through the ERROR replies."""
-        kind = self._check(req)
+    def send(
+        self,
+        conn: Connection,
+        rid: int,
+        kind: int,
+        content_type: int,
+        conv_id: int,
+        client_msg_id: bytes,
+        body: bytes,
+        started: float,
+    ) -> None:
+        """Handle one SEND, given as plain values (the native session calls this for every
+        SEND; the reference gateway unpacks its frame object into it). Every answer, refusals
+        included, is written to ``conn``: SEND_ACK after the commit, or ERROR."""
+        try:
+            self._send(conn, rid, kind, content_type, conv_id, client_msg_id, body, started)
+        except GochatError as exc:
+            self.replies.error(conn, rid, exc.code, exc.message, exc.retry_after_ms)
+
+    def _send(
+        self,
+        conn: Connection,
+        rid: int,
+        kind: int,
+        content_type: int,
+        conv_id: int,
+        client_msg_id: bytes,
+        body: bytes,
+        started: float,
+    ) -> None:
+        body_len = len(body)
+        if body_len == 0:
+            raise RequestError(code=ErrorCode.EMPTY_BODY)
+        if body_len > self.max_body:
+            raise RequestError(f"body above {self.max_body} bytes", code=ErrorCode.BODY_TOO_LARGE)
         if kind == Kind.ROOM:
-            conn.push(self._send_room(conn, req))
+            conn.push(self._send_room(conn, rid, content_type, conv_id, client_msg_id, body))
             self.hot.send_latency.observe(self._loop_time() - started)
             return
         accounting = self.accounting
         retry_after_ms = accounting.shed_delay_ms(started)
         if retry_after_ms:
             self.hot.sends_shed += 1
-            self.replies.error(
-                conn, req.rid, ErrorCode.OVERLOADED, "commits are lagging; retry later", retry_after_ms
-            )
+            self.replies.error(conn, rid, ErrorCode.OVERLOADED, "commits are lagging; retry later", retry_after_ms)
             return
         state: SessionState = conn.state
         backlog = state.send_backlog
+        entry = (rid, kind, content_type, conv_id, client_msg_id, body, started)
         if backlog is not None:
             if len(backlog) >= MAX_SEND_BACKLOG:
-                raise RequestError(
-                    "too many SENDs waiting for a conversation lookup", code=ErrorCode.OVERLOADED
-                )
-            backlog.append((req, kind, started))
+                raise RequestError("too many SENDs waiting for a conversation lookup", code=ErrorCode.OVERLOADED)
+            backlog.append(entry)
             accounting.started(started)
             return
-        target = self.addressing.cached_target(conn.user_id, kind, req.conv_id)
+        target = self.addressing.cached_target(conn.user_id, kind, conv_id)
         if target is not None:
-            self._append(conn, req, kind, target, started)
+            self._append(conn, entry, target)
             return
-        state.send_backlog = backlog = deque(((req, kind, started),))
+        state.send_backlog = backlog = deque((entry,))
         accounting.started(started)
         self._spawn(self._drain_backlog(conn, backlog))
 
-    def _check(self, req: Send) -> int:
-        body_len = len(req.body)
-        if body_len == 0:
-            raise RequestError(code=ErrorCode.EMPTY_BODY)
-        if body_len > self.max_body:
-            raise RequestError(f"body above {self.max_body} bytes", code=ErrorCode.BODY_TOO_LARGE)
-        return req.kind
-
-    async def _drain_backlog(self, conn: Connection, backlog: deque[tuple[Send, int, float]]) -> None:
+    async def _drain_backlog(self, conn: Connection, backlog: deque[PendingSend]) -> None:
         """Enqueue a connection's waiting SENDs in arrival order, each as soon as its
         conversation is known, and every cached one in the same pass (so a backlog drains in one
         loop iteration once the lookup is done; docs/architecture.md, "The send path")."""
         addressing = self.addressing
         try:
             while backlog:
-                req, kind, started = backlog[0]
+                entry = backlog[0]
+                rid, kind, _, conv_id, _, _, _ = entry
                 try:
-                    target = addressing.cached_target(conn.user_id, kind, req.conv_id)
+                    target = addressing.cached_target(conn.user_id, kind, conv_id)
                     if target is None:
-                        target = await addressing.target(conn.user_id, kind, req.conv_id)
-                    self._append(conn, req, kind, target, started)
+                        target = await addressing.target(conn.user_id, kind, conv_id)
+                    self._append(conn, entry, target)
                 except Exception as exc:
-                    self.replies.failed(conn, req.rid, exc)
+                    self.replies.failed(conn, rid, exc)
                 backlog.popleft()
                 self.accounting.settled()
         finally:
             conn.state.send_backlog = None
             while backlog:  # cancelled (the server is stopping): answer what still waits
-                req, _, _ = backlog.popleft()
-                self.replies.error(conn, req.rid, ErrorCode.UNAVAILABLE, "server stopping")
+                rid = backlog.popleft()[0]
+                self.replies.error(conn, rid, ErrorCode.UNAVAILABLE, "server stopping")
                 self.accounting.settled()
 
-    def _append(self, conn: Connection, req: Send, kind: int, target: Target, started: float) -> None:
+    def _append(self, conn: Connection, entry: PendingSend, target: Target) -> None:
+        rid, kind, content_type, conv_id, client_msg_id, body, started = entry
         conv, members = target
         self.store.append_soon(
-            AppendRequest(conv, kind, conn.user_id, req.client_msg_id, req.content_type, req.body),
-            partial(self.committed, conn, req, conv, members, started),
+            AppendRequest(conv, kind, conn.user_id, client_msg_id, content_type, body),
+            partial(self.committed, conn, rid, conv_id, conv, members, started),
         )
         self.accounting.started(started)
 
     def committed(
         self,
         conn: Connection,
-        req: Send,
+        rid: int,
+        wire_conv: int,
         conv: int,
         members: tuple[int, ...],
         started: float,
@@ -149,23 +175,21 @@ class SendPath:
         now = self._loop_time()
         self.accounting.answered(now)
         if result is None:
-            self.replies.failed(
-                conn, req.rid, error if error is not None else RequestError(code=ErrorCode.INTERNAL)
-            )
+            self.replies.failed(conn, rid, error if error is not None else RequestError(code=ErrorCode.INTERNAL))
             return
         m = result.message
         hot = self.hot
         hot.messages_in[m.kind] += 1
         if not result.duplicate:
-            self._fan_out(conn, m, req.conv_id, members)
-            conn.push(encode_send_ack(req.rid, 0, m.kind, req.conv_id, m.seq, m.msg_id, m.ts_ms))
+            self._fan_out(conn, m, wire_conv, members)
+            conn.push(encode_send_ack(rid, 0, m.kind, wire_conv, m.seq, m.msg_id, m.ts_ms))
         elif m.conv == conv:
-            conn.push(encode_send_ack(req.rid, FLAG_DUPLICATE, m.kind, req.conv_id, m.seq, m.msg_id, m.ts_ms))
+            conn.push(encode_send_ack(rid, FLAG_DUPLICATE, m.kind, wire_conv, m.seq, m.msg_id, m.ts_ms))
         else:
             # A retry that names another conversation than the original SEND: the original
             # SEND_ACK names the original's, as the sender addresses it (for a direct one, the
             # peer, which only the store knows).
-            self._spawn(self._ack_original(conn, req.rid, m))
+            self._spawn(self._ack_original(conn, rid, m))
         hot.send_latency.observe(now - started)
 
     async def _ack_original(self, conn: Connection, rid: int, m: StoredMessage) -> None:
@@ -197,19 +221,19 @@ class SendPath:
             )
         self.hot.deliveries += n
 
-    def _send_room(self, conn: Connection, req: Send) -> bytes:
+    def _send_room(
+        self, conn: Connection, rid: int, content_type: int, room_id: int, client_msg_id: bytes, body: bytes
+    ) -> bytes:
         state: SessionState = conn.state
-        if req.conv_id not in state.rooms:
+        if room_id not in state.rooms:
             raise RequestError("subscribe to the room before sending", code=ErrorCode.NOT_MEMBER)
         msg_id = self.ids.next_id()
         ts = now_ms()
-        data = encode_deliver(
-            Kind.ROOM, req.content_type, req.conv_id, 0, msg_id, conn.user_id, ts, req.client_msg_id, req.body
-        )
+        data = encode_deliver(Kind.ROOM, content_type, room_id, 0, msg_id, conn.user_id, ts, client_msg_id, body)
         hot = self.hot
-        hot.deliveries += self.delivery.room(req.conv_id, data, conn)
+        hot.deliveries += self.delivery.room(room_id, data, conn)
         hot.messages_in[Kind.ROOM] += 1
-        return encode_send_ack(req.rid, 0, Kind.ROOM, req.conv_id, 0, msg_id, ts)
+        return encode_send_ack(rid, 0, Kind.ROOM, room_id, 0, msg_id, ts)
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)

@@ -23,10 +23,11 @@ from gochat.errors import ErrorCode, RequestError, close_code_for
 from gochat.ids import IdGenerator
 from gochat.messaging.watchers import PresenceWatchers
 from gochat.protocol import encode
-from gochat.protocol.frames import AuthOk, GoAway, Send, SubscribeOk, UnsubscribeOk
+from gochat.protocol.frames import AuthOk, GoAway, SubscribeOk, UnsubscribeOk
 
 if TYPE_CHECKING:
     from gochat.cluster.link import ClusterLink
+    from gochat.messaging.send import PendingSend
 
 __all__ = ["MAX_ROOMS_PER_SESSION", "SessionState", "Sessions"]
 
@@ -49,7 +50,7 @@ class SessionState:
         self.auth_timer: asyncio.TimerHandle | None = None
         #: SENDs waiting, in arrival order, behind one whose conversation is being looked up
         #: (request, kind, arrival time); None when nothing waits (the send path's)
-        self.send_backlog: deque[tuple[Send, int, float]] | None = None
+        self.send_backlog: deque[PendingSend] | None = None
 
 
 class Sessions:

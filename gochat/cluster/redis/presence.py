@@ -263,9 +263,9 @@ class RedisPresence(_Client):
 
     async def lost(self, node_id: str) -> bool:
         """Redis keeps nothing across a restart without persistence: when the mark is gone,
-        the sessions recorded with it are gone too. SET NX re-marks in the same round trip."""
+        the sessions recorded with it are gone too."""
         async with self.guard("presence lost"):
-            return bool(await self.redis.set(self.mark_key(node_id), b"1", nx=True))
+            return not await self.redis.exists(self.mark_key(node_id))
 
     async def unmark(self, node_id: str) -> None:
         async with self.guard("presence unmark"):
