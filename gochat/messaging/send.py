@@ -78,53 +78,45 @@ class SendPath:
         """Handle one SEND, given as plain values (the native session calls this for every
         SEND; the reference gateway unpacks its frame object into it). Every answer, refusals
         included, is written to ``conn``: SEND_ACK after the commit, or ERROR."""
+        # one function on the hot path (a try block costs nothing until it catches)
         try:
-            self._send(conn, rid, kind, content_type, conv_id, client_msg_id, body, started)
+            body_len = len(body)
+            if body_len == 0:
+                raise RequestError(code=ErrorCode.EMPTY_BODY)
+            if body_len > self.max_body:
+                raise RequestError(f"body above {self.max_body} bytes", code=ErrorCode.BODY_TOO_LARGE)
+            if kind == Kind.ROOM:
+                conn.push(self._send_room(conn, rid, content_type, conv_id, client_msg_id, body))
+                self.hot.send_latency.observe(self._loop_time() - started)
+                return
+            accounting = self.accounting
+            retry_after_ms = accounting.shed_delay_ms(started)
+            if retry_after_ms:
+                self.hot.sends_shed += 1
+                self.replies.error(
+                    conn, rid, ErrorCode.OVERLOADED, "commits are lagging; retry later", retry_after_ms
+                )
+                return
+            state: SessionState = conn.state
+            backlog = state.send_backlog
+            entry = (rid, kind, content_type, conv_id, client_msg_id, body, started)
+            if backlog is not None:
+                if len(backlog) >= MAX_SEND_BACKLOG:
+                    raise RequestError(
+                        "too many SENDs waiting for a conversation lookup", code=ErrorCode.OVERLOADED
+                    )
+                backlog.append(entry)
+                accounting.started(started)
+                return
+            target = self.addressing.cached_target(conn.user_id, kind, conv_id)
+            if target is not None:
+                self._append(conn, entry, target)
+                return
+            state.send_backlog = backlog = deque((entry,))
+            accounting.started(started)
+            self._spawn(self._drain_backlog(conn, backlog))
         except GochatError as exc:
             self.replies.error(conn, rid, exc.code, exc.message, exc.retry_after_ms)
-
-    def _send(
-        self,
-        conn: Connection,
-        rid: int,
-        kind: int,
-        content_type: int,
-        conv_id: int,
-        client_msg_id: bytes,
-        body: bytes,
-        started: float,
-    ) -> None:
-        body_len = len(body)
-        if body_len == 0:
-            raise RequestError(code=ErrorCode.EMPTY_BODY)
-        if body_len > self.max_body:
-            raise RequestError(f"body above {self.max_body} bytes", code=ErrorCode.BODY_TOO_LARGE)
-        if kind == Kind.ROOM:
-            conn.push(self._send_room(conn, rid, content_type, conv_id, client_msg_id, body))
-            self.hot.send_latency.observe(self._loop_time() - started)
-            return
-        accounting = self.accounting
-        retry_after_ms = accounting.shed_delay_ms(started)
-        if retry_after_ms:
-            self.hot.sends_shed += 1
-            self.replies.error(conn, rid, ErrorCode.OVERLOADED, "commits are lagging; retry later", retry_after_ms)
-            return
-        state: SessionState = conn.state
-        backlog = state.send_backlog
-        entry = (rid, kind, content_type, conv_id, client_msg_id, body, started)
-        if backlog is not None:
-            if len(backlog) >= MAX_SEND_BACKLOG:
-                raise RequestError("too many SENDs waiting for a conversation lookup", code=ErrorCode.OVERLOADED)
-            backlog.append(entry)
-            accounting.started(started)
-            return
-        target = self.addressing.cached_target(conn.user_id, kind, conv_id)
-        if target is not None:
-            self._append(conn, entry, target)
-            return
-        state.send_backlog = backlog = deque((entry,))
-        accounting.started(started)
-        self._spawn(self._drain_backlog(conn, backlog))
 
     async def _drain_backlog(self, conn: Connection, backlog: deque[PendingSend]) -> None:
         """Enqueue a connection's waiting SENDs in arrival order, each as soon as its
