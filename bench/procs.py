@@ -238,6 +238,11 @@ class Target:
 
     def command(self) -> list[str]:
         py = sys.executable
+        if self.name == "gochat-baseline" and not os.environ.get("BENCH_BASELINE_TREE"):
+            raise SystemExit(
+                "target gochat-baseline: set BENCH_BASELINE_TREE to a checkout of the baseline commit "
+                "with its extensions built (python setup.py build_ext --inplace)"
+            )
         if self.kind == "gochat":
             return [py, "-m", "gochat.cli", "serve"]
         if self.name == "cfloor":
@@ -300,6 +305,13 @@ TARGETS: dict[str, Target] = {
     t.name: t
     for t in (
         Target("gochat", "gochat", "gochat serve: picows + Cython coalescing FanoutWriter, real protocol", True),
+        Target(
+            "gochat-baseline",
+            "gochat",
+            "gochat serve from the checkout at $BENCH_BASELINE_TREE (an earlier commit, to compare)",
+            True,
+            env={"PYTHONPATH": os.environ.get("BENCH_BASELINE_TREE", "")},
+        ),
         Target(
             "gochat-reference",
             "gochat",

@@ -71,3 +71,35 @@ def test_an_embedded_server_loads_no_redis_or_postgres_module(tmp_path: Path) ->
     assert r.returncode == 0, r.stdout + r.stderr
     (line,) = [ln for ln in r.stdout.splitlines() if ln.startswith("LOADED")]
     assert line == "LOADED []", line
+
+
+def test_the_import_graph_has_no_cycles() -> None:
+    """No cycle among gochat's modules, counting lazy and TYPE_CHECKING imports too (what
+    runs is a subset): each layer imports only the layers below it."""
+    from tests.test_cluster_layout import _cycles, _imports, _modules
+
+    modules = _modules()
+    graph = {name: _imports(name, path, modules) for name, path in modules.items()}
+    assert _cycles(graph) == []
+
+
+#: Modules allowed above MAX_LINES, each doing one job (the reason says which).
+LONG_MODULES = {
+    "_native/codec.pyx": "the wire codec: validation rules 1-9, decode and encode of every op",
+    "gochat/protocol/_codec_py.py": "the codec's pure-Python twin, rule for rule",
+    "_native/fanout.pyx": "a connection's I/O: its listener callbacks, outbound buffer and the writer "
+    "that flushes and heartbeats every connection (two cdef classes using each other's C fields)",
+}
+MAX_LINES = 600
+
+
+def test_no_product_module_is_over_600_lines_but_the_listed_ones() -> None:
+    sizes = {
+        str(p.relative_to(ROOT)): len(p.read_text(encoding="utf-8").splitlines())
+        for p in [*PACKAGE.rglob("*.py"), *(ROOT / "_native").glob("*.pyx")]
+        if "build" not in p.parts and not str(p.relative_to(ROOT)).startswith("gochat/_native/")
+    }
+    too_long = {path: n for path, n in sizes.items() if n > MAX_LINES and path not in LONG_MODULES}
+    assert not too_long, too_long
+    stale = [path for path in LONG_MODULES if sizes.get(path, 0) <= MAX_LINES]
+    assert not stale, f"no longer long, drop from LONG_MODULES: {stale}"

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
 from aiohttp import web
@@ -24,14 +24,34 @@ from gochat.auth.service import TokenPair
 from gochat.errors import ERRORS, ErrorCode, GochatError, error_for_http_status
 
 if TYPE_CHECKING:
-    from gochat.server import Server
+    from gochat.auth.service import AuthService
+    from gochat.observability.metrics import Metrics
+    from gochat.store import UserStore
 
 __all__ = ["build_app"]
 
 log = logging.getLogger("gochat.api")
 
 _MAX_BODY = 64 * 1024
-_SERVER_KEY: web.AppKey[Server] = web.AppKey("server")
+class Node(Protocol):
+    """What the HTTP API needs from its node (``gochat.server.Server``; a Protocol, so that
+    this module does not import the server that imports it)."""
+
+    @property
+    def auth(self) -> AuthService: ...
+
+    @property
+    def store(self) -> UserStore: ...
+
+    @property
+    def metrics(self) -> Metrics: ...
+
+    async def gateways(self) -> list[dict[str, Any]]: ...
+
+    async def readiness(self) -> tuple[bool, dict[str, str]]: ...
+
+
+_SERVER_KEY: web.AppKey[Node] = web.AppKey("server")
 
 
 def _json(data: Any, status: int = 200) -> web.Response:
@@ -92,7 +112,7 @@ def _bearer(request: web.Request) -> str:
     return token.strip()
 
 
-def _token_pair(server: Server, pair: TokenPair) -> dict[str, Any]:
+def _token_pair(server: Node, pair: TokenPair) -> dict[str, Any]:
     return {
         "access_token": pair.access_token,
         "refresh_token": pair.refresh_token,
@@ -165,7 +185,7 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
 
-def build_app(server: Server) -> web.Application:
+def build_app(server: Node) -> web.Application:
     app = web.Application(middlewares=[_errors], client_max_size=_MAX_BODY)
     app[_SERVER_KEY] = server
     app.router.add_post("/v1/users", create_user)

@@ -25,21 +25,17 @@ from gochat.ids import IdGenerator
 from gochat.messaging.addressing import Addressing, Target
 from gochat.messaging.delivery import Delivery
 from gochat.messaging.replies import ErrorReplies
-from gochat.messaging.sessions import SessionState
+from gochat.messaging.sessions import PendingSend, SessionState
 from gochat.messaging.shedding import SendAccounting
 from gochat.observability.metrics import HotCounters
 from gochat.protocol import FLAG_DUPLICATE, Kind, encode_deliver, encode_send_ack
 from gochat.store import AppendRequest, AppendResult, Store, StoredMessage
 
-__all__ = ["MAX_SEND_BACKLOG", "PendingSend", "SendPath"]
+__all__ = ["MAX_SEND_BACKLOG", "SendPath"]
 
 #: SENDs of one connection that may wait behind a conversation lookup (beyond: OVERLOADED);
 #: above the default rate-limit burst (400), so only a client past its limit can reach it
 MAX_SEND_BACKLOG = 1024
-
-#: a SEND waiting in a connection's backlog: (rid, kind, content_type, conv_id, client_msg_id,
-#: body, arrival time)
-PendingSend = tuple[int, int, int, int, bytes, bytes, float]
 
 
 class SendPath:

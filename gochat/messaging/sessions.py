@@ -27,11 +27,14 @@ from gochat.protocol.frames import AuthOk, GoAway, SubscribeOk, UnsubscribeOk
 
 if TYPE_CHECKING:
     from gochat.cluster.link import ClusterLink
-    from gochat.messaging.send import PendingSend
 
-__all__ = ["MAX_ROOMS_PER_SESSION", "SessionState", "Sessions"]
+__all__ = ["MAX_ROOMS_PER_SESSION", "PendingSend", "SessionState", "Sessions"]
 
 MAX_ROOMS_PER_SESSION = 100
+
+#: a SEND waiting in a connection's backlog (the send path's): (rid, kind, content_type,
+#: conv_id, client_msg_id, body, arrival time)
+PendingSend = tuple[int, int, int, int, bytes, bytes, float]
 
 
 class SessionState:

@@ -20,10 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol, TypeAlias, runtime_checkable
-
-if TYPE_CHECKING:
-    from gochat.store.common import StoreStats
+from typing import Protocol, TypeAlias, runtime_checkable
 
 __all__ = [
     "AppendCallback",
@@ -36,6 +33,7 @@ __all__ = [
     "RefreshStatus",
     "Store",
     "StoreLifecycle",
+    "StoreStats",
     "StoredMessage",
     "TokenStore",
     "UserRecord",
@@ -88,6 +86,19 @@ class AppendResult:
 
 
 #: ``done(result, error)``: exactly one of the two is None.
+@dataclass(frozen=True, slots=True)
+class StoreStats:
+    """Counters (a snapshot). ``transactions`` counts committed write transactions; under
+    concurrency it is far below ``appended`` (group commit)."""
+
+    transactions: int
+    appended: int
+    duplicates: int
+    jobs: int
+    largest_batch: int
+    failed_transactions: int
+
+
 AppendCallback: TypeAlias = Callable[["AppendResult | None", "BaseException | None"], None]
 
 

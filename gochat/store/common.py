@@ -13,13 +13,12 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
 from typing import Any, Final
 
 from gochat.clock import now_ms  # re-exported: gochat.clock is the one wall clock
 from gochat.errors import ErrorCode, RequestError, UnavailableError
 from gochat.ids import IdGenerator
-from gochat.store.base import AppendCallback, AppendRequest, AppendResult, StoredMessage
+from gochat.store.base import AppendCallback, AppendRequest, AppendResult, StoredMessage, StoreStats
 
 __all__ = [
     "CLIENT_MSG_ID_LEN",
@@ -173,19 +172,6 @@ def direct_peer(kind: int, lo: Any, hi: Any, user_id: int) -> Any:
 
 
 # ---- counters -----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class StoreStats:
-    """Counters (a snapshot). ``transactions`` counts committed write transactions; under
-    concurrency it is far below ``appended`` (group commit)."""
-
-    transactions: int
-    appended: int
-    duplicates: int
-    jobs: int
-    largest_batch: int
-    failed_transactions: int
 
 
 class StoreCounters:
