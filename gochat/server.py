@@ -36,6 +36,7 @@ from gochat.gateway.gateway import Gateway
 from gochat.ids import IdGenerator
 from gochat.messaging.core import MessagingCore
 from gochat.messaging.delivery import LocalDelivery
+from gochat.messaging.events import NodeEventHandler
 from gochat.messaging.replies import ErrorReplies
 from gochat.observability.grpc_health import GrpcHealth
 from gochat.observability.metrics import Metrics
@@ -148,7 +149,15 @@ class Server:
         if s.grpc_health_port:
             self.grpc_health = GrpcHealth(s.host, s.grpc_health_port, self._ready)
             await self.grpc_health.start()
-        await self.cluster.start(self._node_info(), self._node_info, _NodeEvents(self))
+        events = _NodeEvents(self)
+        await self.cluster.start(self._node_info(), self._node_info, events)
+        # The event bus (docs/consistency.md): a consumer name that survives a restart of the
+        # node (its configured node id) replays from its cursor; a new one rebuilds.
+        handler = NodeEventHandler(self.core.addressing, events.revoked, self.auth.reload_revocations)
+        consumer = await self.cluster.start_events(
+            f"node-{s.node_id}" if s.node_id else self.node_name, handler.apply, handler.rebuild
+        )
+        self.metrics.attach_events(lambda: consumer.stats)
         log.info(
             "gochat listening ws=%s http=%s data=%s node=%s",
             self.ws_url,

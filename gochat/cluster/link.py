@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import uuid
 from collections.abc import Callable, Coroutine, Iterable, Sequence
@@ -20,6 +21,7 @@ from typing import Any, Protocol
 
 from gochat.cluster.backends import ClusterBackends
 from gochat.cluster.base import PRESENCE_GUARD_S, NodeInfo
+from gochat.cluster.bus import DomainEvent, EventConsumer, TokenRevoked
 from gochat.cluster.envelope import (
     KickEnvelope,
     PresenceEnvelope,
@@ -103,6 +105,9 @@ class ClusterLink:
         self.broker = backends.broker
         self.presence = backends.presence
         self.registry = backends.registry
+        self.bus = backends.bus
+        #: this node's reader of the event bus (:meth:`start_events`)
+        self.consumer: EventConsumer | None = None
         self.local = local
         self.presence_guard_s = presence_guard_s
         self.events: ClusterEvents = _NoEvents()
@@ -144,6 +149,38 @@ class ClusterLink:
         await self.presence.mark(self.node_id)
         self._guard_task = loop.create_task(self._presence_guard())
 
+    async def start_events(
+        self,
+        name: str,
+        apply: Callable[[DomainEvent], Any],
+        rebuild: Callable[[], Any],
+    ) -> EventConsumer:
+        """Read the event bus as consumer ``name`` (stable across restarts of the node, so it
+        replays from its cursor): ``apply(event)`` for every domain event, ``rebuild()`` when
+        the node cannot replay (docs/consistency.md). Stopped by :meth:`close`."""
+        self.consumer = EventConsumer(self.bus, name, apply, rebuild)
+        await self.consumer.start()
+        return self.consumer
+
+    def publish_event(self, event: DomainEvent) -> None:
+        """Publish a domain event in the background (retried a few times while the bus is
+        unreachable; what changed is in the store already)."""
+        if not event.origin:
+            event = dataclasses.replace(event, origin=self.node_id)
+        self._spawn(self._publish_event(event))
+
+    async def _publish_event(self, event: DomainEvent, tries: int = 5) -> None:
+        delay = 0.1
+        for attempt in range(tries):
+            try:
+                await self.bus.publish(event)
+                return
+            except GochatError:
+                if attempt == tries - 1:
+                    raise
+                await asyncio.sleep(delay)
+                delay *= 2
+
     async def _presence_guard(self) -> None:
         """A presence backend that lost its data (Redis restarted without persistence) lost
         this node's sessions too: record every local session again."""
@@ -180,6 +217,8 @@ class ClusterLink:
             # publishes spawned just before (a kick, a revocation) get a moment to go out
             await asyncio.wait(list(self._tasks), timeout=1.0)
         await _cancel([*self._tasks, self._router_task, self._guard_task], timeout_s=3.0)
+        if self.consumer is not None:
+            await self.consumer.close()
         try:
             async with asyncio.timeout(3.0):
                 await self.presence.unmark(self.node_id)
@@ -336,7 +375,12 @@ class ClusterLink:
         return await self.presence.online(user_ids)
 
     def publish_revocation(self, user_id: int, expires_ms: int, revoked_id: str) -> None:
+        """At once on pub/sub (at most once), and durably on the event bus (every node,
+        replayed after a disconnect)."""
         self._spawn(self.broker.broadcast(encode_revoke(user_id, expires_ms, revoked_id)))
+        self.publish_event(
+            TokenRevoked(user_id=user_id, revoked_id=revoked_id, expires_ms=expires_ms, origin=self.node_id)
+        )
 
     def publish_kick(self, user_id: int, code: int, reason: str) -> None:
         self._spawn(self.broker.broadcast(encode_kick(user_id, code, reason)))

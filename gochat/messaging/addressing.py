@@ -42,6 +42,9 @@ class Addressing:
         self.max_entries = max_entries
         self._direct: dict[tuple[int, int], int] = {}  # (lo, hi) -> conv
         self._members: dict[int, tuple[int, ...]] = {}  # group conv -> members
+        #: group conv -> the newest membership version known here (from the store or the
+        #: event bus); a member list read at an older version is not cached
+        self._versions: dict[int, int] = {}
         self._inflight: dict[int, asyncio.Task[tuple[int, ...]]] = {}
 
     # ---- without I/O ---------------------------------------------------------------------------
@@ -62,10 +65,38 @@ class Addressing:
         """The cached members of group ``conv`` (empty when not cached)."""
         return self._members.get(conv, ())
 
-    def set_members(self, conv: int, members: tuple[int, ...]) -> None:
+    def set_members(self, conv: int, members: tuple[int, ...], version: int | None = None) -> None:
+        """Cache ``members`` of group ``conv`` (read at membership ``version``; not cached
+        when this node already knows a newer version)."""
+        if version is not None:
+            if version < self._versions.get(conv, 0):
+                return
+            if len(self._versions) >= self.max_entries:
+                self._versions.clear()
+            self._versions[conv] = version
         if len(self._members) >= self.max_entries:
             self._members.clear()
         self._members[conv] = members
+
+    def version(self, conv: int) -> int:
+        """The newest membership version of group ``conv`` known here (0: none)."""
+        return self._versions.get(conv, 0)
+
+    def members_changed(self, conv: int, version: int) -> bool:
+        """A membership change at ``version`` (from the event bus): drop the cached members
+        when the change is newer than what is held (the next use reads the store). True when
+        it was newer."""
+        if version <= self._versions.get(conv, 0):
+            return False
+        if len(self._versions) >= self.max_entries:
+            self._versions.clear()
+        self._versions[conv] = version
+        self._members.pop(conv, None)
+        return True
+
+    def clear(self) -> None:
+        """Forget every cached group member list (a rebuild: they refill from the store)."""
+        self._members.clear()
 
     # ---- with a store lookup on a miss ---------------------------------------------------------
     async def target(self, me: int, kind: int, conv_id: int) -> Target:
@@ -116,13 +147,13 @@ class Addressing:
 
     async def reload_members(self, conv: int) -> tuple[int, ...]:
         """Read group ``conv``'s members from the store again (after a change) and cache them."""
-        members = await self.store.members(conv)
-        self.set_members(conv, members)
+        version, members = await self.store.members_versioned(conv)
+        self.set_members(conv, members, version)
         return members
 
     async def _load_members(self, conv: int) -> tuple[int, ...]:
         if conv > MAX_ID or await self.store.conversation_kind(conv) != Kind.GROUP:
             raise not_found("group")
-        members = await self.store.members(conv)
-        self.set_members(conv, members)
+        version, members = await self.store.members_versioned(conv)
+        self.set_members(conv, members, version)
         return members

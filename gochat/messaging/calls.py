@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from gochat._native.fanout import Connection
+from gochat.cluster.bus import GroupCreated, MemberAdded, MemberRemoved
 from gochat.config import Settings
 from gochat.errors import ErrorCode, RequestError
 from gochat.ids import MAX_ID
@@ -109,7 +110,8 @@ class ControlCalls:
         if len(members) + 1 > self.max_group_members:
             raise _bad(f"at most {self.max_group_members} members")
         info = await self.store.create_group(conn.user_id, name, sorted(set(members)))
-        self.addressing.set_members(info.conv, info.members)
+        self.addressing.set_members(info.conv, info.members, 1)  # a new group's version
+        self.link.publish_event(GroupCreated(group_id=info.conv, owner_id=conn.user_id, version=1))
         for uid in info.members:
             if uid != conn.user_id:
                 self._group_event(info.members, EventType.MEMBER_ADDED, info.conv, conn.user_id, uid)
@@ -146,6 +148,9 @@ class ControlCalls:
         added = await self.store.add_member(conv, uid)
         if added:
             members = await self.addressing.reload_members(conv)
+            self.link.publish_event(
+                MemberAdded(group_id=conv, user_id=uid, actor_id=conn.user_id, version=self.addressing.version(conv))
+            )
             self._group_event(members, EventType.MEMBER_ADDED, conv, conn.user_id, uid)
         return {"added": added}
 
@@ -158,6 +163,9 @@ class ControlCalls:
         removed = await self.store.remove_member(conv, uid)
         if removed:
             await self.addressing.reload_members(conv)
+            self.link.publish_event(
+                MemberRemoved(group_id=conv, user_id=uid, actor_id=conn.user_id, version=self.addressing.version(conv))
+            )
             self._group_event(members, EventType.MEMBER_REMOVED, conv, conn.user_id, uid)
         return {"removed": removed}
 
@@ -166,6 +174,10 @@ class ControlCalls:
         members = await self.addressing.member_group(conv, conn.user_id)
         await self.store.remove_member(conv, conn.user_id)
         await self.addressing.reload_members(conv)
+        me = conn.user_id
+        self.link.publish_event(
+            MemberRemoved(group_id=conv, user_id=me, actor_id=me, version=self.addressing.version(conv))
+        )
         self._group_event(members, EventType.MEMBER_REMOVED, conv, conn.user_id, conn.user_id)
         return {"left": True}
 

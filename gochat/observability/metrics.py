@@ -133,6 +133,34 @@ class _DataPlaneCollector(Collector):
         )
 
 
+class _EventsCollector(Collector):
+    """The event-bus consumer's counters (a :class:`~gochat.cluster.bus.EventStats`)."""
+
+    def __init__(self, read: Callable[[], Any]) -> None:
+        self._read = read
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        st = self._read()
+        applied = CounterMetricFamily("gochat_events_applied", "Domain events applied from the event bus", labels=["type"])
+        for etype, n in sorted(st.applied.items()):
+            applied.add_metric([etype], n)
+        yield applied
+        yield CounterMetricFamily(
+            "gochat_events_skipped", "Events skipped: unknown type, newer schema or bad payload", value=st.skipped
+        )
+        yield CounterMetricFamily(
+            "gochat_events_duplicates", "Events delivered again and not applied twice", value=st.duplicates
+        )
+        yield CounterMetricFamily("gochat_events_retries", "Retries of failed event handlers", value=st.retries)
+        yield CounterMetricFamily("gochat_events_dead", "Events moved to the dead letters", value=st.dead)
+        yield CounterMetricFamily(
+            "gochat_events_rebuilds", "Cache rebuilds from the store instead of a replay", value=st.rebuilds
+        )
+        yield GaugeMetricFamily(
+            "gochat_event_lag_seconds", "Publish to apply delay of the last event applied", value=st.lag_s
+        )
+
+
 class Metrics:
     """The metric set of one gochat node, in its own registry."""
 
@@ -150,6 +178,10 @@ class Metrics:
     def attach_store(self, read: Callable[[], Any]) -> None:
         """Export the store's write counters (a :class:`~gochat.store.common.StoreStats`)."""
         self.registry.register(_StoreCollector(read))
+
+    def attach_events(self, read: Callable[[], Any]) -> None:
+        """Export the event-bus consumer's counters (a :class:`~gochat.cluster.bus.EventStats`)."""
+        self.registry.register(_EventsCollector(read))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -218,6 +218,11 @@ class ConversationStore(Protocol):
     async def members(self, conv: int) -> tuple[int, ...]:
         """Members of a group or the two users of a direct conversation (empty if unknown)."""
 
+    async def members_versioned(self, conv: int) -> tuple[int, tuple[int, ...]]:
+        """(membership version, members) of a group, read together (one snapshot): the
+        version starts at 1 and grows by one with every add_member/remove_member that changed
+        the membership. (0, ()) for an unknown conversation."""
+
     async def conversation_kind(self, conv: int) -> int | None:
         """1 direct, 2 group, or None if there is no such conversation."""
 

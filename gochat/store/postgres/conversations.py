@@ -134,8 +134,14 @@ ins AS (
     SELECT $2, $1, $3, g.last_seq FROM g, u
     ON CONFLICT DO NOTHING
     RETURNING 1
+),
+v AS (
+    UPDATE {s}.conversations SET members_version = members_version + 1
+    WHERE conv = $1 AND EXISTS (SELECT 1 FROM ins)
+    RETURNING 1
 )
-SELECT EXISTS (SELECT 1 FROM g), EXISTS (SELECT 1 FROM u), EXISTS (SELECT 1 FROM ins)
+SELECT EXISTS (SELECT 1 FROM g), EXISTS (SELECT 1 FROM u), EXISTS (SELECT 1 FROM ins),
+       EXISTS (SELECT 1 FROM v)
 """,
                 conv,
                 user_id,
@@ -158,8 +164,13 @@ WITH g AS (SELECT 1 FROM {s}.conversations WHERE conv = $1 AND kind = 2),
 d AS (
     DELETE FROM {s}.members WHERE conv = $1 AND user_id = $2 AND EXISTS (SELECT 1 FROM g)
     RETURNING 1
+),
+v AS (
+    UPDATE {s}.conversations SET members_version = members_version + 1
+    WHERE conv = $1 AND EXISTS (SELECT 1 FROM d)
+    RETURNING 1
 )
-SELECT EXISTS (SELECT 1 FROM g), EXISTS (SELECT 1 FROM d)
+SELECT EXISTS (SELECT 1 FROM g), EXISTS (SELECT 1 FROM d), EXISTS (SELECT 1 FROM v)
 """,
                 conv,
                 user_id,
@@ -168,6 +179,22 @@ SELECT EXISTS (SELECT 1 FROM g), EXISTS (SELECT 1 FROM d)
         if not row[0]:
             raise RequestError("no such group", code=ErrorCode.NOT_FOUND)
         return bool(row[1])
+
+    async def members_versioned(self, conv: int) -> tuple[int, tuple[int, ...]]:
+        check_int64(conv)
+        s = self._s
+        # one statement: one snapshot of the version and the members
+        row = await self._read(
+            lambda conn: conn.fetchrow(
+                f"SELECT c.members_version,"
+                f" ARRAY(SELECT user_id FROM {s}.members m WHERE m.conv = c.conv ORDER BY user_id)"
+                f" FROM {s}.conversations c WHERE c.conv = $1",
+                conv,
+            )
+        )
+        if row is None:
+            return 0, ()
+        return int(row[0]), tuple(int(u) for u in row[1])
 
     async def members(self, conv: int) -> tuple[int, ...]:
         check_int64(conv)

@@ -121,6 +121,12 @@ MIGRATIONS: Final[tuple[str, ...]] = (
     CREATE INDEX messages_msg_id ON {s}.messages (msg_id);
     """
     + _partitions_sql(MESSAGE_PARTITIONS),
+    # ---- version 2 ------------------------------------------------------------------------
+    # A group's membership version: other nodes drop their cached member list only for an
+    # event newer than what they hold (docs/consistency.md, Event bus).
+    """
+    ALTER TABLE {s}.conversations ADD COLUMN members_version bigint NOT NULL DEFAULT 1;
+    """,
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 

@@ -122,7 +122,10 @@ class ConversationRepository(SQLiteEngine):
                 "INSERT OR IGNORE INTO members (conv, user_id, joined_ms, read_seq) VALUES (?, ?, ?, ?)",
                 (conv, user_id, now_ms(), last_seq),
             )
-            return cur.rowcount == 1
+            if cur.rowcount != 1:
+                return False
+            self._bump_members_version(conn, conv)
+            return True
 
         return await self._write(job)
 
@@ -130,9 +133,30 @@ class ConversationRepository(SQLiteEngine):
         def job(conn: sqlite3.Connection) -> bool:
             self._require_group(conn, conv)
             cur = conn.execute("DELETE FROM members WHERE conv = ? AND user_id = ?", (conv, user_id))
-            return cur.rowcount == 1
+            if cur.rowcount != 1:
+                return False
+            self._bump_members_version(conn, conv)
+            return True
 
         return await self._write(job)
+
+    @staticmethod
+    def _bump_members_version(conn: sqlite3.Connection, conv: int) -> None:
+        conn.execute("UPDATE conversations SET members_version = members_version + 1 WHERE conv = ?", (conv,))
+
+    async def members_versioned(self, conv: int) -> tuple[int, tuple[int, ...]]:
+        def read(conn: sqlite3.Connection) -> tuple[int, tuple[int, ...]]:
+            # one statement: one snapshot of the version and the members
+            rows = conn.execute(
+                "SELECT c.members_version, m.user_id FROM conversations c"
+                " LEFT JOIN members m ON m.conv = c.conv WHERE c.conv = ? ORDER BY m.user_id",
+                (conv,),
+            ).fetchall()
+            if not rows:
+                return 0, ()
+            return int(rows[0][0]), tuple(r[1] for r in rows if r[1] is not None)
+
+        return await self._read(read)
 
     async def members(self, conv: int) -> tuple[int, ...]:
         def read(conn: sqlite3.Connection) -> tuple[int, ...]:

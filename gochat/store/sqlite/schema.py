@@ -114,6 +114,12 @@ MIGRATIONS: Final[tuple[str, ...]] = (
     DROP TABLE messages;
     ALTER TABLE messages_v2 RENAME TO messages;
     """,
+    # ---- version 3 ------------------------------------------------------------------------
+    # A group's membership version: other nodes drop their cached member list only for an
+    # event newer than what they hold (docs/consistency.md, Event bus).
+    """
+    ALTER TABLE conversations ADD COLUMN members_version INTEGER NOT NULL DEFAULT 1;
+    """,
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 

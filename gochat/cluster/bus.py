@@ -1,0 +1,351 @@
+"""The event bus: typed domain events that every node must learn about, behind one seam.
+
+A change that other nodes cache or enforce (a group's membership, a revoked token, ...) is
+published as a :class:`DomainEvent` on the :class:`EventBus`: in-process in embedded mode
+(:mod:`gochat.cluster.memory_bus`), one Redis stream in a cluster (:mod:`gochat.cluster.redis.bus`).
+Every node reads every event, in the order of the log, from its own cursor; the cursor is
+persisted, so a node that was disconnected (or a consumer that restarted under the same name)
+replays what it missed. The log is trimmed by length and age; a node whose cursor fell behind
+the retention cannot replay and calls its *rebuild* callback instead (reload what it caches
+from the store), then goes on from the end of the log.
+
+:class:`EventConsumer` is the backend-independent half: it decodes entries (an unknown type or
+a newer schema is skipped and counted, never a crash), applies each event id at most once per
+node (a bounded set of recent ids), retries a failing handler with exponential backoff and,
+after the last try, moves the entry to the dead letters (counted). Its counters are exported
+in ``/metrics`` (docs/http-api.md). The send path never touches the bus.
+
+Events carry ``event_id`` (unique), ``type`` and ``schema`` (class constants), ``version`` (the
+version of what changed: a group's membership version, ...) and ``origin`` (publishing node).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import uuid
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol, runtime_checkable
+
+import orjson
+
+from gochat.clock import now_ms
+from gochat.errors import GochatError
+
+__all__ = [
+    "EVENT_RETENTION_AGE_S",
+    "EVENT_RETENTION_LEN",
+    "EVENT_TYPES",
+    "ConfigChanged",
+    "DomainEvent",
+    "EventBus",
+    "EventConsumer",
+    "EventStats",
+    "GroupCreated",
+    "GroupDissolved",
+    "GroupUpdated",
+    "MemberAdded",
+    "MemberRemoved",
+    "PermissionChanged",
+    "SigningKeyRotated",
+    "SkippedEvent",
+    "TokenRevoked",
+    "UserChanged",
+    "decode_event",
+    "encode_event",
+]
+
+log = logging.getLogger("gochat.cluster.bus")
+
+#: retention: at least this many of the newest events are kept (trimming is approximate, so
+#: a little more is kept) ...
+EVENT_RETENTION_LEN = 100_000
+#: ... and nothing younger than this is trimmed by age (seconds)
+EVENT_RETENTION_AGE_S = 24 * 3600
+
+EntryHandler = Callable[[str, bytes], Awaitable[None]]
+Rebuild = Callable[[], Awaitable[None]]
+
+
+def new_event_id() -> str:
+    return uuid.uuid4().hex
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DomainEvent:
+    """A change other nodes must learn about. Subclasses set ``type`` and ``schema``."""
+
+    type: ClassVar[str] = ""
+    #: the newest payload layout of this type that this code reads
+    schema: ClassVar[int] = 1
+
+    #: the version of what changed (a group's membership version, ...; 0 when it has none)
+    version: int = 0
+    event_id: str = field(default_factory=new_event_id)
+    #: the node that published it
+    origin: str = ""
+    at_ms: int = field(default_factory=now_ms)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GroupCreated(DomainEvent):
+    type: ClassVar[str] = "group.created"
+    group_id: int
+    owner_id: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GroupUpdated(DomainEvent):
+    type: ClassVar[str] = "group.updated"
+    group_id: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GroupDissolved(DomainEvent):
+    type: ClassVar[str] = "group.dissolved"
+    group_id: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MemberAdded(DomainEvent):
+    type: ClassVar[str] = "member.added"
+    group_id: int
+    user_id: int
+    actor_id: int = 0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MemberRemoved(DomainEvent):
+    type: ClassVar[str] = "member.removed"
+    group_id: int
+    user_id: int
+    actor_id: int = 0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class UserChanged(DomainEvent):
+    type: ClassVar[str] = "user.changed"
+    user_id: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PermissionChanged(DomainEvent):
+    type: ClassVar[str] = "permission.changed"
+    user_id: int
+    group_id: int = 0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TokenRevoked(DomainEvent):
+    """An access-token ``jti`` or a login session (``sid``) was revoked (stored by the store's
+    ``revoke_*`` first); ``expires_ms`` bounds how long it must stay denied."""
+
+    type: ClassVar[str] = "token.revoked"
+    user_id: int
+    revoked_id: str
+    expires_ms: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SigningKeyRotated(DomainEvent):
+    type: ClassVar[str] = "key.rotated"
+    kid: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ConfigChanged(DomainEvent):
+    type: ClassVar[str] = "config.changed"
+    key: str
+
+
+EVENT_TYPES: dict[str, type[DomainEvent]] = {
+    cls.type: cls
+    for cls in (
+        GroupCreated,
+        GroupUpdated,
+        GroupDissolved,
+        MemberAdded,
+        MemberRemoved,
+        UserChanged,
+        PermissionChanged,
+        TokenRevoked,
+        SigningKeyRotated,
+        ConfigChanged,
+    )
+}
+
+
+class SkippedEvent(Exception):
+    """An entry this code does not read: an unknown type, a newer schema or a bad payload."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def encode_event(event: DomainEvent) -> bytes:
+    body: dict[str, Any] = {"type": event.type, "schema": event.schema}
+    for f in dataclasses.fields(event):
+        body[f.name] = getattr(event, f.name)
+    return orjson.dumps(body)
+
+
+def decode_event(payload: bytes) -> DomainEvent:
+    """The event of an entry; :class:`SkippedEvent` for one this code cannot read."""
+    try:
+        body = orjson.loads(payload)
+    except orjson.JSONDecodeError as exc:
+        raise SkippedEvent(f"not JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise SkippedEvent("not a JSON object")
+    cls = EVENT_TYPES.get(body.get("type"))  # type: ignore[arg-type]
+    if cls is None:
+        raise SkippedEvent(f"unknown type {body.get('type')!r}")
+    schema = body.get("schema")
+    if not isinstance(schema, int) or schema > cls.schema:
+        raise SkippedEvent(f"{cls.type} schema {schema!r} is newer than {cls.schema}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    try:
+        return cls(**{k: v for k, v in body.items() if k in names})
+    except TypeError as exc:
+        raise SkippedEvent(f"bad {cls.type} payload: {exc}") from None
+
+
+@runtime_checkable
+class EventBus(Protocol):
+    """An append-only log every node reads in full, each from its own persisted cursor."""
+
+    async def publish(self, event: DomainEvent) -> str:
+        """Append ``event`` (trimming the log to its retention); returns the entry id.
+        Raises :class:`~gochat.errors.UnavailableError` when the backend is unreachable."""
+
+    async def subscribe(self, name: str, handler: EntryHandler, rebuild: Rebuild) -> None:
+        """Start reading in the background as consumer ``name`` (a stable node name): from its
+        persisted cursor when it has one and the log still holds everything after it; else
+        from the end of the log, after ``await rebuild()`` (no cursor yet, the cursor fell
+        behind the retention, or the backend lost the log). ``handler(entry_id, payload)`` gets
+        the entries in log order; the cursor moves past an entry once its handler returned.
+        The reader survives backend outages and goes on from its cursor."""
+
+    async def dead_letter(self, name: str, entry_id: str, payload: bytes, error: str) -> None:
+        """Keep an entry that consumer ``name`` gave up on (bounded)."""
+
+    async def dead_letters(self) -> list[tuple[str, str, bytes, str]]:
+        """(consumer, entry id, payload, error) of the dead letters, oldest first."""
+
+    async def close(self) -> None:
+        """Stop reading (the cursor stays where it is)."""
+
+
+@dataclass(slots=True)
+class EventStats:
+    """One node's consumer counters (exported in /metrics)."""
+
+    applied: dict[str, int] = field(default_factory=dict)
+    skipped: int = 0
+    duplicates: int = 0
+    retries: int = 0
+    dead: int = 0
+    rebuilds: int = 0
+    #: now - at_ms of the last event handled (seconds)
+    lag_s: float = 0.0
+
+
+class EventConsumer:
+    """Reads the bus as one node: decodes, deduplicates, applies with retries, dead-letters.
+
+    ``apply(event)`` may be sync or async; it must be idempotent by the event's ``version``
+    (a redelivery after a restart, which the in-memory id set cannot see, applies it again).
+    A failing ``apply`` is retried ``retries`` times with exponential backoff (``backoff_s``
+    doubling, at most ``max_backoff_s``), in place: later events wait, so each node applies
+    events in log order. Then the entry goes to the dead letters and the consumer moves on.
+    """
+
+    def __init__(
+        self,
+        bus: EventBus,
+        name: str,
+        apply: Callable[[DomainEvent], Awaitable[None] | None],
+        rebuild: Callable[[], Awaitable[None] | None],
+        *,
+        retries: int = 4,
+        backoff_s: float = 0.05,
+        max_backoff_s: float = 2.0,
+        remember: int = 65_536,
+    ) -> None:
+        self.bus = bus
+        self.name = name
+        self._apply = apply
+        self._rebuild = rebuild
+        self.retries = retries
+        self.backoff_s = backoff_s
+        self.max_backoff_s = max_backoff_s
+        self.remember = remember
+        self.stats = EventStats()
+        self._seen: OrderedDict[str, None] = OrderedDict()
+        self._started = False
+
+    async def start(self) -> None:
+        await self.bus.subscribe(self.name, self._on_entry, self._do_rebuild)
+        self._started = True
+
+    async def close(self) -> None:
+        if self._started:
+            self._started = False
+            await self.bus.close()
+
+    async def _do_rebuild(self) -> None:
+        self.stats.rebuilds += 1
+        result = self._rebuild()
+        if result is not None:
+            await result
+
+    async def _on_entry(self, entry_id: str, payload: bytes) -> None:
+        try:
+            event = decode_event(payload)
+        except SkippedEvent as exc:
+            self.stats.skipped += 1
+            log.warning("event %s skipped: %s", entry_id, exc.reason)
+            return
+        if event.event_id in self._seen:
+            self.stats.duplicates += 1
+            return
+        delay = self.backoff_s
+        attempt = 0
+        while True:
+            try:
+                result = self._apply(event)
+                if result is not None:
+                    await result
+                break
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if attempt >= self.retries:
+                    await self._dead(entry_id, payload, event, exc)
+                    return
+                attempt += 1
+                self.stats.retries += 1
+                log.warning("event %s (%s) failed (try %d): %r", entry_id, event.type, attempt, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.max_backoff_s)
+        self._remember(event)
+
+    async def _dead(self, entry_id: str, payload: bytes, event: DomainEvent, exc: Exception) -> None:
+        self.stats.dead += 1
+        self._seen[event.event_id] = None  # given up on: a redelivery is not retried again
+        log.error("event %s (%s) moved to dead letters: %r", entry_id, event.type, exc)
+        try:
+            await self.bus.dead_letter(self.name, entry_id, payload, repr(exc))
+        except GochatError as dl_exc:
+            log.warning("cannot store dead letter %s: %s", entry_id, dl_exc.message)
+
+    def _remember(self, event: DomainEvent) -> None:
+        self._seen[event.event_id] = None
+        if len(self._seen) > self.remember:
+            self._seen.popitem(last=False)
+        self.stats.applied[event.type] = self.stats.applied.get(event.type, 0) + 1
+        self.stats.lag_s = max(0.0, (now_ms() - event.at_ms) / 1000)
