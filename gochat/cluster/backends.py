@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from gochat.cluster.base import Broker, JobQueue, Presence, Registry
+from gochat.cluster.bus import EventBus
 from gochat.cluster.locks import Locks
 from gochat.cluster.memory import (
     MemoryBroker,
@@ -18,6 +19,7 @@ from gochat.cluster.memory import (
     MemoryJobQueue,
     MemoryRegistry,
 )
+from gochat.cluster.memory_bus import MemoryEventBus
 from gochat.cluster.memory_locks import MemoryLocks
 
 __all__ = ["ClusterBackends", "memory_backends", "redis_backends"]
@@ -36,12 +38,14 @@ class ClusterBackends:
     jobs: JobQueue
     #: resources the backends share (a Redis client), closed after them
     shared: tuple[Callable[[], Awaitable[None]], ...] = ()
+    #: domain events every node reads (gochat/cluster/bus.py); a private log when not given
+    bus: EventBus = field(default_factory=MemoryEventBus)
     #: distributed locks (gochat/cluster/locks.py); in-process ones of their own when not given
     locks: Locks = field(default_factory=MemoryLocks)
 
     async def close(self) -> None:
         """Close every backend, then what they share; each within CLOSE_TIMEOUT_S."""
-        closers = [self.locks.close, self.jobs.close, self.broker.close, self.registry.close, self.presence.close, *self.shared]
+        closers = [self.locks.close, self.bus.close, self.jobs.close, self.broker.close, self.registry.close, self.presence.close, *self.shared]
         for closer in closers:
             try:
                 async with asyncio.timeout(CLOSE_TIMEOUT_S):
@@ -56,7 +60,12 @@ def memory_backends(hub: MemoryHub | None = None) -> ClusterBackends:
     """In-process backends: a cluster of the nodes that share ``hub`` (one node by default)."""
     hub = hub if hub is not None else MemoryHub()
     return ClusterBackends(
-        MemoryBroker(hub), MemoryClusterPresence(hub), MemoryRegistry(hub), MemoryJobQueue(hub), locks=MemoryLocks(hub)
+        MemoryBroker(hub),
+        MemoryClusterPresence(hub),
+        MemoryRegistry(hub),
+        MemoryJobQueue(hub),
+        bus=MemoryEventBus(hub),
+        locks=MemoryLocks(hub),
     )
 
 
@@ -66,6 +75,7 @@ def redis_backends(
     """Redis backends (imported here, so that embedded mode never loads redis-py). Presence,
     registry and jobs share one client; the broker's pub/sub has connections of its own."""
     from gochat.cluster.redis import RedisBroker, RedisJobQueue, RedisPresence, RedisRegistry, connect
+    from gochat.cluster.redis.bus import RedisEventBus
     from gochat.cluster.redis.locks import RedisLocks
 
     client = connect(url, timeout_s=timeout_s)
@@ -75,5 +85,6 @@ def redis_backends(
         RedisRegistry(client, prefix, ttl_s=registry_ttl_s, renew_s=registry_renew_s, timeout_s=timeout_s),
         RedisJobQueue(client, prefix, timeout_s=timeout_s),
         shared=(client.aclose,),
+        bus=RedisEventBus(client, prefix, timeout_s=timeout_s),
         locks=RedisLocks(client, prefix, timeout_s=timeout_s),
     )
