@@ -8,6 +8,8 @@ from picows import WSFrame, WSListener, WSTransport
 
 #: SO_SNDBUF given to every accepted WebSocket (Linux accounts twice this)
 SOCKET_SNDBUF: int
+
+def set_socket_sndbuf(size: int) -> None: ...
 #: longest interval between two WARNINGs about client protocol errors
 CLIENT_ERROR_SUMMARY_S: float
 

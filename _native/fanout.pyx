@@ -46,8 +46,18 @@ cdef extern from "<sys/socket.h>" nogil:
 # Kernel send buffer of every accepted WebSocket (SO_SNDBUF; Linux doubles it for bookkeeping,
 # so a socket holds at most 2 x this in kernel memory). Autotuning would let a client that does
 # not read pin up to tcp_wmem[2] (4 MiB) each. 128 KiB still moves ~2.5 MB/s at 50 ms RTT.
+# The setting socket_sndbuf sets it (set_socket_sndbuf); 0 leaves the kernel's autotuning.
 cdef int _SNDBUF = 128 * 1024
 SOCKET_SNDBUF = _SNDBUF
+
+
+def set_socket_sndbuf(int size):
+    """SO_SNDBUF for the WebSockets accepted from now on (0: the kernel's autotuning)."""
+    global _SNDBUF, SOCKET_SNDBUF
+    if size < 0:
+        raise ValueError("socket_sndbuf must be >= 0")
+    _SNDBUF = size
+    SOCKET_SNDBUF = size
 
 
 cdef inline bint _valid_close_code(unsigned int code) noexcept:

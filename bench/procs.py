@@ -313,6 +313,13 @@ TARGETS: dict[str, Target] = {
             env={"PYTHONPATH": os.environ.get("BENCH_BASELINE_TREE", "")},
         ),
         Target(
+            "gochat-sndbuf-auto",
+            "gochat",
+            "gochat serve with socket_sndbuf = 0: the kernel autotunes each socket's send buffer",
+            True,
+            env={"GOCHAT_SOCKET_SNDBUF": "0"},
+        ),
+        Target(
             "gochat-reference",
             "gochat",
             "gochat serve with native_session = false: frames decoded and dispatched by the Python reference gateway",

@@ -50,6 +50,11 @@ class Settings:
     rate_limit_burst: int = _opt(400, "token-bucket burst per connection")
     outbound_soft_limit: int = _opt(1 << 20, "bytes queued to a client above which ephemeral events are dropped")
     outbound_hard_limit: int = _opt(4 << 20, "bytes queued to a client above which it is disconnected (4401)")
+    socket_sndbuf: int = _opt(
+        128 * 1024,
+        "kernel send buffer per WebSocket (SO_SNDBUF, which Linux doubles): bounds kernel memory held for "
+        "a client that does not read; 0 = kernel autotuning (up to tcp_wmem max, 4 MiB a socket)",
+    )
     history_max_limit: int = _opt(500, "most messages one HISTORY reply carries")
     max_group_members: int = _opt(10000, "largest group")
     drain_timeout_s: float = _opt(10.0, "on SIGTERM, how long to wait for in-flight sends to commit")
@@ -157,6 +162,8 @@ def _validate(s: Settings) -> None:
         raise ConfigError("store_commit_delay_ms must be between 0 and 1000")
     if not 0 <= s.overload_send_latency_ms <= 60_000:
         raise ConfigError("overload_send_latency_ms must be between 0 and 60000")
+    if not 0 <= s.socket_sndbuf <= 64 << 20:
+        raise ConfigError("socket_sndbuf must be between 0 (kernel autotuning) and 64 MiB")
     if s.outbound_soft_limit > s.outbound_hard_limit:
         raise ConfigError("outbound_soft_limit must not exceed outbound_hard_limit")
     if bool(s.redis_url) != bool(s.postgres_dsn):

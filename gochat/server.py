@@ -21,7 +21,7 @@ from aiohttp import web
 from picows import ws_create_server
 
 from gochat import __version__
-from gochat._native.fanout import ClientErrorLog, FanoutWriter
+from gochat._native.fanout import ClientErrorLog, FanoutWriter, set_socket_sndbuf
 from gochat._native.routing import RoutingTable
 from gochat.api.http import build_app
 from gochat.auth.keys import Algorithm, KeyRing
@@ -86,6 +86,7 @@ class Server:
         )
         await self.auth.start()
         loop = asyncio.get_running_loop()
+        set_socket_sndbuf(s.socket_sndbuf)
         self.writer = FanoutWriter(loop)
         self.routing = RoutingTable()
         self.cluster = ClusterLink(

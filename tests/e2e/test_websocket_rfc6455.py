@@ -442,3 +442,43 @@ def test_slow_consumer_frees_its_buffer_and_drops_the_connection_at_once() -> No
         server.close()
 
     run(scenario())
+
+
+# ---- the kernel send buffer (socket_sndbuf) -----------------------------------------------------
+
+
+def _server_side_sndbuf(server: GochatProcess, client_port: int) -> int:
+    """The send buffer the kernel gives the server's end of the connection from ``client_port``
+    (``ss -tm``: ``tb``, which is twice the SO_SNDBUF asked for)."""
+    import subprocess
+
+    out = subprocess.run(
+        ["ss", "-tmnH", "state", "established", f"( dport = :{client_port} )"],
+        capture_output=True, text=True, check=True,
+    ).stdout
+    m = re.search(r"\btb(\d+)\b", out)
+    assert m, out
+    return int(m.group(1))
+
+
+@pytest.mark.parametrize("setting", [None, 65536])
+def test_socket_sndbuf_bounds_the_kernel_send_buffer(tmp_path: Any, setting: int | None) -> None:
+    """Every accepted WebSocket gets SO_SNDBUF = socket_sndbuf (128 KiB by default), which the
+    kernel accounts twice: the bound docs/protocol.md gives for a client that does not read."""
+    env = {} if setting is None else {"GOCHAT_SOCKET_SNDBUF": str(setting)}
+    server = GochatProcess(tmp_path / "data", env)
+    server.start()
+    try:
+
+        async def scenario() -> None:
+            user = await create_user(server.http_url, "sndbuf")
+            c = await connect(server.ws_url, user.access_token)
+            await c.expect(AuthOk)
+            assert c.transport is not None
+            port = c.transport.underlying_transport.get_extra_info("sockname")[1]
+            assert _server_side_sndbuf(server, port) == 2 * (setting or 128 * 1024)
+            c.close()
+
+        run(scenario())
+    finally:
+        server.stop()
