@@ -4,10 +4,17 @@ Each method takes the caller's connection and the JSON object of the request and
 JSON object of the result; a refusal raises :class:`~gochat.errors.GochatError` with the code
 that docs/protocol.md lists for the method. The method table :data:`ControlCalls.methods` is
 the one that docs/protocol.md documents (a test keeps them in step).
+
+Membership changes (``group.add``, ``group.remove``, ``group.leave``) hold the group's
+distributed lock (``group:{id}``, docs/consistency.md § Distributed locks) around reading the
+members from the store, checking and writing: changes made on different nodes at once take
+effect one after the other (a group never grows past ``max_group_members``, and each change's
+event carries the version that change made).
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -15,10 +22,11 @@ import orjson
 
 from gochat._native.fanout import Connection
 from gochat.cluster.bus import GroupCreated, MemberAdded, MemberRemoved
+from gochat.cluster.locks import Lease
 from gochat.config import Settings
 from gochat.errors import ErrorCode, RequestError
 from gochat.ids import MAX_ID
-from gochat.messaging.addressing import Addressing, not_found
+from gochat.messaging.addressing import Addressing, not_found, not_member
 from gochat.messaging.delivery import Delivery
 from gochat.messaging.watchers import PresenceWatchers
 from gochat.protocol import EventType, Kind, encode, encode_event
@@ -28,10 +36,15 @@ from gochat.store import Store
 if TYPE_CHECKING:
     from gochat.cluster.link import ClusterLink
 
-__all__ = ["GROUP_NAME_MAX", "PRESENCE_QUERY_MAX", "ControlCalls"]
+__all__ = ["GROUP_LOCK_TTL_S", "GROUP_LOCK_WAIT_S", "GROUP_NAME_MAX", "PRESENCE_QUERY_MAX", "ControlCalls"]
 
 GROUP_NAME_MAX = 128
 PRESENCE_QUERY_MAX = 1000
+#: a group's membership lock: held at most this long without renewal (a dead holder frees it
+#: within it; the watchdog renews it while the change runs) ...
+GROUP_LOCK_TTL_S = 5.0
+#: ... and waited for at most this long (then the CALL answers UNAVAILABLE, retryable)
+GROUP_LOCK_WAIT_S = 5.0
 
 Method = Callable[[Connection, dict[str, Any]], Awaitable[dict[str, Any]]]
 
@@ -92,6 +105,18 @@ class ControlCalls:
         result = await handler(conn, params)
         return encode(CallResult(orjson.dumps(result), rid=rid))
 
+    def _group_lock(self, conv: int) -> contextlib.AbstractAsyncContextManager[Lease]:
+        """The distributed lock of group ``conv``'s membership (every node's changes of it)."""
+        return self.link.backends.locks.lock(f"group:{conv}", ttl_s=GROUP_LOCK_TTL_S, timeout_s=GROUP_LOCK_WAIT_S)
+
+    async def _locked_member_group(self, conv: int, user_id: int) -> tuple[int, ...]:
+        """Under the group's lock: its members as stored now (the cache may not have heard of
+        a change made on another node yet), cached; NOT_MEMBER unless ``user_id`` is one."""
+        members = await self.addressing.reload_members(conv)
+        if user_id not in members:
+            raise not_member()
+        return members
+
     def _group_event(self, members: tuple[int, ...], etype: int, conv: int, actor: int, value: int) -> None:
         self.delivery.users(members, encode_event(etype, Kind.GROUP, conv, actor, value), None)
 
@@ -140,45 +165,52 @@ class ControlCalls:
     async def group_add(self, conn: Connection, p: dict[str, Any]) -> dict[str, Any]:
         """Idempotent: adding a member again answers ``{"added": false}``."""
         conv, uid = _id(p, "group_id"), _id(p, "user_id")
-        members = await self.addressing.member_group(conv, conn.user_id)
-        if len(members) >= self.max_group_members:
-            raise _bad("group is full")
+        await self.addressing.member_group(conv, conn.user_id)  # NOT_FOUND / NOT_MEMBER early
         if await self.store.get_user(uid) is None:
             raise not_found("user")
-        added = await self.store.add_member(conv, uid)
+        async with self._group_lock(conv):
+            members = await self._locked_member_group(conv, conn.user_id)
+            if uid in members:
+                return {"added": False}
+            if len(members) >= self.max_group_members:
+                raise _bad("group is full")
+            added = await self.store.add_member(conv, uid)
+            if added:
+                members = await self.addressing.reload_members(conv)
+                version = self.addressing.version(conv)
         if added:
-            members = await self.addressing.reload_members(conv)
-            self.link.publish_event(
-                MemberAdded(group_id=conv, user_id=uid, actor_id=conn.user_id, version=self.addressing.version(conv))
-            )
+            self.link.publish_event(MemberAdded(group_id=conv, user_id=uid, actor_id=conn.user_id, version=version))
             self._group_event(members, EventType.MEMBER_ADDED, conv, conn.user_id, uid)
         return {"added": added}
 
     async def group_remove(self, conn: Connection, p: dict[str, Any]) -> dict[str, Any]:
         conv, uid = _id(p, "group_id"), _id(p, "user_id")
-        members = await self.addressing.member_group(conv, conn.user_id)
+        await self.addressing.member_group(conv, conn.user_id)
         info = await self.store.group_info(conv)
         if info is not None and uid != conn.user_id and info.owner_id != conn.user_id:
             raise RequestError("only the owner removes other members", code=ErrorCode.FORBIDDEN)
-        removed = await self.store.remove_member(conv, uid)
+        async with self._group_lock(conv):
+            members = await self._locked_member_group(conv, conn.user_id)
+            removed = await self.store.remove_member(conv, uid)
+            if removed:
+                await self.addressing.reload_members(conv)
+                version = self.addressing.version(conv)
         if removed:
-            await self.addressing.reload_members(conv)
-            self.link.publish_event(
-                MemberRemoved(group_id=conv, user_id=uid, actor_id=conn.user_id, version=self.addressing.version(conv))
-            )
+            self.link.publish_event(MemberRemoved(group_id=conv, user_id=uid, actor_id=conn.user_id, version=version))
             self._group_event(members, EventType.MEMBER_REMOVED, conv, conn.user_id, uid)
         return {"removed": removed}
 
     async def group_leave(self, conn: Connection, p: dict[str, Any]) -> dict[str, Any]:
         conv = _id(p, "group_id")
-        members = await self.addressing.member_group(conv, conn.user_id)
-        await self.store.remove_member(conv, conn.user_id)
-        await self.addressing.reload_members(conv)
         me = conn.user_id
-        self.link.publish_event(
-            MemberRemoved(group_id=conv, user_id=me, actor_id=me, version=self.addressing.version(conv))
-        )
-        self._group_event(members, EventType.MEMBER_REMOVED, conv, conn.user_id, conn.user_id)
+        await self.addressing.member_group(conv, me)
+        async with self._group_lock(conv):
+            members = await self._locked_member_group(conv, me)
+            await self.store.remove_member(conv, me)
+            await self.addressing.reload_members(conv)
+            version = self.addressing.version(conv)
+        self.link.publish_event(MemberRemoved(group_id=conv, user_id=me, actor_id=me, version=version))
+        self._group_event(members, EventType.MEMBER_REMOVED, conv, me, me)
         return {"left": True}
 
     # ---- conversations, presence, users ----------------------------------------------------------
