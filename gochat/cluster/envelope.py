@@ -6,7 +6,7 @@ never re-encodes (the same bytes a client receives).
 
 | type | layout after the type byte |
 |---|---|
-| 1 USERS | flags u8 (bit 0: droppable), count u32, count x user_id u64, frame bytes |
+| 1 USERS | flags u8 (bit 0: droppable, bit 1: unordered), count u32, count x user_id u64, frame bytes |
 | 2 ROOM | room_id u64, origin_conn u64 (0 = none), frame bytes |
 | 3 PRESENCE | user_id u64, online u8 |
 | 4 REVOKE | user_id u64, expires_ms u64, revoked_id UTF-8 |
@@ -60,6 +60,9 @@ class UsersEnvelope:
     user_ids: tuple[int, ...]
     frame: bytes
     droppable: bool
+    #: the large-group tier: one message reaches a node in several shards, in no order, so the
+    #: receiving node's seq-order gate does not apply (docs/consistency.md, "Delivery order")
+    unordered: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,8 +95,10 @@ class KickEnvelope:
 Envelope = UsersEnvelope | RoomEnvelope | PresenceEnvelope | RevokeEnvelope | KickEnvelope
 
 
-def encode_users(user_ids: tuple[int, ...] | list[int], frame: bytes, droppable: bool = False) -> bytes:
-    head = _USERS_HEAD.pack(T_USERS, 1 if droppable else 0, len(user_ids))
+def encode_users(
+    user_ids: tuple[int, ...] | list[int], frame: bytes, droppable: bool = False, unordered: bool = False
+) -> bytes:
+    head = _USERS_HEAD.pack(T_USERS, (1 if droppable else 0) | (2 if unordered else 0), len(user_ids))
     return head + struct.pack(f"<{len(user_ids)}Q", *user_ids) + frame
 
 
@@ -151,7 +156,7 @@ def decode_envelope(data: bytes) -> Envelope:
             ids = struct.unpack_from(f"<{count}Q", data, _USERS_HEAD.size)
             if len(data) < end:
                 raise ValueError("truncated user list")
-            return UsersEnvelope(ids, data[end:], bool(flags & 1))
+            return UsersEnvelope(ids, data[end:], bool(flags & 1), bool(flags & 2))
         if kind == T_ROOM:
             _, room, origin = _ROOM_HEAD.unpack_from(data)
             return RoomEnvelope(room, origin, data[_ROOM_HEAD.size :])

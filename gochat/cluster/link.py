@@ -50,13 +50,25 @@ FANOUT_STREAM = "fanout"
 
 
 class LocalFanout(Protocol):
-    """Where frames from other nodes go: this node's connections (the native routing table
-    and writer, ``gochat._native.routing.RoutingTable.fanout_users`` / ``fanout_room``; the
-    link does not depend on the data plane's types)."""
+    """This node's connections: where frames from other nodes go, and the node's own
+    (``gochat.messaging.delivery.LocalDelivery``, which keeps each conversation's DELIVERs in
+    seq order on this node; the link does not depend on the data plane's types)."""
 
-    def users(self, user_ids: Sequence[int], frame: bytes, droppable: bool) -> int: ...
+    def users(
+        self, user_ids: Sequence[int], frame: bytes, droppable: bool, skip: Any = None, ordered: bool = True
+    ) -> int:
+        """Queue ``frame`` to the local sessions of ``user_ids`` but the connection ``skip``
+        (``ordered``: through the node's seq-order gate)."""
 
     def room(self, room_id: int, frame: bytes) -> int: ...
+
+    @property
+    def held(self) -> int:
+        """DELIVERs that waited for a missing seq (the order gate)."""
+
+    @property
+    def stale_dropped(self) -> int:
+        """DELIVERs not delivered: at or below the last seq delivered."""
 
 
 class ClusterEvents(Protocol):
@@ -271,9 +283,9 @@ class ClusterLink:
             if node == origin:
                 continue  # the origin delivered to its own connections already
             if node == self.node_id:
-                self.local.users(uids, env.frame, env.droppable)
+                self.local.users(uids, env.frame, env.droppable, ordered=False)
             else:
-                await self.broker.send_to_node(node, encode_users(uids, env.frame, env.droppable))
+                await self.broker.send_to_node(node, encode_users(uids, env.frame, env.droppable, unordered=True))
             self.routed += 1
 
     def route_room(self, room_id: int, frame: bytes) -> None:
@@ -414,7 +426,7 @@ class ClusterLink:
             log.error("dropping cluster message: %s", exc.message)
             return
         if isinstance(env, UsersEnvelope):
-            self.local.users(env.user_ids, env.frame, env.droppable)
+            self.local.users(env.user_ids, env.frame, env.droppable, ordered=not env.unordered)
         elif isinstance(env, RoomEnvelope):
             self.local.room(env.room_id, env.frame)
         elif isinstance(env, PresenceEnvelope):

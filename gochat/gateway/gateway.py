@@ -260,4 +260,6 @@ class Gateway:
             "writes": w.writes,
             "drops": w.drops,
             "slow_disconnects": w.slow_disconnects,
+            "order_held": self.core.link.local.held,
+            "order_stale": self.core.link.local.stale_dropped,
         }

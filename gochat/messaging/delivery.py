@@ -10,13 +10,15 @@ once and only when someone will receive it.
 
 from __future__ import annotations
 
+import asyncio
+import struct
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from gochat._native.fanout import Connection, FanoutWriter
 from gochat._native.routing import RoutingTable
 from gochat.messaging.watchers import PresenceWatchers
-from gochat.protocol import EventType, encode_event
+from gochat.protocol import EventType, Kind, encode_event
 
 if TYPE_CHECKING:
     from gochat.cluster.link import ClusterLink
@@ -24,18 +26,103 @@ if TYPE_CHECKING:
 __all__ = ["Delivery", "LocalDelivery"]
 
 
+#: a DELIVER's kind, conv_id and seq (message record at offset 12: kind @0, conv_id @2, seq @10)
+_DELIVER_KEY = struct.Struct("<BxQQ")
+_OP_DELIVER = 0x40
+#: how long a DELIVER that arrived ahead of a missing seq waits for it (docs/consistency.md)
+ORDER_HOLD_S = 0.2
+#: DELIVERs held for one conversation before the oldest gap is given up at once
+ORDER_HOLD_MAX = 1024
+#: conversations whose last seq this node remembers (past it the table starts over)
+ORDER_KEYS_MAX = 1 << 18
+
+Pending = tuple[Sequence[int], bytes, bool, Any]  # user_ids, frame, droppable, skip
+
+
 class LocalDelivery:
-    """Frames that came from other nodes, to this node's sessions (the cluster link's
-    :class:`~gochat.cluster.link.LocalFanout`)."""
+    """This node's sessions, reached through the native routing table: frames from other nodes
+    (the cluster link's :class:`~gochat.cluster.link.LocalFanout`) and this node's own.
 
-    __slots__ = ("routing", "writer")
+    **Seq order on this node.** Every DELIVER of a stored message passes an order gate keyed by
+    its conversation (for a direct one, by the viewer's conversation id and the recipient: the
+    two views are different conversations on the wire). Messages of one conversation committed
+    on different nodes reach this node on different paths and can arrive out of seq order; the
+    gate delivers a DELIVER whose seq follows the last one delivered here at once, holds one that
+    arrives ahead of a missing seq for up to ``hold_s`` (released in order as soon as the gap
+    fills), and drops one at or below the last delivered seq (a duplicate, or one whose gap was
+    given up: the client saw the gap and fetches it with HISTORY). So a connection sees DELIVER
+    seqs strictly increasing; a gap it sees is one to fetch, never one that fills later."""
 
-    def __init__(self, routing: RoutingTable, writer: FanoutWriter) -> None:
+    __slots__ = ("_held", "_last", "_loop", "held", "hold_s", "routing", "stale_dropped", "writer")
+
+    def __init__(self, routing: RoutingTable, writer: FanoutWriter, hold_s: float = ORDER_HOLD_S) -> None:
         self.routing = routing
         self.writer = writer
+        self.hold_s = hold_s
+        self._loop = asyncio.get_running_loop()
+        self._last: dict[Any, int] = {}
+        self._held: dict[Any, tuple[dict[int, Pending], asyncio.TimerHandle]] = {}
+        #: DELIVERs that waited for a missing seq, and ones dropped as duplicates or too late
+        self.held = 0
+        self.stale_dropped = 0
 
-    def users(self, user_ids: Sequence[int], frame: bytes, droppable: bool) -> int:
-        return self.routing.fanout_users(self.writer, user_ids, frame, None, droppable)
+    def users(
+        self, user_ids: Sequence[int], frame: bytes, droppable: bool, skip: Any = None, ordered: bool = True
+    ) -> int:
+        if not ordered or frame[5] != _OP_DELIVER:
+            return self.routing.fanout_users(self.writer, user_ids, frame, skip, droppable)
+        kind, conv, seq = _DELIVER_KEY.unpack_from(frame, 12)
+        if seq == 0:  # a room message: not stored, no order
+            return self.routing.fanout_users(self.writer, user_ids, frame, skip, droppable)
+        key: Any = conv if kind == Kind.GROUP else (conv, user_ids[0])
+        last = self._last.get(key)
+        if last is None or seq == last + 1:
+            if last is None and len(self._last) >= ORDER_KEYS_MAX:
+                self._last.clear()
+            self._last[key] = seq
+            n = self.routing.fanout_users(self.writer, user_ids, frame, skip, droppable)
+            if key in self._held:
+                n += self._release(key)
+            return n
+        if seq <= last:
+            self.stale_dropped += 1
+            return 0
+        held = self._held.get(key)
+        if held is None:
+            held = self._held[key] = ({}, self._loop.call_later(self.hold_s, self._give_up, key))
+        held[0][seq] = (user_ids, frame, droppable, skip)
+        self.held += 1
+        if len(held[0]) > ORDER_HOLD_MAX:
+            self._give_up(key)
+        return 0
+
+    def _release(self, key: Any) -> int:
+        """Deliver the held DELIVERs that now follow the last one, in seq order."""
+        pending, timer = self._held[key]
+        last = self._last[key]
+        n = 0
+        while (nxt := pending.pop(last + 1, None)) is not None:
+            user_ids, frame, droppable, skip = nxt
+            n += self.routing.fanout_users(self.writer, user_ids, frame, skip, droppable)
+            last += 1
+        self._last[key] = last
+        if not pending:
+            timer.cancel()
+            del self._held[key]
+        return n
+
+    def _give_up(self, key: Any) -> None:
+        """The missing seq did not come within ``hold_s``: deliver what waits, in order, and
+        leave the gap to the clients (they fetch it with HISTORY)."""
+        held = self._held.pop(key, None)
+        if held is None:
+            return
+        pending, timer = held
+        timer.cancel()
+        for seq in sorted(pending):
+            user_ids, frame, droppable, skip = pending[seq]
+            self.routing.fanout_users(self.writer, user_ids, frame, skip, droppable)
+            self._last[key] = seq
 
     def room(self, room_id: int, frame: bytes) -> int:
         return self.routing.fanout_room(self.writer, room_id, frame, None, True)
@@ -61,13 +148,16 @@ class Delivery:
     ) -> int:
         """Queue ``data`` to every session of ``user_ids`` but ``skip``: local ones now, remote
         ones through the cluster link (same bytes). Returns the local connections reached."""
-        n = self.routing.fanout_users(self.writer, user_ids, data, skip, droppable)
         link = self.link
+        if link.peers and len(user_ids) > self.large_group_threshold:
+            # the large-group tier: shards reach the nodes in no order, so no node's order gate
+            # can keep this group's seq order (docs/consistency.md, "Delivery order")
+            n = link.local.users(user_ids, data, droppable, skip, ordered=False)
+            link.route_large(user_ids, data, droppable)
+            return n
+        n = link.local.users(user_ids, data, droppable, skip)
         if link.peers:
-            if len(user_ids) > self.large_group_threshold:
-                link.route_large(user_ids, data, droppable)
-            else:
-                link.route_users(user_ids, data, droppable)
+            link.route_users(user_ids, data, droppable)
         return n
 
     def direct(

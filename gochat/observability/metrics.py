@@ -131,6 +131,16 @@ class _DataPlaneCollector(Collector):
         yield CounterMetricFamily(
             "gochat_slow_consumer_disconnects", "Connections closed with 4401", value=v["slow_disconnects"]
         )
+        yield CounterMetricFamily(
+            "gochat_deliveries_held",
+            "DELIVERs that arrived ahead of a missing seq and waited for it (order gate)",
+            value=v["order_held"],
+        )
+        yield CounterMetricFamily(
+            "gochat_deliveries_stale",
+            "DELIVERs not delivered: at or below the last seq delivered (duplicates, given-up gaps)",
+            value=v["order_stale"],
+        )
 
 
 class _EventsCollector(Collector):
