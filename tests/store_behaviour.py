@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -26,8 +27,10 @@ from typing import Any, TypeVar
 
 import pytest
 
+from gochat.cluster.memory import MemoryHub
+from gochat.cluster.memory_locks import MemoryLocks
 from gochat.errors import ErrorCode, GochatError, RequestError
-from gochat.store.base import AppendRequest, AppendResult, RefreshStatus, Store
+from gochat.store.base import AppendRequest, AppendResult, RefreshStatus, StaleFenceError, Store
 
 T = TypeVar("T")
 S = TypeVar("S", bound=Store)
@@ -663,3 +666,132 @@ class StoreBehaviour:
                 await reopened.close()
 
         asyncio.run(main())
+
+    # ---- fencing (membership writes made under the lock group:{id}) --------------------------
+
+    def test_member_writes_refuse_a_stale_fence(self, run: Runner[None]) -> None:
+        async def body(store: Store) -> None:
+            a, b, c, d = await users(store, "alice", "bob", "carol", "dave")
+            g = await store.create_group(a, "g", [b])
+            conv = g.conv
+
+            async def state() -> tuple[int, tuple[int, ...]]:
+                return await store.members_versioned(conv)
+
+            async def refused(write: Awaitable[bool], fence: int, stored: int) -> None:
+                before = await state()
+                with pytest.raises(StaleFenceError) as ei:
+                    await write
+                err = ei.value
+                assert isinstance(err, GochatError)
+                assert err.code == ErrorCode.UNAVAILABLE and err.spec.retryable
+                assert (err.conv, err.fence, err.stored) == (conv, fence, stored)
+                assert await state() == before  # changed nothing
+
+            assert await store.add_member(conv, c, fence=5) is True
+            assert await state() == (2, tuple(sorted((a, b, c))))
+            # a lower fence: refused, whatever the write (a change or a no-op)
+            await refused(store.add_member(conv, d, fence=4), 4, 5)
+            await refused(store.remove_member(conv, b, fence=4), 4, 5)
+            await refused(store.add_member(conv, c, fence=4), 4, 5)
+            await refused(store.remove_member(conv, d, fence=1), 1, 5)
+            await refused(store.remove_member(conv, a, fence=0), 0, 5)
+            # an equal fence passes, a higher one passes and becomes the group's fence
+            assert await store.add_member(conv, d, fence=5) is True
+            assert await state() == (3, tuple(sorted((a, b, c, d))))
+            assert await store.remove_member(conv, b, fence=7) is True
+            assert await state() == (4, tuple(sorted((a, c, d))))
+            await refused(store.add_member(conv, b, fence=6), 6, 7)
+            # no fence: today's behaviour (unchecked, and the stored fence stays)
+            assert await store.add_member(conv, b) is True
+            assert await store.add_member(conv, b) is False
+            assert await store.remove_member(conv, b) is True
+            assert await store.remove_member(conv, b) is False
+            assert await state() == (6, tuple(sorted((a, c, d))))
+            await refused(store.remove_member(conv, d, fence=6), 6, 7)
+            # the version counts only real changes; a no-op write still raises the fence
+            assert await store.add_member(conv, d, fence=9) is False
+            assert await store.remove_member(conv, b, fence=9) is False
+            assert await state() == (6, tuple(sorted((a, c, d))))
+            await refused(store.remove_member(conv, d, fence=8), 8, 9)
+            assert await store.remove_member(conv, c, fence=9) is True
+            assert await state() == (7, tuple(sorted((a, d))))
+            # fences are per group; another group's writes are not affected
+            h = await store.create_group(b, "h", [])
+            assert await store.add_member(h.conv, c, fence=1) is True
+            assert await store.members_versioned(h.conv) == (2, tuple(sorted((b, c))))
+            # unknown group or user: NOT_FOUND as without a fence
+            for write in (
+                lambda: store.add_member(h.conv + 999, c, fence=1),
+                lambda: store.remove_member(h.conv + 999, c, fence=1),
+                lambda: store.add_member(conv, 10_000, fence=9),
+            ):
+                with pytest.raises(RequestError) as nf:
+                    await write()
+                assert nf.value.code == ErrorCode.NOT_FOUND
+            assert await state() == (7, tuple(sorted((a, d))))
+
+        run(body)
+
+    def test_a_stalled_lock_holder_cannot_write_after_the_next_one(self, run: Runner[None]) -> None:
+        """Holder 1 takes ``group:{id}`` with a short TTL and stalls past it (no renewal);
+        holder 2 (another node: another MemoryLocks on the same hub) gets the lock with a
+        higher fence and writes; holder 1's late writes carry its old fence and are refused,
+        so the two holdings never both change the group."""
+
+        async def body(store: Store) -> None:
+            a, b, c = await users(store, "alice", "bob", "carol")
+            g = await store.create_group(a, "g", [])
+            hub = MemoryHub()
+            one, two = MemoryLocks(hub), MemoryLocks(hub)
+            name = f"group:{g.conv}"
+            try:
+                first = await one.acquire(name, ttl_s=0.3)
+                assert await store.add_member(g.conv, b, fence=first.fence) is True  # in time
+                one.abandon()  # holder 1 stalls: no renewal, no release
+                second = await two.acquire(name, ttl_s=5, timeout_s=5)  # once the TTL has run out
+                assert second.fence > first.fence
+                assert await store.add_member(g.conv, c, fence=second.fence) is True
+                assert await store.members_versioned(g.conv) == (3, tuple(sorted((a, b, c))))
+                # holder 1 wakes up and goes on with what it read before it stalled
+                with pytest.raises(StaleFenceError):
+                    await store.remove_member(g.conv, b, fence=first.fence)
+                with pytest.raises(StaleFenceError):
+                    await store.add_member(g.conv, a, fence=first.fence)  # a no-op too
+                assert await store.members_versioned(g.conv) == (3, tuple(sorted((a, b, c))))
+                # holder 2 goes on writing
+                assert await store.remove_member(g.conv, b, fence=second.fence) is True
+                await two.release(second)
+                # the next holding, from either node, has a higher fence still
+                async with one.lock(name, ttl_s=5) as third:
+                    assert third.fence > second.fence
+                    assert await store.add_member(g.conv, b, fence=third.fence) is True
+                assert await store.members_versioned(g.conv) == (5, tuple(sorted((a, b, c))))
+            finally:
+                await one.close()
+                await two.close()
+
+        run(body)
+
+    def test_concurrent_fenced_writes_keep_the_highest_fence(self, run: Runner[None]) -> None:
+        """Writes with fences 1..12 at once, in shuffled order: each is applied or refused as a
+        whole, the highest fence always wins, the version counts exactly the applied ones."""
+
+        async def body(store: Store) -> None:
+            owner, *others = await users(store, *(f"u{i}" for i in range(13)))
+            g = await store.create_group(owner, "g", [])
+            fences = list(range(1, 13))
+            random.Random(7).shuffle(fences)
+            results = await asyncio.gather(
+                *(store.add_member(g.conv, uid, fence=f) for uid, f in zip(others, fences, strict=True)),
+                return_exceptions=True,
+            )
+            applied = {uid for uid, r in zip(others, results, strict=True) if r is True}
+            refused = [r for r in results if r is not True]
+            assert all(isinstance(r, StaleFenceError) for r in refused), refused
+            assert others[fences.index(12)] in applied
+            assert await store.members_versioned(g.conv) == (1 + len(applied), tuple(sorted({owner, *applied})))
+            with pytest.raises(StaleFenceError):
+                await store.remove_member(g.conv, owner, fence=11)
+
+        run(body)

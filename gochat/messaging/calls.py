@@ -9,12 +9,15 @@ Membership changes (``group.add``, ``group.remove``, ``group.leave``) hold the g
 distributed lock (``group:{id}``, docs/consistency.md § Distributed locks) around reading the
 members from the store, checking and writing: changes made on different nodes at once take
 effect one after the other (a group never grows past ``max_group_members``, and each change's
-event carries the version that change made).
+event carries the version that change made). Each write carries the lock's fence, which the
+store checks: a holder that stalled past the lock's TTL (and so may overlap a later holder) has
+its write refused, and the CALL answers UNAVAILABLE (retryable; nothing changed).
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -24,7 +27,7 @@ from gochat._native.fanout import Connection
 from gochat.cluster.bus import GroupCreated, MemberAdded, MemberRemoved
 from gochat.cluster.locks import Lease
 from gochat.config import Settings
-from gochat.errors import ErrorCode, RequestError
+from gochat.errors import ErrorCode, RequestError, UnavailableError
 from gochat.ids import MAX_ID
 from gochat.messaging.addressing import Addressing, not_found, not_member
 from gochat.messaging.delivery import Delivery
@@ -32,6 +35,7 @@ from gochat.messaging.watchers import PresenceWatchers
 from gochat.protocol import EventType, Kind, encode, encode_event
 from gochat.protocol.frames import CallResult
 from gochat.store import Store
+from gochat.store.base import StaleFenceError
 
 if TYPE_CHECKING:
     from gochat.cluster.link import ClusterLink
@@ -45,6 +49,8 @@ PRESENCE_QUERY_MAX = 1000
 GROUP_LOCK_TTL_S = 5.0
 #: ... and waited for at most this long (then the CALL answers UNAVAILABLE, retryable)
 GROUP_LOCK_WAIT_S = 5.0
+
+log = logging.getLogger("gochat.messaging.calls")
 
 Method = Callable[[Connection, dict[str, Any]], Awaitable[dict[str, Any]]]
 
@@ -117,6 +123,14 @@ class ControlCalls:
             raise not_member()
         return members
 
+    @staticmethod
+    def _lock_lost(exc: StaleFenceError) -> UnavailableError:
+        """A membership write refused for its stale fence: this node's hold of the group's lock
+        expired (stalled past the TTL) and a later holder has written since. Nothing changed;
+        the client may retry (UNAVAILABLE)."""
+        log.warning("group %d: membership write refused, the lock was lost (%s)", exc.conv, exc.message)
+        return UnavailableError("the group changed meanwhile (lock lost); nothing was changed, retry")
+
     def _group_event(self, members: tuple[int, ...], etype: int, conv: int, actor: int, value: int) -> None:
         self.delivery.users(members, encode_event(etype, Kind.GROUP, conv, actor, value), None)
 
@@ -168,13 +182,16 @@ class ControlCalls:
         await self.addressing.member_group(conv, conn.user_id)  # NOT_FOUND / NOT_MEMBER early
         if await self.store.get_user(uid) is None:
             raise not_found("user")
-        async with self._group_lock(conv):
+        async with self._group_lock(conv) as lease:
             members = await self._locked_member_group(conv, conn.user_id)
             if uid in members:
                 return {"added": False}
             if len(members) >= self.max_group_members:
                 raise _bad("group is full")
-            added = await self.store.add_member(conv, uid)
+            try:
+                added = await self.store.add_member(conv, uid, fence=lease.fence)
+            except StaleFenceError as exc:
+                raise self._lock_lost(exc) from None
             if added:
                 members = await self.addressing.reload_members(conv)
                 version = self.addressing.version(conv)
@@ -189,9 +206,12 @@ class ControlCalls:
         info = await self.store.group_info(conv)
         if info is not None and uid != conn.user_id and info.owner_id != conn.user_id:
             raise RequestError("only the owner removes other members", code=ErrorCode.FORBIDDEN)
-        async with self._group_lock(conv):
+        async with self._group_lock(conv) as lease:
             members = await self._locked_member_group(conv, conn.user_id)
-            removed = await self.store.remove_member(conv, uid)
+            try:
+                removed = await self.store.remove_member(conv, uid, fence=lease.fence)
+            except StaleFenceError as exc:
+                raise self._lock_lost(exc) from None
             if removed:
                 await self.addressing.reload_members(conv)
                 version = self.addressing.version(conv)
@@ -204,9 +224,12 @@ class ControlCalls:
         conv = _id(p, "group_id")
         me = conn.user_id
         await self.addressing.member_group(conv, me)
-        async with self._group_lock(conv):
+        async with self._group_lock(conv) as lease:
             members = await self._locked_member_group(conv, me)
-            await self.store.remove_member(conv, me)
+            try:
+                await self.store.remove_member(conv, me, fence=lease.fence)
+            except StaleFenceError as exc:
+                raise self._lock_lost(exc) from None
             await self.addressing.reload_members(conv)
             version = self.addressing.version(conv)
         self.link.publish_event(MemberRemoved(group_id=conv, user_id=me, actor_id=me, version=version))

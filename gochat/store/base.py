@@ -22,6 +22,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol, TypeAlias, runtime_checkable
 
+from gochat.errors import ErrorCode, GochatError
+
 __all__ = [
     "AppendCallback",
     "AppendRequest",
@@ -31,6 +33,7 @@ __all__ = [
     "GroupInfo",
     "MessageStore",
     "RefreshStatus",
+    "StaleFenceError",
     "Store",
     "StoreLifecycle",
     "StoreStats",
@@ -125,6 +128,21 @@ class GroupInfo:
     last_seq: int
 
 
+class StaleFenceError(GochatError):
+    """A membership write carried a fence below the one the group has stored: it was made
+    under a lock that has expired and been taken by a later holder since (docs/consistency.md
+    § Distributed locks, Fencing). Nothing was changed. UNAVAILABLE (501, retryable): the
+    caller may take the lock again and retry."""
+
+    code = ErrorCode.UNAVAILABLE
+
+    def __init__(self, conv: int, fence: int, stored: int) -> None:
+        super().__init__(f"stale fence {fence} for group {conv} (it has accepted fence {stored})")
+        self.conv = conv
+        self.fence = fence
+        self.stored = stored
+
+
 class RefreshStatus:
     """Outcome of :meth:`TokenStore.use_refresh_token`."""
 
@@ -209,11 +227,16 @@ class ConversationStore(Protocol):
 
     async def group_info(self, conv: int) -> GroupInfo | None: ...
 
-    async def add_member(self, conv: int, user_id: int) -> bool:
-        """True if added, False if already a member."""
+    async def add_member(self, conv: int, user_id: int, fence: int | None = None) -> bool:
+        """True if added, False if already a member.
 
-    async def remove_member(self, conv: int, user_id: int) -> bool:
-        """True if removed, False if not a member."""
+        ``fence``: the fence of the lock ``group:{conv}`` the caller holds (None: unchecked).
+        The write is applied only if ``fence`` is at least the group's stored fence, which it
+        then becomes (same transaction, whether or not the membership changed); a lower one
+        raises :class:`StaleFenceError` and changes nothing."""
+
+    async def remove_member(self, conv: int, user_id: int, fence: int | None = None) -> bool:
+        """True if removed, False if not a member. ``fence`` as for :meth:`add_member`."""
 
     async def members(self, conv: int) -> tuple[int, ...]:
         """Members of a group or the two users of a direct conversation (empty if unknown)."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from gochat.clock import now_ms
 from gochat.errors import ErrorCode, RequestError, UnavailableError
-from gochat.store.base import ConversationState, GroupInfo
+from gochat.store.base import ConversationState, GroupInfo, StaleFenceError
 from gochat.store.common import direct_peer
 from gochat.store.postgres.engine import PostgresEngine
 from gochat.store.postgres.pool import check_int64
@@ -120,65 +120,91 @@ SELECT (SELECT n FROM u), (SELECT conv FROM ins)
             last_seq=int(row[3]),
         )
 
-    async def add_member(self, conv: int, user_id: int) -> bool:
+    # Membership writes are one statement each. ``g`` locks the group's row (FOR UPDATE), so
+    # the fence check and the write see the latest stored fence even when another writer
+    # commits meanwhile; ``f`` is the group when the fence passes (or none was given).
+
+    async def add_member(self, conv: int, user_id: int, fence: int | None = None) -> bool:
         check_int64(conv, user_id)
+        if fence is not None:
+            check_int64(fence)
         s = self._s
         # A new member starts with everything before the join marked read.
         row = await self._write(
             lambda conn: conn.fetchrow(
                 f"""
-WITH g AS (SELECT last_seq FROM {s}.conversations WHERE conv = $1 AND kind = 2),
+WITH g AS (
+    SELECT last_seq, members_fence FROM {s}.conversations WHERE conv = $1 AND kind = 2 FOR UPDATE
+),
+f AS (SELECT 1 FROM g WHERE $4::bigint IS NULL OR g.members_fence <= $4::bigint),
 u AS (SELECT 1 FROM {s}.users WHERE user_id = $2),
 ins AS (
     INSERT INTO {s}.members (user_id, conv, joined_ms, read_seq)
-    SELECT $2, $1, $3, g.last_seq FROM g, u
+    SELECT $2, $1, $3, g.last_seq FROM g, u, f
     ON CONFLICT DO NOTHING
     RETURNING 1
 ),
 v AS (
-    UPDATE {s}.conversations SET members_version = members_version + 1
-    WHERE conv = $1 AND EXISTS (SELECT 1 FROM ins)
+    UPDATE {s}.conversations
+    SET members_version = members_version + (SELECT count(*) FROM ins),
+        members_fence = GREATEST(members_fence, COALESCE($4::bigint, 0))
+    WHERE conv = $1 AND EXISTS (SELECT 1 FROM f)
+      AND (EXISTS (SELECT 1 FROM ins) OR members_fence < $4::bigint)
     RETURNING 1
 )
-SELECT EXISTS (SELECT 1 FROM g), EXISTS (SELECT 1 FROM u), EXISTS (SELECT 1 FROM ins),
-       EXISTS (SELECT 1 FROM v)
+SELECT (SELECT members_fence FROM g), EXISTS (SELECT 1 FROM f), EXISTS (SELECT 1 FROM u),
+       EXISTS (SELECT 1 FROM ins)
 """,
                 conv,
                 user_id,
                 now_ms(),
+                fence,
             )
         )
-        if not row[0]:
+        if row[0] is None:
             raise RequestError("no such group", code=ErrorCode.NOT_FOUND)
         if not row[1]:
+            assert fence is not None
+            raise StaleFenceError(conv, fence, int(row[0]))
+        if not row[2]:
             raise RequestError("no such user", code=ErrorCode.NOT_FOUND)
-        return bool(row[2])
+        return bool(row[3])
 
-    async def remove_member(self, conv: int, user_id: int) -> bool:
+    async def remove_member(self, conv: int, user_id: int, fence: int | None = None) -> bool:
         check_int64(conv, user_id)
+        if fence is not None:
+            check_int64(fence)
         s = self._s
         row = await self._write(
             lambda conn: conn.fetchrow(
                 f"""
-WITH g AS (SELECT 1 FROM {s}.conversations WHERE conv = $1 AND kind = 2),
+WITH g AS (SELECT members_fence FROM {s}.conversations WHERE conv = $1 AND kind = 2 FOR UPDATE),
+f AS (SELECT 1 FROM g WHERE $3::bigint IS NULL OR g.members_fence <= $3::bigint),
 d AS (
-    DELETE FROM {s}.members WHERE conv = $1 AND user_id = $2 AND EXISTS (SELECT 1 FROM g)
+    DELETE FROM {s}.members WHERE conv = $1 AND user_id = $2 AND EXISTS (SELECT 1 FROM f)
     RETURNING 1
 ),
 v AS (
-    UPDATE {s}.conversations SET members_version = members_version + 1
-    WHERE conv = $1 AND EXISTS (SELECT 1 FROM d)
+    UPDATE {s}.conversations
+    SET members_version = members_version + (SELECT count(*) FROM d),
+        members_fence = GREATEST(members_fence, COALESCE($3::bigint, 0))
+    WHERE conv = $1 AND EXISTS (SELECT 1 FROM f)
+      AND (EXISTS (SELECT 1 FROM d) OR members_fence < $3::bigint)
     RETURNING 1
 )
-SELECT EXISTS (SELECT 1 FROM g), EXISTS (SELECT 1 FROM d), EXISTS (SELECT 1 FROM v)
+SELECT (SELECT members_fence FROM g), EXISTS (SELECT 1 FROM f), EXISTS (SELECT 1 FROM d)
 """,
                 conv,
                 user_id,
+                fence,
             )
         )
-        if not row[0]:
+        if row[0] is None:
             raise RequestError("no such group", code=ErrorCode.NOT_FOUND)
-        return bool(row[1])
+        if not row[1]:
+            assert fence is not None
+            raise StaleFenceError(conv, fence, int(row[0]))
+        return bool(row[2])
 
     async def members_versioned(self, conv: int) -> tuple[int, tuple[int, ...]]:
         check_int64(conv)

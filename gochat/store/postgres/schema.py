@@ -127,6 +127,13 @@ MIGRATIONS: Final[tuple[str, ...]] = (
     """
     ALTER TABLE {s}.conversations ADD COLUMN members_version bigint NOT NULL DEFAULT 1;
     """,
+    # ---- version 3 ------------------------------------------------------------------------
+    # A group's membership fence: the highest lock fence a membership write has carried (0:
+    # none yet). A write with a lower fence was made under a lock that has expired and been
+    # taken since, and is refused (docs/consistency.md, Distributed locks).
+    """
+    ALTER TABLE {s}.conversations ADD COLUMN members_fence bigint NOT NULL DEFAULT 0;
+    """,
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 

@@ -7,11 +7,13 @@ from collections.abc import Iterable
 
 from gochat.clock import now_ms
 from gochat.errors import ErrorCode, RequestError
-from gochat.store.base import ConversationState, GroupInfo
+from gochat.store.base import ConversationState, GroupInfo, StaleFenceError
 from gochat.store.common import direct_peer
 from gochat.store.sqlite.engine import SQLiteEngine
 
 __all__ = ["ConversationRepository"]
+
+_MIN_INT64, _MAX_INT64 = -(2**63), 2**63 - 1
 
 
 class ConversationRepository(SQLiteEngine):
@@ -104,17 +106,23 @@ class ConversationRepository(SQLiteEngine):
         return await self._read(lambda conn: self._group_info(conn, conv))
 
     @staticmethod
-    def _require_group(conn: sqlite3.Connection, conv: int) -> int:
+    def _require_group(conn: sqlite3.Connection, conv: int, fence: int | None) -> int:
+        """The group's last_seq; NOT_FOUND when there is no such group, StaleFenceError when
+        ``fence`` is below the group's stored fence."""
+        if fence is not None and (not isinstance(fence, int) or not _MIN_INT64 <= fence <= _MAX_INT64):
+            raise RequestError("fence out of range", code=ErrorCode.BAD_REQUEST)
         row = conn.execute(
-            "SELECT last_seq FROM conversations WHERE conv = ? AND kind = 2", (conv,)
+            "SELECT last_seq, members_fence FROM conversations WHERE conv = ? AND kind = 2", (conv,)
         ).fetchone()
         if row is None:
             raise RequestError("no such group", code=ErrorCode.NOT_FOUND)
+        if fence is not None and fence < row[1]:
+            raise StaleFenceError(conv, fence, int(row[1]))
         return int(row[0])
 
-    async def add_member(self, conv: int, user_id: int) -> bool:
+    async def add_member(self, conv: int, user_id: int, fence: int | None = None) -> bool:
         def job(conn: sqlite3.Connection) -> bool:
-            last_seq = self._require_group(conn, conv)
+            last_seq = self._require_group(conn, conv, fence)
             if self._missing_users(conn, (user_id,)):
                 raise RequestError("no such user", code=ErrorCode.NOT_FOUND)
             # A new member starts with everything before the join marked read.
@@ -122,27 +130,33 @@ class ConversationRepository(SQLiteEngine):
                 "INSERT OR IGNORE INTO members (conv, user_id, joined_ms, read_seq) VALUES (?, ?, ?, ?)",
                 (conv, user_id, now_ms(), last_seq),
             )
-            if cur.rowcount != 1:
-                return False
-            self._bump_members_version(conn, conv)
-            return True
+            changed = cur.rowcount == 1
+            self._bump_members(conn, conv, changed, fence)
+            return changed
 
         return await self._write(job)
 
-    async def remove_member(self, conv: int, user_id: int) -> bool:
+    async def remove_member(self, conv: int, user_id: int, fence: int | None = None) -> bool:
         def job(conn: sqlite3.Connection) -> bool:
-            self._require_group(conn, conv)
+            self._require_group(conn, conv, fence)
             cur = conn.execute("DELETE FROM members WHERE conv = ? AND user_id = ?", (conv, user_id))
-            if cur.rowcount != 1:
-                return False
-            self._bump_members_version(conn, conv)
-            return True
+            changed = cur.rowcount == 1
+            self._bump_members(conn, conv, changed, fence)
+            return changed
 
         return await self._write(job)
 
     @staticmethod
-    def _bump_members_version(conn: sqlite3.Connection, conv: int) -> None:
-        conn.execute("UPDATE conversations SET members_version = members_version + 1 WHERE conv = ?", (conv,))
+    def _bump_members(conn: sqlite3.Connection, conv: int, changed: bool, fence: int | None) -> None:
+        """In the write's transaction: the version grows by one if the membership changed; the
+        stored fence becomes ``fence`` if that is higher (a no-op write under the lock counts)."""
+        if fence is None and not changed:
+            return
+        conn.execute(
+            "UPDATE conversations SET members_version = members_version + ?,"
+            " members_fence = MAX(members_fence, ?) WHERE conv = ?",
+            (int(changed), fence if fence is not None else 0, conv),
+        )
 
     async def members_versioned(self, conv: int) -> tuple[int, tuple[int, ...]]:
         def read(conn: sqlite3.Connection) -> tuple[int, tuple[int, ...]]:

@@ -120,6 +120,13 @@ MIGRATIONS: Final[tuple[str, ...]] = (
     """
     ALTER TABLE conversations ADD COLUMN members_version INTEGER NOT NULL DEFAULT 1;
     """,
+    # ---- version 4 ------------------------------------------------------------------------
+    # A group's membership fence: the highest lock fence a membership write has carried (0:
+    # none yet). A write with a lower fence was made under a lock that has expired and been
+    # taken since, and is refused (docs/consistency.md, Distributed locks).
+    """
+    ALTER TABLE conversations ADD COLUMN members_fence INTEGER NOT NULL DEFAULT 0;
+    """,
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 
