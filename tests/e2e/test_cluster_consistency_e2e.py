@@ -485,3 +485,46 @@ def test_delivers_arrive_in_seq_order_under_traffic_from_all_three_nodes(cluster
             await p.close()
 
     run(body())
+
+
+# ---- a node paused through a revocation ----------------------------------------------------------
+def test_a_node_paused_through_a_logout_refuses_the_token_once_resumed(cluster: Cluster) -> None:
+    """Node C is stopped (SIGSTOP) while the logout is handled on A; once C runs again it closes
+    the open session of the revoked token and refuses new connections with it (the event bus
+    replays what C missed from its cursor)."""
+    import signal
+
+    a, _, c = cluster.nodes
+    assert c.proc is not None
+
+    async def scenario() -> None:
+        erin = await create_user(a.http_url, "erin")
+        session = await connect(c.ws_url, erin.access_token)
+        await session.expect(AuthOk)
+        os.kill(c.proc.pid, signal.SIGSTOP)  # type: ignore[union-attr]
+        try:
+            async with aiohttp.ClientSession() as http:
+                async with http.post(
+                    f"{a.http_url}/v1/auth/logout", headers={"Authorization": f"Bearer {erin.access_token}"}
+                ) as r:
+                    assert r.status == 204
+            await asyncio.sleep(2.0)  # C misses everything while stopped
+        finally:
+            os.kill(c.proc.pid, signal.SIGCONT)  # type: ignore[union-attr]
+        start = time.monotonic()
+        g = await session.expect(GoAway, timeout=BOUND_S, skip=(Event,))
+        assert g.code == ErrorCode.TOKEN_REVOKED
+        report("(c') node paused through the logout -> its open session closed after resume", time.monotonic() - start)
+
+        async def refused() -> bool:
+            fresh = await connect(c.ws_url, erin.access_token)
+            try:
+                f = await fresh.expect((AuthOk, Error), timeout=5)  # type: ignore[arg-type]
+                return isinstance(f, Error) and f.code == ErrorCode.TOKEN_REVOKED
+            finally:
+                fresh.close()
+
+        took = await poll(refused, "revocation on the resumed node", start)
+        report("(c') node paused through the logout -> new connection refused after resume", took)
+
+    run(scenario())
