@@ -154,7 +154,12 @@ class Server:
         await self.cluster.start(self._node_info(), self._node_info, events)
         # The event bus (docs/consistency.md): a consumer name that survives a restart of the
         # node (its configured node id) replays from its cursor; a new one rebuilds.
-        handler = NodeEventHandler(self.core.addressing, events.revoked, self.auth.reload_revocations)
+        handler = NodeEventHandler(
+            self.core.addressing,
+            events.revoked,
+            self.auth.reload_revocations,
+            lambda: self.core.sessions.close_revoked(self.auth.is_denied),
+        )
         consumer = await self.cluster.start_events(
             f"node-{s.node_id}" if s.node_id else self.node_name, handler.apply, handler.rebuild
         )

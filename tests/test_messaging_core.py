@@ -257,3 +257,35 @@ def test_sessions_are_one_owner_of_session_state(tmp_path: Path) -> None:
             assert node.core.sessions.routing.room_size(77) == 0 and state.rooms == ()
 
     run(body())
+
+
+def test_a_rebuild_closes_the_sessions_its_reloaded_deny_list_names(tmp_path: Path) -> None:
+    """After a rebuild (the node's event cursor fell behind, or Redis lost it) the deny-list is
+    reloaded from the store, and the local sessions it now names are closed (GOAWAY 202, 4202);
+    the others stay."""
+    from gochat.messaging.events import NodeEventHandler
+
+    async def body() -> None:
+        async with cluster(tmp_path, n=1) as (nodes, auth, _):
+            node = nodes[0]
+            (_, f_tok), (_, g_tok) = await user(auth, "frank"), await user(auth, "grace")
+            _, f = await connect(node, f_tok)
+            _, g = await connect(node, g_tok)
+            # revoked elsewhere: stored, but this node never heard of it
+            await auth.store.revoke_jti(auth.verify_access(f_tok).jti, 2**42)
+            handler = NodeEventHandler(
+                node.core.addressing,
+                lambda uid, exp, rid: None,
+                auth.reload_revocations,
+                lambda: node.core.sessions.close_revoked(auth.is_denied),
+            )
+            await handler.rebuild()
+            ga = await f.next(GoAway, skip=(Event,))
+            assert ga.code == ErrorCode.TOKEN_REVOKED
+            for _ in range(500):
+                if f.close_code is not None:
+                    break
+                await asyncio.sleep(0.01)
+            assert f.close_code == 4202 and g.close_code is None
+
+    run(body())

@@ -257,6 +257,10 @@ class AuthService:
     def is_revoked(self, claims: Claims) -> bool:
         return self.tokens.is_revoked(claims)
 
+    def is_denied(self, jti: str, sid: str) -> bool:
+        """True if the access token ``jti`` or the login session ``sid`` was revoked (no I/O)."""
+        return self.tokens.is_denied(jti, sid)
+
     def apply_revocation(self, revoked_id: str, expires_ms: int) -> None:
         """Apply a revocation published by another node (already persisted there)."""
         self.tokens.deny(revoked_id, expires_ms)

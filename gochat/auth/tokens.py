@@ -240,6 +240,11 @@ class TokenService:
             return True
         return bool(claims.sid) and family_deny_key(claims.sid) in denied
 
+    def is_denied(self, jti: str, sid: str) -> bool:
+        """True if the access token ``jti`` or the login session ``sid`` is deny-listed."""
+        denied = self._denied
+        return jti in denied or (bool(sid) and family_deny_key(sid) in denied)
+
     def deny(self, jti: str, expires_ms: int) -> None:
         """Deny-list ``jti`` (or ``fam:<sid>``) until ``expires_ms``."""
         now = self.now_ms()

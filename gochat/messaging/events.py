@@ -36,10 +36,13 @@ class NodeEventHandler:
         addressing: Addressing,
         revoked: Callable[[int, int, str], None],
         reload_revocations: Callable[[], Awaitable[None]],
+        close_revoked: Callable[[], int] = lambda: 0,
     ) -> None:
         self.addressing = addressing
         self.revoked = revoked
         self.reload_revocations = reload_revocations
+        #: after a rebuild: close the local sessions whose tokens the reloaded deny-list names
+        self.close_revoked = close_revoked
 
     def apply(self, event: DomainEvent) -> None:
         if isinstance(event, _MEMBERSHIP):
@@ -50,3 +53,4 @@ class NodeEventHandler:
     async def rebuild(self) -> None:
         self.addressing.clear()
         await self.reload_revocations()
+        self.close_revoked()

@@ -181,6 +181,18 @@ class Sessions:
             conn.close_with(close_code_for(code), reason)
         return len(conns)
 
+    def close_revoked(self, is_denied: Callable[[str, str], bool]) -> int:
+        """GOAWAY 202 and close every local session whose access token or login session
+        ``is_denied(jti, sid)`` (after the deny-list was reloaded: a rebuild)."""
+        code = ErrorCode.TOKEN_REVOKED
+        conns = [
+            c for c in self.writer.connections() if c.authenticated and is_denied(c.state.jti, c.state.sid)
+        ]
+        for conn in conns:
+            conn.push(encode(GoAway(int(code), 0, "", "logged out")))
+            conn.close_with(close_code_for(code), "logged out")
+        return len(conns)
+
     async def wait_background(self) -> None:
         if self._tasks:
             await asyncio.wait(list(self._tasks))
