@@ -105,6 +105,8 @@ class Server:
         self.metrics.attach_data_plane(self.gateway.stats)
         store = self.store
         self.metrics.attach_store(lambda: store.stats)
+        caches = self.core.addressing.caches
+        self.metrics.attach_caches(lambda: [c.snapshot() for c in caches])
 
         heartbeat = s.heartbeat_ms / 1000
         # One logger object for every connection: given a logging.Logger, picows makes a child

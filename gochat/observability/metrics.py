@@ -10,7 +10,7 @@ and per-request metrics use ``prometheus_client`` directly.
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, generate_latest
@@ -171,6 +171,50 @@ class _EventsCollector(Collector):
         )
 
 
+class _CacheCollector(Collector):
+    """The L1 caches' counters (:class:`~gochat.messaging.cache.CacheSnapshot` objects, read at
+    scrape time: the hit path counts plain integers)."""
+
+    def __init__(self, read: Callable[[], Iterable[Any]]) -> None:
+        self._read = read
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        snaps = list(self._read())
+        hits = CounterMetricFamily("gochat_cache_hits", "L1 cache reads answered from the cache", labels=["cache"])
+        misses = CounterMetricFamily(
+            "gochat_cache_misses", "L1 cache lookups that loaded (or joined a load)", labels=["cache"]
+        )
+        loads = CounterMetricFamily("gochat_cache_loads", "L1 cache loads from the store", labels=["cache"])
+        load_s = CounterMetricFamily(
+            "gochat_cache_load_seconds", "Seconds spent in L1 cache loads (miss latency: / loads)", labels=["cache"]
+        )
+        inval = CounterMetricFamily(
+            "gochat_cache_invalidations", "L1 cache entries invalidated (events, changes, rebuilds)", labels=["cache"]
+        )
+        evictions = CounterMetricFamily(
+            "gochat_cache_evictions", "L1 cache entries evicted, by reason (size, bytes, ttl)", labels=["cache", "reason"]
+        )
+        entries = GaugeMetricFamily("gochat_cache_entries", "Entries in an L1 cache", labels=["cache"])
+        size = GaugeMetricFamily("gochat_cache_bytes", "Estimated bytes held by an L1 cache", labels=["cache"])
+        hot = GaugeMetricFamily(
+            "gochat_cache_hot_key_hits", "Most read keys of an L1 cache, estimated hits (sampled)", labels=["cache", "key"]
+        )
+        for st in snaps:
+            name = [st.name]
+            hits.add_metric(name, st.hits)
+            misses.add_metric(name, st.misses)
+            loads.add_metric(name, st.loads)
+            load_s.add_metric(name, st.load_seconds)
+            inval.add_metric(name, st.invalidations)
+            for reason, n in st.evictions.items():
+                evictions.add_metric([st.name, reason], n)
+            entries.add_metric(name, st.entries)
+            size.add_metric(name, st.bytes)
+            for key, n in st.hot:
+                hot.add_metric([st.name, key], n)
+        yield from (hits, misses, loads, load_s, inval, evictions, entries, size, hot)
+
+
 class Metrics:
     """The metric set of one gochat node, in its own registry."""
 
@@ -192,6 +236,10 @@ class Metrics:
     def attach_events(self, read: Callable[[], Any]) -> None:
         """Export the event-bus consumer's counters (a :class:`~gochat.cluster.bus.EventStats`)."""
         self.registry.register(_EventsCollector(read))
+
+    def attach_caches(self, read: Callable[[], Iterable[Any]]) -> None:
+        """Export L1 cache counters (an iterable of :class:`~gochat.messaging.cache.CacheSnapshot`)."""
+        self.registry.register(_CacheCollector(read))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
