@@ -2,7 +2,7 @@
 # to a room. The messaging core resolves recipients (user ids) and calls fanout_users /
 # fanout_room with bytes encoded once; the loops run in C over Python containers.
 
-from gochat._native.fanout cimport Connection, FanoutWriter
+from gochat._native.connection cimport Connection, FanoutWriter
 
 cdef class RoutingTable:
     cdef:

@@ -2,7 +2,7 @@
 
 from collections.abc import Iterable
 
-from gochat._native.fanout import Connection, FanoutWriter
+from gochat._native.connection import Connection, FanoutWriter
 
 class RoutingTable:
     connections: int

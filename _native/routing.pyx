@@ -1,7 +1,7 @@
 # cython: freethreading_compatible=False
 """Node-local routing tables; see routing.pxd."""
 
-from gochat._native.fanout cimport Connection, FanoutWriter, with_headroom
+from gochat._native.connection cimport Connection, FanoutWriter, with_headroom
 
 
 cdef class RoutingTable:

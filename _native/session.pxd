@@ -3,7 +3,7 @@
 
 from libc.stdint cimport uint32_t
 
-from gochat._native.fanout cimport Connection
+from gochat._native.connection cimport Connection
 
 
 cdef class Session(Connection):

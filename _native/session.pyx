@@ -1,7 +1,7 @@
 # cython: freethreading_compatible=False
 """The native session state machine: each binary WebSocket message of a client, walked in C.
 
-A :class:`Session` is the gateway's :class:`~gochat._native.fanout.Connection` with its
+A :class:`Session` is the gateway's :class:`~gochat._native.connection.Connection` with its
 message handling done here instead of in Python (``Gateway.on_message`` stays as the reference
 implementation, and the tests run both against the same frames):
 
@@ -42,7 +42,7 @@ from gochat._native.codec cimport (
     read_u64,
     write_header,
 )
-from gochat._native.fanout cimport ConnShared, Connection
+from gochat._native.connection cimport ConnShared, Connection
 
 cdef extern from "<time.h>" nogil:
     enum: CLOCK_MONOTONIC

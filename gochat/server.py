@@ -21,7 +21,7 @@ from aiohttp import web
 from picows import ws_create_server
 
 from gochat import __version__
-from gochat._native.fanout import ClientErrorLog, FanoutWriter, set_socket_sndbuf
+from gochat._native.connection import ClientErrorLog, FanoutWriter, set_socket_sndbuf
 from gochat._native.routing import RoutingTable
 from gochat.api.http import build_app
 from gochat.auth.keys import Algorithm, KeyRing

@@ -28,7 +28,7 @@ fi
 "$VENV/bin/python" -m pip install -q --upgrade pip
 # Editable install: builds gochat._native.* in place (the tests import the source tree).
 "$VENV/bin/python" -m pip install -q -e '.[test]'
-"$VENV/bin/python" -c 'import gochat._native.codec, gochat._native.fanout, gochat._native.routing, gochat._native.session' \
+"$VENV/bin/python" -c 'import gochat._native.codec, gochat._native.connection, gochat._native.routing, gochat._native.session' \
   || { echo "test.sh: the native modules did not build" >&2; exit 1; }
 
 # PostgreSQL and Redis for the store, cluster and end-to-end tests: started (or installed and

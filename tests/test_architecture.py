@@ -87,7 +87,7 @@ def test_the_import_graph_has_no_cycles() -> None:
 LONG_MODULES = {
     "_native/codec.pyx": "the wire codec: validation rules 1-9, decode and encode of every op",
     "gochat/protocol/_codec_py.py": "the codec's pure-Python twin, rule for rule",
-    "_native/fanout.pyx": "a connection's I/O: its listener callbacks, outbound buffer and the writer "
+    "_native/connection.pyx": "a connection's I/O: its listener callbacks, outbound buffer and the writer "
     "that flushes and heartbeats every connection (two cdef classes using each other's C fields)",
 }
 MAX_LINES = 600

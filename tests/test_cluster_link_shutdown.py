@@ -11,7 +11,7 @@ import asyncio
 import gc
 import warnings
 
-from gochat._native.fanout import FanoutWriter
+from gochat._native.connection import FanoutWriter
 from gochat._native.routing import RoutingTable
 from gochat.cluster.backends import ClusterBackends
 from gochat.cluster.base import NodeInfo

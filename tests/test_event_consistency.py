@@ -19,7 +19,7 @@ import orjson
 import pytest
 from picows import ws_create_server
 
-from gochat._native.fanout import FanoutWriter
+from gochat._native.connection import FanoutWriter
 from gochat._native.routing import RoutingTable
 from gochat.auth.keys import KeyRing
 from gochat.auth.service import AuthService

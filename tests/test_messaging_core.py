@@ -20,7 +20,7 @@ from typing import Any
 import orjson
 from picows import WSFrame, WSListener, WSMsgType, WSTransport, ws_connect, ws_create_server
 
-from gochat._native.fanout import Connection, FanoutWriter
+from gochat._native.connection import Connection, FanoutWriter
 from gochat._native.routing import RoutingTable
 from gochat.auth.keys import KeyRing
 from gochat.auth.service import AuthService

@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 from picows import WSFrame, WSListener, WSMsgType, WSTransport, ws_connect, ws_create_server
 
-from gochat._native.fanout import Connection, FanoutWriter
+from gochat._native.connection import Connection, FanoutWriter
 from gochat._native.session import Session
 from gochat.auth.tokens import Claims
 from gochat.config import Settings

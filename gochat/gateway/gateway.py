@@ -23,7 +23,7 @@ from typing import Any
 
 from picows import WSUpgradeRequest, WSUpgradeResponse, WSUpgradeResponseWithListener
 
-from gochat._native.fanout import Connection, FanoutWriter
+from gochat._native.connection import Connection, FanoutWriter
 from gochat._native.session import Session
 from gochat.auth.service import AuthService
 from gochat.auth.tokens import Claims

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from gochat._native.fanout import Connection
+from gochat._native.connection import Connection
 from gochat.cluster.bus import GroupCreated, MemberAdded, MemberRemoved
 from gochat.cluster.locks import Lease
 from gochat.config import Settings

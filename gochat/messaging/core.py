@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from gochat._native.fanout import Connection, FanoutWriter
+from gochat._native.connection import Connection, FanoutWriter
 from gochat._native.routing import RoutingTable
 from gochat.config import Settings
 from gochat.errors import ErrorCode, RequestError

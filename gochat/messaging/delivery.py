@@ -15,7 +15,7 @@ import struct
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from gochat._native.fanout import Connection, FanoutWriter
+from gochat._native.connection import Connection, FanoutWriter
 from gochat._native.routing import RoutingTable
 from gochat.messaging.watchers import PresenceWatchers
 from gochat.protocol import EventType, Kind, encode_event

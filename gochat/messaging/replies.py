@@ -25,7 +25,7 @@ DEFAULT_RETRY_MS = 1000
 
 
 class Replyable(Protocol):
-    """What an ERROR is written to: a client connection (``gochat._native.fanout.Connection``)."""
+    """What an ERROR is written to: a client connection (``gochat._native.connection.Connection``)."""
 
     @property
     def user_id(self) -> int: ...

@@ -17,7 +17,7 @@ from collections import deque
 from functools import partial
 from typing import Any
 
-from gochat._native.fanout import Connection
+from gochat._native.connection import Connection
 from gochat.clock import now_ms
 from gochat.config import Settings
 from gochat.errors import ErrorCode, GochatError, RequestError

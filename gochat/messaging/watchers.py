@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from gochat._native.fanout import Connection
+from gochat._native.connection import Connection
 
 __all__ = ["MAX_WATCHES_PER_SESSION", "PresenceWatchers"]
 

@@ -20,7 +20,7 @@ import aiohttp
 import pytest
 from picows import WSFrame, WSListener, WSMsgType, WSTransport, ws_connect, ws_create_server
 
-from gochat._native.fanout import Connection, FanoutWriter
+from gochat._native.connection import Connection, FanoutWriter
 from gochat.protocol import Kind, decode, encode
 from gochat.protocol.frames import AuthOk, Deliver, Ping, Pong, SendAck
 from tests.conftest import GochatProcess, create_user, run

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from picows import WSFrame, WSListener, WSMsgType, WSTransport, ws_connect, ws_create_server
 
-from gochat._native.fanout import Connection, FanoutWriter
+from gochat._native.connection import Connection, FanoutWriter
 from gochat._native.routing import RoutingTable
 from tests.conftest import run
 

@@ -1,6 +1,7 @@
 # cython: freethreading_compatible=False
-"""Per-connection outbound buffers, the coalescing fan-out writer and the shared heartbeat;
-see fanout.pxd."""
+"""A client connection's I/O: the picows listener (WebSocket rules, rate limit), its outbound
+buffer, the coalescing fan-out writer that flushes every connection once a tick, and the shared
+heartbeat; see connection.pxd. (The frames of a message are walked by session.pyx.)"""
 
 cimport cython
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
