@@ -2,7 +2,7 @@
 # to a room. The messaging core resolves recipients (user ids) and calls fanout_users /
 # fanout_room with bytes encoded once; the loops run in C over Python containers.
 
-from gochat._native.connection cimport Connection, FanoutWriter
+from gochat._native.connection cimport Connection
 
 cdef class RoutingTable:
     cdef:
@@ -20,7 +20,5 @@ cdef class RoutingTable:
     cpdef bint subscribe(self, object room_id, Connection conn)
     cpdef bint unsubscribe(self, object room_id, Connection conn)
     cpdef Py_ssize_t room_size(self, object room_id)
-    cpdef int fanout_users(self, FanoutWriter writer, object user_ids, bytes data,
-                           Connection skip=*, bint droppable=*) except -1
-    cpdef int fanout_room(self, FanoutWriter writer, object room_id, bytes data,
-                          Connection skip=*, bint droppable=*) except -1
+    cpdef int fanout_users(self, object user_ids, bytes data, Connection skip=*, bint droppable=*) except -1
+    cpdef int fanout_room(self, object room_id, bytes data, Connection skip=*, bint droppable=*) except -1

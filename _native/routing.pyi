@@ -2,7 +2,7 @@
 
 from collections.abc import Iterable
 
-from gochat._native.connection import Connection, FanoutWriter
+from gochat._native.connection import Connection
 
 class RoutingTable:
     connections: int
@@ -17,7 +17,6 @@ class RoutingTable:
     def room_size(self, room_id: int) -> int: ...
     def fanout_users(
         self,
-        writer: FanoutWriter,
         user_ids: Iterable[int],
         data: bytes,
         skip: Connection | None = None,
@@ -25,7 +24,6 @@ class RoutingTable:
     ) -> int: ...
     def fanout_room(
         self,
-        writer: FanoutWriter,
         room_id: int,
         data: bytes,
         skip: Connection | None = None,

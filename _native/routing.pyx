@@ -1,7 +1,7 @@
 # cython: freethreading_compatible=False
 """Node-local routing tables; see routing.pxd."""
 
-from gochat._native.connection cimport Connection, FanoutWriter, with_headroom
+from gochat._native.connection cimport Connection, with_headroom
 
 
 cdef class RoutingTable:
@@ -82,8 +82,8 @@ cdef class RoutingTable:
         subs = self.rooms.get(room_id)
         return 0 if subs is None else len(<dict>subs)
 
-    cpdef int fanout_users(self, FanoutWriter writer, object user_ids, bytes data,
-                           Connection skip=None, bint droppable=False) except -1:
+    cpdef int fanout_users(self, object user_ids, bytes data, Connection skip=None,
+                           bint droppable=False) except -1:
         """Queue ``data`` to every local connection of every user in ``user_ids``."""
         cdef dict users = self.users
         cdef Connection c
@@ -105,8 +105,8 @@ cdef class RoutingTable:
                 n += (<Connection>cur).queue_shared(framed, droppable)
         return n
 
-    cpdef int fanout_room(self, FanoutWriter writer, object room_id, bytes data,
-                          Connection skip=None, bint droppable=False) except -1:
+    cpdef int fanout_room(self, object room_id, bytes data, Connection skip=None,
+                          bint droppable=False) except -1:
         """Queue ``data`` to every subscriber of ``room_id`` on this node."""
         subs = self.rooms.get(room_id)
         if subs is None:

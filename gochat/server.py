@@ -92,7 +92,7 @@ class Server:
         self.cluster = ClusterLink(
             self.node_name,
             backends,
-            LocalDelivery(self.routing, self.writer),
+            LocalDelivery(self.routing),
             s.fanout_shard_size,
             presence_guard_s=min(s.registry_renew_s, PRESENCE_GUARD_S),
         )

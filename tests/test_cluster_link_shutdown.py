@@ -11,7 +11,6 @@ import asyncio
 import gc
 import warnings
 
-from gochat._native.connection import FanoutWriter
 from gochat._native.routing import RoutingTable
 from gochat.cluster.backends import ClusterBackends
 from gochat.cluster.base import NodeInfo
@@ -49,7 +48,7 @@ def _link(hub: MemoryHub, node: str, sessions: list[tuple[int, int]]) -> tuple[C
     backends = ClusterBackends(
         MemoryBroker(hub), MemoryClusterPresence(hub), MemoryRegistry(hub, ttl_s=3, renew_s=1), MemoryJobQueue(hub)
     )
-    link = ClusterLink(node, backends, LocalDelivery(RoutingTable(), FanoutWriter(asyncio.get_running_loop())))
+    link = ClusterLink(node, backends, LocalDelivery(RoutingTable()))
     return link, _Events(sessions)
 
 

@@ -24,7 +24,7 @@ class _Routing:
     def __init__(self) -> None:
         self.out: list[tuple[tuple[int, ...], int]] = []
 
-    def fanout_users(self, writer: Any, user_ids: Any, data: bytes, skip: Any, droppable: bool) -> int:
+    def fanout_users(self, user_ids: Any, data: bytes, skip: Any, droppable: bool) -> int:
         seq = int.from_bytes(data[22:30], "little") if data[5] == 0x40 else -1
         self.out.append((tuple(user_ids), seq))
         return len(user_ids)
@@ -36,7 +36,7 @@ def _deliver(seq: int, conv: int = 50, kind: int = Kind.GROUP) -> bytes:
 
 def _gate(hold_s: float = HOLD_S) -> tuple[LocalDelivery, _Routing]:
     routing = _Routing()
-    return LocalDelivery(routing, None, hold_s=hold_s), routing  # type: ignore[arg-type]
+    return LocalDelivery(routing, hold_s=hold_s), routing  # type: ignore[arg-type]
 
 
 def test_in_order_passes_at_once_and_a_gap_that_fills_is_released_in_order() -> None:

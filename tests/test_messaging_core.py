@@ -111,7 +111,7 @@ async def cluster(tmp_path: Path, n: int = 3) -> AsyncIterator[tuple[list[Node],
     try:
         for i in range(n):
             routing, writer = RoutingTable(), FanoutWriter(loop)
-            link = ClusterLink(f"node-{i}", memory_backends(hub), LocalDelivery(routing, writer))
+            link = ClusterLink(f"node-{i}", memory_backends(hub), LocalDelivery(routing))
             replies = ErrorReplies({})
             core = MessagingCore(settings, store, routing, writer, link, IdGenerator(10 + i), Metrics(), replies)
             gateway = Gateway(settings, auth, core, writer, replies)

@@ -154,8 +154,8 @@ def test_routing_matches_reference(ops: list[tuple[str, int, int]], targets: lis
         # users: every online connection of every target user, each once per listed occurrence
         expected_users = sum(1 for t in targets for ci in online if conns[ci].user_id == t)
         # fanout_users queues into unconnected Connections (no transport): counts are what we check
-        assert table.fanout_users(writer, targets, b"m") == expected_users
-        assert table.fanout_room(writer, room, b"r") == len(rooms.get(room, set()))
+        assert table.fanout_users(targets, b"m") == expected_users
+        assert table.fanout_room(room, b"r") == len(rooms.get(room, set()))
         assert table.room_size(room) == len(rooms.get(room, set()))
         assert table.connections == len(online)
         for u in range(4):

@@ -53,11 +53,10 @@ class LocalDelivery:
     given up: the client saw the gap and fetches it with HISTORY). So a connection sees DELIVER
     seqs strictly increasing; a gap it sees is one to fetch, never one that fills later."""
 
-    __slots__ = ("_held", "_last", "_loop", "held", "hold_s", "routing", "stale_dropped", "writer")
+    __slots__ = ("_held", "_last", "_loop", "held", "hold_s", "routing", "stale_dropped")
 
-    def __init__(self, routing: RoutingTable, writer: FanoutWriter, hold_s: float = ORDER_HOLD_S) -> None:
+    def __init__(self, routing: RoutingTable, hold_s: float = ORDER_HOLD_S) -> None:
         self.routing = routing
-        self.writer = writer
         self.hold_s = hold_s
         self._loop = asyncio.get_running_loop()
         self._last: dict[Any, int] = {}
@@ -70,17 +69,17 @@ class LocalDelivery:
         self, user_ids: Sequence[int], frame: bytes, droppable: bool, skip: Any = None, ordered: bool = True
     ) -> int:
         if not ordered or frame[5] != _OP_DELIVER:
-            return self.routing.fanout_users(self.writer, user_ids, frame, skip, droppable)
+            return self.routing.fanout_users(user_ids, frame, skip, droppable)
         kind, conv, seq = _DELIVER_KEY.unpack_from(frame, 12)
         if seq == 0:  # a room message: not stored, no order
-            return self.routing.fanout_users(self.writer, user_ids, frame, skip, droppable)
+            return self.routing.fanout_users(user_ids, frame, skip, droppable)
         key: Any = conv if kind == Kind.GROUP else (conv, user_ids[0])
         last = self._last.get(key)
         if last is None or seq == last + 1:
             if last is None and len(self._last) >= ORDER_KEYS_MAX:
                 self._last.clear()
             self._last[key] = seq
-            n = self.routing.fanout_users(self.writer, user_ids, frame, skip, droppable)
+            n = self.routing.fanout_users(user_ids, frame, skip, droppable)
             if key in self._held:
                 n += self._release(key)
             return n
@@ -103,7 +102,7 @@ class LocalDelivery:
         n = 0
         while (nxt := pending.pop(last + 1, None)) is not None:
             user_ids, frame, droppable, skip = nxt
-            n += self.routing.fanout_users(self.writer, user_ids, frame, skip, droppable)
+            n += self.routing.fanout_users(user_ids, frame, skip, droppable)
             last += 1
         self._last[key] = last
         if not pending:
@@ -121,11 +120,11 @@ class LocalDelivery:
         timer.cancel()
         for seq in sorted(pending):
             user_ids, frame, droppable, skip = pending[seq]
-            self.routing.fanout_users(self.writer, user_ids, frame, skip, droppable)
+            self.routing.fanout_users(user_ids, frame, skip, droppable)
             self._last[key] = seq
 
     def room(self, room_id: int, frame: bytes) -> int:
-        return self.routing.fanout_room(self.writer, room_id, frame, None, True)
+        return self.routing.fanout_room(room_id, frame, None, True)
 
 
 class Delivery:
@@ -175,7 +174,7 @@ class Delivery:
         return n
 
     def room(self, room_id: int, data: bytes, skip: Connection | None) -> int:
-        n = self.routing.fanout_room(self.writer, room_id, data, skip, True)
+        n = self.routing.fanout_room(room_id, data, skip, True)
         if self.link.peers:
             self.link.route_room(room_id, data)
         return n
