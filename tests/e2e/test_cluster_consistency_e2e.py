@@ -528,3 +528,52 @@ def test_a_node_paused_through_a_logout_refuses_the_token_once_resumed(cluster: 
         report("(c') node paused through the logout -> new connection refused after resume", took)
 
     run(scenario())
+
+
+# ---- membership changes while the nodes' pub/sub connections are killed ------------------------
+def test_membership_converges_when_pubsub_connections_are_killed_during_the_change(cluster: Cluster) -> None:
+    """Every pub/sub connection to Redis (the broker's and the registry watch's, on every node)
+    is killed right as a member is removed on A and another added: B and C still converge
+    (membership travels on the event bus, a stream each node reads, not on pub/sub), and the
+    nodes' pub/sub comes back by itself."""
+    import redis.asyncio as aioredis
+
+    a, b, c = cluster.nodes
+
+    async def scenario() -> None:
+        owner_u = await create_user(a.http_url, "kowner")
+        gone_u, new_u = await create_user(b.http_url, "kgone"), await create_user(c.http_url, "knew")
+        owner = await peer(a, owner_u, "kowner")
+        gone_b, gone_c = await peer(b, gone_u, "kgone_b"), await peer(c, gone_u, "kgone_c")
+        new_b, new_c = await peer(b, new_u, "knew_b"), await peer(c, new_u, "knew_c")
+        gid = await create_group(owner, [gone_u.user_id])
+        for p in (gone_b, gone_c):  # B and C cache the old members
+            assert isinstance(await p.send(gid, b"before-" + p.name.encode()), SendAck)
+        for p in (new_b, new_c):
+            assert refused(await p.send(gid, b"not yet"))
+
+        r = aioredis.Redis.from_url(cluster.redis_url)
+        try:
+            assert await owner.call("group.remove", {"group_id": gid, "user_id": gone_u.user_id}) == {"removed": True}
+            assert await owner.call("group.add", {"group_id": gid, "user_id": new_u.user_id}) == {"added": True}
+            killed = await r.client_kill_filter(_type="pubsub")
+        finally:
+            await r.aclose()
+        start = time.monotonic()
+
+        def converged(gone: Peer, new: Peer) -> Callable[[], Awaitable[bool]]:
+            async def check() -> bool:
+                return refused(await gone.send(gid, b"poll")) and isinstance(await new.send(gid, b"in"), SendAck)
+
+            return check
+
+        took = await asyncio.gather(
+            poll(converged(gone_b, new_b), "membership change reaches node B", start),
+            poll(converged(gone_c, new_c), "membership change reaches node C", start),
+        )
+        report(f"(a+b) membership change with {killed} pub/sub connections killed -> converged on B", took[0])
+        report("(a+b) ... -> converged on C", took[1])
+        for p in (owner, gone_b, gone_c, new_b, new_c):
+            await p.close()
+
+    run(scenario())
