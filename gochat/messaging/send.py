@@ -95,20 +95,19 @@ class SendPath:
                 return
             state: SessionState = conn.state
             backlog = state.send_backlog
-            entry = (rid, kind, content_type, conv_id, client_msg_id, body, started)
             if backlog is not None:
                 if len(backlog) >= MAX_SEND_BACKLOG:
                     raise RequestError(
                         "too many SENDs waiting for a conversation lookup", code=ErrorCode.OVERLOADED
                     )
-                backlog.append(entry)
+                backlog.append((rid, kind, content_type, conv_id, client_msg_id, body, started))
                 accounting.started(started)
                 return
             target = self.addressing.cached_target(conn.user_id, kind, conv_id)
             if target is not None:
-                self._append(conn, entry, target)
+                self._append(conn, rid, kind, content_type, conv_id, client_msg_id, body, started, target)
                 return
-            state.send_backlog = backlog = deque((entry,))
+            state.send_backlog = backlog = deque(((rid, kind, content_type, conv_id, client_msg_id, body, started),))
             accounting.started(started)
             self._spawn(self._drain_backlog(conn, backlog))
         except GochatError as exc:
@@ -122,12 +121,12 @@ class SendPath:
         try:
             while backlog:
                 entry = backlog[0]
-                rid, kind, _, conv_id, _, _, _ = entry
+                rid, kind, content_type, conv_id, client_msg_id, body, started = entry
                 try:
                     target = addressing.cached_target(conn.user_id, kind, conv_id)
                     if target is None:
                         target = await addressing.target(conn.user_id, kind, conv_id)
-                    self._append(conn, entry, target)
+                    self._append(conn, rid, kind, content_type, conv_id, client_msg_id, body, started, target)
                 except Exception as exc:
                     self.replies.failed(conn, rid, exc)
                 backlog.popleft()
@@ -139,8 +138,19 @@ class SendPath:
                 self.replies.error(conn, rid, ErrorCode.UNAVAILABLE, "server stopping")
                 self.accounting.settled()
 
-    def _append(self, conn: Connection, entry: PendingSend, target: Target) -> None:
-        rid, kind, content_type, conv_id, client_msg_id, body, started = entry
+    def _append(
+        self,
+        conn: Connection,
+        rid: int,
+        kind: int,
+        content_type: int,
+        conv_id: int,
+        client_msg_id: bytes,
+        body: bytes,
+        started: float,
+        target: Target,
+    ) -> None:
+        # plain arguments: the common path (conversation cached) builds no tuple per SEND
         conv, members = target
         self.store.append_soon(
             AppendRequest(conv, kind, conn.user_id, client_msg_id, content_type, body),

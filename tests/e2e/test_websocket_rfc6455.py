@@ -26,6 +26,7 @@ from gochat.protocol.frames import AuthOk, Deliver, Ping, Pong, SendAck
 from tests.conftest import GochatProcess, create_user, run
 from tests.e2e.rawclient import connect, send_frame
 from tests.e2e.wsraw import BINARY, CLOSE, CONT, PING, PONG, TEXT, RawWS, close_payload
+from tests.test_native_connection import _Handler
 
 pytestmark = pytest.mark.e2e
 
@@ -320,27 +321,6 @@ def test_coalesced_output_is_split_into_messages_within_the_limit(small_frame_se
 
 
 # ---- unit level: the native Connection over picows sockets -------------------------------------
-
-
-class _Handler:
-    def __init__(self) -> None:
-        self.connected: list[Connection] = []
-        self.messages: list[bytes] = []
-
-    def on_connected(self, conn: Connection) -> None:
-        self.connected.append(conn)
-
-    def on_message(self, conn: Connection, data: bytes) -> None:
-        self.messages.append(data)
-
-    def on_disconnected(self, conn: Connection) -> None:
-        pass
-
-    def on_text(self, conn: Connection) -> None:
-        conn.close_with(4107)
-
-    def on_oversize(self, conn: Connection) -> None:
-        conn.close_with(4102)
 
 
 class _Sink(WSListener):  # type: ignore[misc]
