@@ -29,6 +29,7 @@ from gochat.auth.service import AuthService
 from gochat.clock import now_ms
 from gochat.cluster.backends import ClusterBackends, memory_backends, redis_backends
 from gochat.cluster.base import PRESENCE_GUARD_S, NodeInfo
+from gochat.cluster.bus import EVENT_FRESH_S
 from gochat.cluster.link import ClusterLink
 from gochat.config import Settings
 from gochat.errors import ErrorCode, GochatError
@@ -165,7 +166,11 @@ class Server:
         consumer = await self.cluster.start_events(
             f"node-{s.node_id}" if s.node_id else self.node_name, handler.apply, handler.rebuild
         )
-        self.metrics.attach_events(lambda: consumer.stats)
+        self.metrics.attach_events(lambda: consumer.stats, self.cluster.outbox, self.auth.fresh)
+        # Tokens are accepted only while this node is known to have every revocation
+        # (docs/consistency.md, Revocations): a node whose reader fell behind catches up first.
+        bus = self.cluster.backends.bus
+        self.auth.guard_freshness(lambda: bus.caught_up(EVENT_FRESH_S), EVENT_FRESH_S)
         log.info(
             "gochat listening ws=%s http=%s data=%s node=%s",
             self.ws_url,
@@ -293,6 +298,7 @@ class Server:
         if self._http_runner is not None:
             await self._http_runner.cleanup()
         log.debug("HTTP API stopped")
+        await self.auth.close()
         await self.cluster.close()
         log.debug("cluster link closed")
         await self.store.close()

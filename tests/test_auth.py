@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 from gochat.auth import AuthService, Claims, KeyRing, TokenPair, jwk_thumbprint, rotate_key_files
 from gochat.auth.keys import Algorithm, JwtKey, PrivateKey
 from gochat.auth.passwords import hash_password, needs_rehash, verify_password
-from gochat.errors import AuthError, ConfigError, ErrorCode, RequestError
+from gochat.errors import AuthError, ConfigError, ErrorCode, GochatError, RequestError
 from gochat.store.sqlite import SQLiteStore
 
 T = TypeVar("T")
@@ -558,3 +558,39 @@ def test_keyring_rejects_mismatched_algorithm(tmp_path: Path) -> None:
         KeyRing.load_or_create(tmp_path, "RS256", filename="jwt-ed25519.pem")
     with pytest.raises(ConfigError):
         KeyRing(JwtKey.from_public(ed25519.Ed25519PrivateKey.generate().public_key()))
+
+
+def test_a_node_behind_on_revocations_accepts_no_token_until_it_caught_up(tmp_path: Path) -> None:
+    """guard_freshness: while the event reader is behind, a valid token gets UNAVAILABLE
+    (retryable, retry_after_ms) and a revoked one TOKEN_REVOKED as soon as it is known; the
+    deny-list is reloaded from the store meanwhile, which catches the node up without the bus
+    (a revocation another node stored shows up); logout itself never waits for freshness."""
+
+    async def body(env: Env) -> None:
+        await env.auth.register("frank", "s3cret-pass")
+        one = await env.auth.login("frank", "s3cret-pass")
+        two = await env.auth.login("frank", "s3cret-pass")
+        reader = {"caught_up": True}
+        env.auth.guard_freshness(lambda: reader["caught_up"], 0.2)
+        try:
+            env.auth.verify_access(one.access_token)
+            reader["caught_up"] = False
+            await asyncio.sleep(0.15)  # the reader is behind: the deny-list is reloaded meanwhile
+            env.auth.verify_access(one.access_token)
+            time.sleep(0.3)  # the process stalls (as under SIGSTOP): the last reload is too old
+            with pytest.raises(GochatError) as info:
+                env.auth.verify_access(one.access_token)
+            assert info.value.code == ErrorCode.UNAVAILABLE and info.value.retry_after_ms > 0
+            env.auth.verify_access(one.access_token, require_fresh=False)
+            # ... another node revokes `two` (stored; this node missed the event)
+            claims = env.auth.tokens.verify_access(two.access_token)
+            await env.store.revoke_jti(claims.jti, claims.exp * 1000)
+            await asyncio.sleep(0.15)  # the freshness task reloads the deny-list from the store
+            env.auth.verify_access(one.access_token)
+            with pytest.raises(AuthError) as revoked:
+                env.auth.verify_access(two.access_token)
+            assert revoked.value.code == ErrorCode.TOKEN_REVOKED
+        finally:
+            await env.auth.close()
+
+    run(tmp_path, body)

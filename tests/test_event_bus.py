@@ -8,6 +8,7 @@ stable name, so a new bus subscribing under an old name is that node after a res
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -16,9 +17,11 @@ from typing import Any, ClassVar
 import pytest
 
 from gochat.cluster.bus import (
+    EVENT_FRESH_S,
     DomainEvent,
     EventBus,
     EventConsumer,
+    EventOutbox,
     MemberAdded,
     TokenRevoked,
     decode_event,
@@ -258,3 +261,53 @@ def test_unknown_type_and_newer_schema_are_skipped_and_counted(kind: str) -> Non
         assert c.stats.dead == 0
 
     run_with(kind, body)
+
+
+def test_reader_is_caught_up_once_subscribed_and_behind_while_cut_off(kind: str) -> None:
+    """``caught_up`` (what the auth service's freshness gate reads): true as soon as subscribe
+    returned; false while the reader cannot have read the log (the backend down, or on Redis
+    the process stalled past the bound), true again once it has read to the end."""
+
+    async def body(b: Backend) -> None:
+        bus = b.bus()
+        await consumer(bus, "n1", Recorder())
+        assert bus.caught_up(EVENT_FRESH_S)
+        if kind == "memory":
+            b.hub.available = False
+            assert not bus.caught_up(EVENT_FRESH_S)
+            b.hub.available = True
+        else:
+            time.sleep(EVENT_FRESH_S + 0.2)  # the loop stalls (as under SIGSTOP)
+            assert not bus.caught_up(EVENT_FRESH_S)
+        await until(lambda: bus.caught_up(EVENT_FRESH_S))
+
+    run_with(kind, body)
+
+
+def test_outbox_publishes_in_order_once_the_bus_is_back() -> None:
+    """Events made while the bus is down wait in the node's outbox and go out, in order,
+    once it is back; past its bound the oldest are dropped and counted."""
+
+    async def main() -> None:
+        hub = MemoryHub()
+        bus, reader = MemoryEventBus(hub), MemoryEventBus(hub)
+        rec = Recorder()
+        await consumer(reader, "reader", rec)
+        outbox = EventOutbox(bus, max_pending=5, backoff_s=0.01, max_backoff_s=0.02)
+        hub.available = False
+        for n in range(1, 8):
+            outbox.add(added(n))
+        await asyncio.sleep(0.05)
+        assert outbox.pending == 5 and outbox.dropped == 2 and outbox.retries > 0
+        hub.available = True
+        assert await outbox.flush(5.0)
+        await until(lambda: rec.ids() == [3, 4, 5, 6, 7])
+        assert outbox.published == 5
+        outbox.add(added(8))
+        assert await outbox.flush(5.0)
+        await until(lambda: rec.ids()[-1] == 8)
+        await outbox.close()
+        await bus.close()
+        await reader.close()
+
+    run(main())

@@ -154,7 +154,7 @@ async def refresh(request: web.Request) -> web.Response:
 
 async def logout(request: web.Request) -> web.Response:
     server = request.app[_SERVER_KEY]
-    claims = server.auth.verify_access(_bearer(request))
+    claims = server.auth.verify_access(_bearer(request), require_fresh=False)
     data = await _body(request)
     refresh_token = data.get("refresh_token")
     if refresh_token is not None and not isinstance(refresh_token, str):

@@ -9,11 +9,17 @@ tokens are deny-listed (``fam:<sid>``) until they would have expired anyway.
 Revocations are persisted in the store (``revoked_jtis``) and applied to the in-memory deny-list
 of this node; other nodes learn them via :meth:`AuthService.apply_revocation` (the cluster layer
 forwards the ``on_revoke`` events) or :meth:`AuthService.reload_revocations`.
+
+A node that may have missed revocations (its event reader is behind: the bus is unreachable or
+the process was stalled) accepts no token until it has caught up: :meth:`AuthService.guard_freshness`
+makes :meth:`AuthService.verify_access` answer UNAVAILABLE (retryable) meanwhile, and reloads the
+deny-list from the store while the reader stays behind, which counts as caught up too.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
 import re
@@ -33,7 +39,7 @@ from gochat.auth.tokens import (
     new_refresh_token,
     refresh_token_jti,
 )
-from gochat.errors import AuthError, ErrorCode, RequestError
+from gochat.errors import AuthError, ErrorCode, GochatError, RequestError, UnavailableError
 from gochat.store.base import RefreshStatus, Store
 
 __all__ = ["AuthService", "RevokeCallback", "TokenPair", "validate_password", "validate_username"]
@@ -52,6 +58,8 @@ DEFAULT_REFRESH_TTL_S: Final = 30 * 24 * 3600
 RevokeCallback = Callable[[int, str], Awaitable[None] | None]
 
 _BAD_CREDENTIALS: Final = "invalid username or password"
+#: what a client waits before it sends its token again while the node catches up
+CATCHING_UP_RETRY_MS: Final = 250
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,6 +118,12 @@ class AuthService:
         self._callbacks: list[RevokeCallback] = []
         self._dummy_hash: str | None = None
         self._dummy_lock = asyncio.Lock()
+        #: revocation freshness (guard_freshness): the event reader's, and the loop time at
+        #: which the last deny-list reload from the store was issued
+        self._caught_up: Callable[[], bool] | None = None
+        self._fresh_s = 0.0
+        self._reloaded_at = float("-inf")
+        self._freshness_task: asyncio.Task[None] | None = None
 
     @property
     def access_ttl_s(self) -> int:
@@ -120,7 +134,45 @@ class AuthService:
 
     async def reload_revocations(self) -> None:
         """Load every unexpired deny-list entry from the store."""
+        issued = asyncio.get_running_loop().time()
         self.tokens.load_denied(await self.store.revoked_jtis(self.tokens.now_ms()))
+        self._reloaded_at = issued  # every revocation stored before `issued` is known
+
+    # ---- revocation freshness --------------------------------------------------------------------
+
+    def guard_freshness(self, caught_up: Callable[[], bool], within_s: float) -> None:
+        """Accept tokens only while this node knows every revocation older than ``within_s``:
+        ``caught_up()`` (the event reader reached the end of the log within ``within_s``) or
+        the deny-list was reloaded from the store within ``within_s``. A background task
+        reloads it every ``within_s / 2`` while the reader is behind (the bus down), so logins
+        keep working without the bus as long as the store answers. Stopped by :meth:`close`."""
+        self._caught_up = caught_up
+        self._fresh_s = within_s
+        if self._freshness_task is None:
+            self._freshness_task = asyncio.create_task(self._keep_fresh(), name="auth-freshness")
+
+    def fresh(self) -> bool:
+        """Whether this node may accept tokens now (see :meth:`guard_freshness`)."""
+        caught_up = self._caught_up
+        if caught_up is None or caught_up():
+            return True
+        return asyncio.get_running_loop().time() - self._reloaded_at <= self._fresh_s
+
+    async def _keep_fresh(self) -> None:
+        while True:
+            await asyncio.sleep(self._fresh_s / 2)
+            if self._caught_up is not None and not self._caught_up():
+                try:
+                    await self.reload_revocations()
+                except GochatError as exc:
+                    log.warning("event reader behind and the deny-list cannot be reloaded: %s", exc.message)
+
+    async def close(self) -> None:
+        task, self._freshness_task = self._freshness_task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
     # ---- callbacks ---------------------------------------------------------------------------
 
@@ -249,10 +301,17 @@ class AuthService:
 
     # ---- verification --------------------------------------------------------------------------
 
-    def verify_access(self, token: str) -> Claims:
+    def verify_access(self, token: str, *, require_fresh: bool = True) -> Claims:
         """Verify an access token (no I/O). Raises AuthError (UNAUTHORIZED / TOKEN_EXPIRED /
-        TOKEN_REVOKED)."""
-        return self.tokens.verify_access(token)
+        TOKEN_REVOKED), or UnavailableError (retryable, ``retry_after_ms``) for a valid token
+        while this node may have missed revocations (:meth:`guard_freshness`; not checked with
+        ``require_fresh=False``: a logout revokes, so a missed revocation cannot matter)."""
+        claims = self.tokens.verify_access(token)
+        if require_fresh and not self.fresh():
+            raise UnavailableError(
+                "this node is catching up with revocations; send the token again", retry_after_ms=CATCHING_UP_RETRY_MS
+            )
+        return claims
 
     def is_revoked(self, claims: Claims) -> bool:
         return self.tokens.is_revoked(claims)

@@ -22,10 +22,11 @@ version of what changed: a group's membership version, ...) and ``origin`` (publ
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import uuid
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol, runtime_checkable
@@ -36,6 +37,7 @@ from gochat.clock import now_ms
 from gochat.errors import GochatError
 
 __all__ = [
+    "EVENT_FRESH_S",
     "EVENT_RETENTION_AGE_S",
     "EVENT_RETENTION_LEN",
     "EVENT_TYPES",
@@ -43,6 +45,7 @@ __all__ = [
     "DomainEvent",
     "EventBus",
     "EventConsumer",
+    "EventOutbox",
     "EventStats",
     "GroupCreated",
     "GroupDissolved",
@@ -65,6 +68,14 @@ log = logging.getLogger("gochat.cluster.bus")
 EVENT_RETENTION_LEN = 100_000
 #: ... and nothing younger than this is trimmed by age (seconds)
 EVENT_RETENTION_AGE_S = 24 * 3600
+#: events waiting to be published while the bus is unreachable, per node (beyond: the oldest
+#: are dropped and counted; the other nodes catch up at their caches' TTL or their next rebuild)
+OUTBOX_MAX = 10_000
+#: a node whose event reader has not reached the end of the log within this long (Redis
+#: unreachable, the process stalled) may have missed a revocation: it refuses tokens until it
+#: has caught up (or reloaded the deny-list from the store). Readers poll at most every
+#: EVENT_FRESH_S / 3 while idle, so a healthy node is always caught up.
+EVENT_FRESH_S = 0.75
 
 EntryHandler = Callable[[str, bytes], Awaitable[None]]
 Rebuild = Callable[[], Awaitable[None]]
@@ -230,6 +241,13 @@ class EventBus(Protocol):
         the entries in log order; the cursor moves past an entry once its handler returned.
         The reader survives backend outages and goes on from its cursor."""
 
+    def caught_up(self, within_s: float) -> bool:
+        """Whether this node's reader is known to have applied every event published more
+        than ``within_s`` seconds ago: a read issued less than ``within_s`` ago reached the end
+        of the log and its entries were handled. False while the backend is unreachable, the
+        reader has not started, or the process was stalled (SIGSTOP) for longer than that.
+        The auth service refuses tokens while it is False (docs/consistency.md, Revocations)."""
+
     async def dead_letter(self, name: str, entry_id: str, payload: bytes, error: str) -> None:
         """Keep an entry that consumer ``name`` gave up on (bounded)."""
 
@@ -349,3 +367,84 @@ class EventConsumer:
             self._seen.popitem(last=False)
         self.stats.applied[event.type] = self.stats.applied.get(event.type, 0) + 1
         self.stats.lag_s = max(0.0, (now_ms() - event.at_ms) / 1000)
+
+
+class EventOutbox:
+    """Publishes a node's events in the order they were made, retrying while the bus is
+    unreachable (what changed is in the store already, so an event must not be lost because
+    Redis blinked). One background task; ``add`` never waits. Bounded by ``max_pending``: past
+    it the oldest waiting event is dropped and counted (``dropped``), the one loss a node that
+    stays cut off from the bus can suffer; a node that crashes loses what still waits.
+    """
+
+    def __init__(
+        self,
+        bus: EventBus,
+        *,
+        max_pending: int = OUTBOX_MAX,
+        backoff_s: float = 0.05,
+        max_backoff_s: float = 2.0,
+    ) -> None:
+        self.bus = bus
+        self.max_pending = max_pending
+        self.backoff_s = backoff_s
+        self.max_backoff_s = max_backoff_s
+        self._pending: deque[DomainEvent] = deque()
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self.published = 0
+        self.retries = 0
+        self.dropped = 0
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    def add(self, event: DomainEvent) -> None:
+        if len(self._pending) >= self.max_pending:
+            lost = self._pending.popleft()
+            self.dropped += 1
+            log.error("event outbox full (%d): dropped %s %s", self.max_pending, lost.type, lost.event_id)
+        self._pending.append(event)
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._run(), name="event-outbox")
+        self._wake.set()
+
+    async def _run(self) -> None:
+        delay = self.backoff_s
+        while True:
+            self._wake.clear()
+            while self._pending:
+                event = self._pending[0]
+                try:
+                    await self.bus.publish(event)
+                except GochatError as exc:
+                    self.retries += 1
+                    if self.retries == 1 or delay >= self.max_backoff_s:
+                        log.warning("event bus unreachable (%s): %d events wait", exc.message, len(self._pending))
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, self.max_backoff_s)
+                    continue
+                if self._pending and self._pending[0] is event:
+                    self._pending.popleft()
+                self.published += 1
+                delay = self.backoff_s
+            await self._wake.wait()
+
+    async def flush(self, timeout_s: float) -> bool:
+        """Wait at most ``timeout_s`` for every waiting event to be published (True if so)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while self._pending and loop.time() < deadline:
+            await asyncio.sleep(0.01)
+        return not self._pending
+
+    async def close(self) -> None:
+        """Stop publishing (what still waits is lost, logged)."""
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self._pending:
+            log.error("event outbox closed with %d events unpublished", len(self._pending))

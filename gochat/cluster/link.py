@@ -21,7 +21,7 @@ from typing import Any, Protocol
 
 from gochat.cluster.backends import ClusterBackends
 from gochat.cluster.base import PRESENCE_GUARD_S, NodeInfo
-from gochat.cluster.bus import DomainEvent, EventConsumer, TokenRevoked
+from gochat.cluster.bus import DomainEvent, EventConsumer, EventOutbox, TokenRevoked
 from gochat.cluster.envelope import (
     KickEnvelope,
     PresenceEnvelope,
@@ -118,6 +118,8 @@ class ClusterLink:
         self.presence = backends.presence
         self.registry = backends.registry
         self.bus = backends.bus
+        #: this node's events on their way to the bus (ordered, retried while it is down)
+        self.outbox = EventOutbox(self.bus)
         #: this node's reader of the event bus (:meth:`start_events`)
         self.consumer: EventConsumer | None = None
         self.local = local
@@ -175,23 +177,11 @@ class ClusterLink:
         return self.consumer
 
     def publish_event(self, event: DomainEvent) -> None:
-        """Publish a domain event in the background (retried a few times while the bus is
-        unreachable; what changed is in the store already)."""
+        """Publish a domain event in the background, in order, retried until the bus takes it
+        (:class:`~gochat.cluster.bus.EventOutbox`; what changed is in the store already)."""
         if not event.origin:
             event = dataclasses.replace(event, origin=self.node_id)
-        self._spawn(self._publish_event(event))
-
-    async def _publish_event(self, event: DomainEvent, tries: int = 5) -> None:
-        delay = 0.1
-        for attempt in range(tries):
-            try:
-                await self.bus.publish(event)
-                return
-            except GochatError:
-                if attempt == tries - 1:
-                    raise
-                await asyncio.sleep(delay)
-                delay *= 2
+        self.outbox.add(event)
 
     async def _presence_guard(self) -> None:
         """A presence backend that lost its data (Redis restarted without persistence) lost
@@ -228,6 +218,8 @@ class ClusterLink:
         if self._tasks:
             # publishes spawned just before (a kick, a revocation) get a moment to go out
             await asyncio.wait(list(self._tasks), timeout=1.0)
+        await self.outbox.flush(1.0)
+        await self.outbox.close()
         await _cancel([*self._tasks, self._router_task, self._guard_task], timeout_s=3.0)
         if self.consumer is not None:
             await self.consumer.close()

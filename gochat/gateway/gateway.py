@@ -93,8 +93,9 @@ class Gateway:
                 claims = self.auth.verify_access(token.strip())
             except GochatError as exc:
                 body = exc.message.encode()
+                status = 503 if exc.code == ErrorCode.UNAVAILABLE else 401  # 503: retry later
                 return WSUpgradeResponseWithListener(
-                    WSUpgradeResponse.create_error_response(401, body), None
+                    WSUpgradeResponse.create_error_response(status, body), None
                 )
         self.sessions.opened(conn, claims)  # a header-authenticated session starts in on_connected
         return conn
@@ -124,7 +125,9 @@ class Gateway:
         try:
             claims = self.auth.verify_access(token)
         except GochatError as exc:
-            self._fatal(conn, rid, exc.code, exc.message)
+            # UNAVAILABLE (the node is catching up with revocations) is not fatal: the client
+            # sends AUTH again after retry_after_ms; every other refusal closes (error table)
+            self.replies.error(conn, rid, exc.code, exc.message, exc.retry_after_ms)
             return
         self.sessions.authenticate(conn, claims, rid)
 

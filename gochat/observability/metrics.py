@@ -144,10 +144,13 @@ class _DataPlaneCollector(Collector):
 
 
 class _EventsCollector(Collector):
-    """The event-bus consumer's counters (a :class:`~gochat.cluster.bus.EventStats`)."""
+    """The event-bus consumer's counters (a :class:`~gochat.cluster.bus.EventStats`), the
+    node's outbox (a :class:`~gochat.cluster.bus.EventOutbox`) and revocation freshness."""
 
-    def __init__(self, read: Callable[[], Any]) -> None:
+    def __init__(self, read: Callable[[], Any], outbox: Any, fresh: Callable[[], bool]) -> None:
         self._read = read
+        self._outbox = outbox
+        self._fresh = fresh
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         st = self._read()
@@ -168,6 +171,20 @@ class _EventsCollector(Collector):
         )
         yield GaugeMetricFamily(
             "gochat_event_lag_seconds", "Publish to apply delay of the last event applied", value=st.lag_s
+        )
+        ob = self._outbox
+        yield GaugeMetricFamily("gochat_events_outbox_pending", "This node's events waiting for the bus", value=ob.pending)
+        yield CounterMetricFamily("gochat_events_published", "Events this node published", value=ob.published)
+        yield CounterMetricFamily(
+            "gochat_events_publish_retries", "Publishes retried while the bus was unreachable", value=ob.retries
+        )
+        yield CounterMetricFamily(
+            "gochat_events_outbox_dropped", "Events dropped from a full outbox (never published)", value=ob.dropped
+        )
+        yield GaugeMetricFamily(
+            "gochat_revocations_fresh",
+            "1 when this node knows every revocation (accepts tokens); 0 while it catches up",
+            value=1.0 if self._fresh() else 0.0,
         )
 
 
@@ -233,9 +250,10 @@ class Metrics:
         """Export the store's write counters (a :class:`~gochat.store.common.StoreStats`)."""
         self.registry.register(_StoreCollector(read))
 
-    def attach_events(self, read: Callable[[], Any]) -> None:
-        """Export the event-bus consumer's counters (a :class:`~gochat.cluster.bus.EventStats`)."""
-        self.registry.register(_EventsCollector(read))
+    def attach_events(self, read: Callable[[], Any], outbox: Any, fresh: Callable[[], bool]) -> None:
+        """Export the event-bus consumer's counters (a :class:`~gochat.cluster.bus.EventStats`),
+        the outbox's (a :class:`~gochat.cluster.bus.EventOutbox`) and ``fresh()`` (auth)."""
+        self.registry.register(_EventsCollector(read, outbox, fresh))
 
     def attach_caches(self, read: Callable[[], Iterable[Any]]) -> None:
         """Export L1 cache counters (an iterable of :class:`~gochat.messaging.cache.CacheSnapshot`)."""

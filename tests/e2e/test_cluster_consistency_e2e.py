@@ -530,6 +530,86 @@ def test_a_node_paused_through_a_logout_refuses_the_token_once_resumed(cluster: 
     run(scenario())
 
 
+def _local_ports_to(pid: int, remote_port: int) -> list[int]:
+    """The local ports of process ``pid``'s TCP connections to ``remote_port`` (IPv4, from
+    /proc: the process's socket inodes, matched in /proc/net/tcp)."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    ports = []
+    for line in Path(f"/proc/{pid}/net/tcp").read_text().splitlines()[1:]:
+        cols = line.split()
+        local, remote, inode = cols[1], cols[2], cols[9]
+        if inode in inodes and int(remote.split(":")[1], 16) == remote_port:
+            ports.append(int(local.split(":")[1], 16))
+    return ports
+
+
+def test_a_resumed_node_accepts_no_revoked_token_before_it_caught_up(cluster: Cluster) -> None:
+    """Node C is stopped (SIGSTOP) and every one of its Redis connections killed (so neither
+    the broadcast nor the event stream can reach it) while the logout is handled on A; an
+    upgrade with the revoked token waits in C's listen backlog. Once C runs again it answers
+    that upgrade long before its reader has reconnected and read what it missed: it must refuse
+    it, with 503 (catching up: retry) or 401 (revoked), never 101. Retries get 401 within the
+    bound."""
+    import signal
+
+    import redis.asyncio as aioredis
+
+    a, _, c = cluster.nodes
+    assert c.proc is not None
+    upgrade = {
+        "Connection": "Upgrade",
+        "Upgrade": "websocket",
+        "Sec-WebSocket-Version": "13",
+        "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+    }
+    c_http = c.ws_url.replace("ws://", "http://")
+
+    async def scenario() -> None:
+        fay = await create_user(a.http_url, "fay")
+        header = {**upgrade, "Authorization": f"Bearer {fay.access_token}"}
+        async with aiohttp.ClientSession() as http:
+            async with http.get(c_http, headers=header) as r:
+                assert r.status == 101  # accepted before the logout
+            os.kill(c.proc.pid, signal.SIGSTOP)  # type: ignore[union-attr]
+            try:
+                r_ = aioredis.Redis.from_url(cluster.redis_url)
+                try:
+                    for port in _local_ports_to(c.proc.pid, 6379):  # type: ignore[union-attr]
+                        await r_.client_kill_filter(_id=None, addr=f"127.0.0.1:{port}")
+                finally:
+                    await r_.aclose()
+                async with http.post(
+                    f"{a.http_url}/v1/auth/logout", headers={"Authorization": f"Bearer {fay.access_token}"}
+                ) as r:
+                    assert r.status == 204
+                pending = asyncio.ensure_future(http.get(c_http, headers=header))
+                await asyncio.sleep(1.5)  # the upgrade waits in C's backlog; C misses the logout
+            finally:
+                os.kill(c.proc.pid, signal.SIGCONT)  # type: ignore[union-attr]
+            start = time.monotonic()
+            async with await pending as r:
+                first = r.status
+                body = await r.text()
+            assert first in (401, 503), (first, body)
+
+            async def revoked() -> bool:
+                async with http.get(c_http, headers=header) as r:
+                    assert r.status in (401, 503), r.status
+                    return r.status == 401
+
+            took = await poll(revoked, "revocation on the resumed node", start)
+        report(f"(c'') upgrade waiting through the pause answered {first}; refused as revoked after", took)
+
+    run(scenario())
+
+
 # ---- membership changes while the nodes' pub/sub connections are killed ------------------------
 def test_membership_converges_when_pubsub_connections_are_killed_during_the_change(cluster: Cluster) -> None:
     """Every pub/sub connection to Redis (the broker's and the registry watch's, on every node)

@@ -19,12 +19,14 @@ the log with it) makes the node rebuild too.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Any
 
 from redis.asyncio import Redis
 
 from gochat.clock import now_ms
 from gochat.cluster.bus import (
+    EVENT_FRESH_S,
     EVENT_RETENTION_AGE_S,
     EVENT_RETENTION_LEN,
     DomainEvent,
@@ -61,7 +63,7 @@ class RedisEventBus(_Client):
         maxlen: int = EVENT_RETENTION_LEN,
         max_age_s: float = EVENT_RETENTION_AGE_S,
         batch: int = 128,
-        block_ms: int = 1_000,
+        block_ms: int = int(EVENT_FRESH_S * 1000 / 3),
         cursor_ttl_s: int = 7 * 86_400,
         timeout_s: float = 2.0,
     ) -> None:
@@ -76,6 +78,15 @@ class RedisEventBus(_Client):
         self.seq_key = f"{prefix}events:seq"
         self._publish = self.redis.register_script(_PUBLISH)
         self._task: asyncio.Task[None] | None = None
+        #: loop time at which the last read that reached the end of the log was issued
+        #: (its entries all handled); -inf until the first
+        self._fresh_at = float("-inf")
+        self._first_catch_up = asyncio.Event()
+
+    def caught_up(self, within_s: float) -> bool:
+        # The issue time, not the reply's arrival: a reply that waited in the socket buffer
+        # while the process was stopped says nothing about what was published meanwhile.
+        return asyncio.get_running_loop().time() - self._fresh_at <= within_s
 
     def cursor_key(self, name: str) -> str:
         return f"{self.prefix}events:cursor:{name}"
@@ -137,6 +148,11 @@ class RedisEventBus(_Client):
             raise RuntimeError("event bus already subscribed")
         cursor = await self._position(name, rebuild)
         self._task = asyncio.create_task(self._run(name, handler, rebuild, cursor), name=f"events-{name}")
+        # A node starts caught up (its first read replays what it missed), so it accepts tokens
+        # from the start; a reader that cannot get there in time goes on in the background.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.timeout_s):
+                await self._first_catch_up.wait()
 
     async def _run(self, name: str, handler: EntryHandler, rebuild: Rebuild, cursor: _Cursor) -> None:
         check = False
@@ -146,6 +162,7 @@ class RedisEventBus(_Client):
                 if check:
                     cursor = await self._position(name, rebuild, cursor)
                     check = False
+                issued = asyncio.get_running_loop().time()
                 resp: Any = await self.redis.xread(
                     {self.stream_key: cursor[0]}, count=self.batch, block=self.block_ms
                 )
@@ -158,6 +175,9 @@ class RedisEventBus(_Client):
                     cursor = (_s(eid), int(fields.get(b"n", 0)))
                 if entries and not await self._save(name, cursor, create=False):
                     check = True  # the cursor key is gone: redis lost its data
+                elif len(entries) < self.batch:
+                    self._fresh_at = issued  # everything published before `issued` is applied
+                    self._first_catch_up.set()
                 delay = 0.05
             except asyncio.CancelledError:
                 raise
