@@ -138,8 +138,12 @@ cdef inline void write_u64(unsigned char* p, uint64_t v) noexcept nogil:
 
 cdef inline int op_allowed_flags(uint8_t op) noexcept nogil:
     """Flag bits ``op`` defines, or -1 when ``op`` is not in the v1 table."""
-    if op == OP_SEND_ACK or op == OP_HISTORY or op == OP_HISTORY_RESULT or op == OP_TYPING:
+    if op == OP_SEND_ACK or op == OP_HISTORY or op == OP_TYPING:
         return 0x0001
+    if op == OP_HISTORY_RESULT:
+        return 0x0003  # MORE | PARTIAL
+    if op == OP_SYNC_RESULT:
+        return 0x0002  # PARTIAL
     if (OP_AUTH <= op <= OP_CALL or OP_DELIVER <= op <= OP_GOAWAY or op == OP_ERROR
             or OP_AUTH_OK <= op <= OP_UNSUBSCRIBE_OK or op == OP_CALL_RESULT):
         return 0

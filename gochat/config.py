@@ -83,6 +83,30 @@ class Settings:
     fanout_shard_size: int = _opt(1000, "members per fan-out job of a large group")
     grpc_health_port: int = _opt(0, "port of the gRPC health service (grpc.health.v1); 0 disables it")
     workers: int = _opt(1, "node processes sharing the ports (SO_REUSEPORT); >1 needs cluster mode")
+    # resilience (docs/resilience.md): one retry policy, the circuit breakers, degradation
+    retry_max_attempts: int = _opt(3, "server-side retries: most tries of one operation (1: no retry)")
+    retry_base_delay_ms: float = _opt(50.0, "server-side retries: first backoff cap (full jitter, doubling)")
+    retry_max_delay_ms: float = _opt(2000.0, "server-side retries: largest backoff between two tries")
+    retry_max_elapsed_ms: float = _opt(5000.0, "server-side retries: no new try this long after the first")
+    breaker_window_s: float = _opt(10.0, "circuit breakers: sliding window the failure and slow-call rates cover")
+    breaker_min_calls: int = _opt(20, "circuit breakers: calls in the window before a rate can open the breaker")
+    breaker_failure_rate: float = _opt(0.5, "circuit breakers: open at or above this share of failed calls")
+    breaker_slow_call_ms: float = _opt(2000.0, "circuit breakers: a call slower than this counts as slow (0: off)")
+    breaker_slow_call_rate: float = _opt(0.8, "circuit breakers: open at or above this share of slow calls")
+    breaker_open_s: float = _opt(5.0, "circuit breakers: time open before half-open probing")
+    breaker_half_open_calls: int = _opt(3, "circuit breakers: probe calls in half-open; all must succeed to close")
+    breaker_max_concurrent: int = _opt(
+        256, "circuit breakers: calls in flight per dependency (bulkhead); more are refused at once (0: no limit)"
+    )
+    degrade_read_only: bool = _opt(
+        False, "degradation: start read-only (SENDs refused with 504 READ_ONLY); also set at run time by the admin API"
+    )
+    degrade_non_core_off: bool = _opt(
+        False, "degradation: start with typing, presence events and read receipts off; also by the admin API"
+    )
+    admin_token: str = _opt(
+        "", "operator credential for /v1/admin/* (Authorization: Bearer <admin_token>); empty: admin API off"
+    )
 
     @property
     def cluster(self) -> bool:
@@ -174,6 +198,18 @@ def _validate(s: Settings) -> None:
         raise ConfigError("workers > 1 need fixed ws_port and http_port to share")
     if not 0 < s.registry_renew_s < s.registry_ttl_s:
         raise ConfigError("registry_renew_s must be positive and below registry_ttl_s")
+    if s.retry_max_attempts < 1 or s.retry_base_delay_ms < 0 or s.retry_max_delay_ms < s.retry_base_delay_ms:
+        raise ConfigError("retry_max_attempts must be >= 1 and 0 <= retry_base_delay_ms <= retry_max_delay_ms")
+    if s.retry_max_elapsed_ms < 0:
+        raise ConfigError("retry_max_elapsed_ms must not be negative")
+    if not (0 < s.breaker_failure_rate <= 1 and 0 < s.breaker_slow_call_rate <= 1):
+        raise ConfigError("breaker_failure_rate and breaker_slow_call_rate must be in (0, 1]")
+    if s.breaker_window_s <= 0 or s.breaker_open_s <= 0 or s.breaker_min_calls < 1 or s.breaker_half_open_calls < 1:
+        raise ConfigError("breaker_window_s and breaker_open_s must be positive, breaker_*_calls at least 1")
+    if s.breaker_slow_call_ms < 0 or s.breaker_max_concurrent < 0:
+        raise ConfigError("breaker_slow_call_ms and breaker_max_concurrent must not be negative")
+    if s.admin_token and len(s.admin_token) < 16:
+        raise ConfigError("admin_token must be at least 16 characters (or empty: admin API off)")
     for name in ("ws_port", "http_port", "grpc_health_port"):
         if not 0 <= getattr(s, name) <= 65535:
             raise ConfigError(f"{name} out of range")

@@ -87,6 +87,7 @@ class ErrorCode(enum.IntEnum):
     UNAVAILABLE = 501
     SHUTTING_DOWN = 502
     OVERLOADED = 503
+    READ_ONLY = 504
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,6 +146,7 @@ ERRORS: Final[dict[int, ErrorSpec]] = {
         _spec(_E.UNAVAILABLE, False, True, "a dependency (store, broker) is unavailable; nothing was acknowledged", 503),
         _spec(_E.SHUTTING_DOWN, True, True, "the node is draining; reconnect elsewhere", 503),
         _spec(_E.OVERLOADED, False, True, "the node is overloaded; retry after retry_after_ms", 503),
+        _spec(_E.READ_ONLY, False, True, "the service is read-only for now (degraded); retry after retry_after_ms", 503),
     )
 }
 

@@ -29,7 +29,7 @@ from gochat.auth.service import AuthService
 from gochat.clock import now_ms
 from gochat.cluster.backends import ClusterBackends, memory_backends, redis_backends
 from gochat.cluster.base import PRESENCE_GUARD_S, NodeInfo
-from gochat.cluster.bus import EVENT_FRESH_S
+from gochat.cluster.bus import EVENT_FRESH_S, BreakerChanged, DegradationChanged
 from gochat.cluster.link import ClusterLink
 from gochat.config import Settings
 from gochat.errors import ErrorCode, GochatError
@@ -41,6 +41,9 @@ from gochat.messaging.events import NodeEventHandler
 from gochat.messaging.replies import ErrorReplies
 from gochat.observability.grpc_health import GrpcHealth
 from gochat.observability.metrics import Metrics
+from gochat.resilience import BreakerState, CircuitBreaker
+from gochat.resilience.degradation import SWITCH_NAMES, Degradation, Switch
+from gochat.resilience.node import NodeResilience
 from gochat.store import Store
 
 __all__ = ["Server", "run"]
@@ -63,10 +66,13 @@ class Server:
         self.http_url = ""
         self._ws_server: asyncio.AbstractServer | None = None
         self._http_runner: web.AppRunner | None = None
+        self._warmup: asyncio.Task[Any] | None = None
         self.grpc_health: GrpcHealth | None = None
         self.store: Store
         self.node_name = f"{socket.gethostname()}-{os.getpid()}-{settings.node_id}"
         self.started_ms = now_ms()
+        #: retry policy, breakers and degradation switches (docs/resilience.md)
+        self.resilience = NodeResilience(settings)
 
     async def start(self) -> None:
         s = self.settings
@@ -90,17 +96,32 @@ class Server:
         set_socket_sndbuf(s.socket_sndbuf)
         self.writer = FanoutWriter(loop)
         self.routing = RoutingTable()
+        local = LocalDelivery(self.routing)
         self.cluster = ClusterLink(
             self.node_name,
             backends,
-            LocalDelivery(self.routing),
+            local,
             s.fanout_shard_size,
             presence_guard_s=min(s.registry_renew_s, PRESENCE_GUARD_S),
+            retry=self.resilience.retry,
         )
         self.replies = ErrorReplies(self.metrics.hot.errors)
+        degradation = self.resilience.degradation
         self.core = MessagingCore(
-            s, self.store, self.routing, self.writer, self.cluster, self.ids, self.metrics, self.replies
+            s,
+            self.store,
+            self.routing,
+            self.writer,
+            self.cluster,
+            self.ids,
+            self.metrics,
+            self.replies,
+            degradation,
+            local.recent,
         )
+        degradation.retry_after_ms = int(s.breaker_open_s * 1000)
+        self.resilience.breakers.on_change(self._breaker_changed)
+        self.metrics.attach_resilience(self.resilience.breakers, degradation)
         self.gateway = Gateway(s, self.auth, self.core, self.writer, self.replies)
         self.auth.on_revoke(self._revoked)
         self.metrics.attach_data_plane(self.gateway.stats)
@@ -108,6 +129,8 @@ class Server:
         self.metrics.attach_store(lambda: store.stats)
         caches = self.core.addressing.caches
         self.metrics.attach_caches(lambda: [c.snapshot() for c in caches])
+        addressing = self.core.addressing
+        self.metrics.attach_shared_cache(lambda: addressing.l2_stats, lambda: addressing.warmup)
 
         heartbeat = s.heartbeat_ms / 1000
         # One logger object for every connection: given a logging.Logger, picows makes a child
@@ -162,10 +185,15 @@ class Server:
             events.revoked,
             self.auth.reload_revocations,
             lambda: self.core.sessions.close_revoked(self.auth.is_denied),
+            degradation,
+            self.node_name,
         )
         consumer = await self.cluster.start_events(
             f"node-{s.node_id}" if s.node_id else self.node_name, handler.apply, handler.rebuild
         )
+        # The member lists of the most recently active groups, into the L1 cache in the
+        # background (docs/consistency.md, "Caches"): readiness does not wait for it.
+        self._warmup = asyncio.create_task(addressing.warm_up(), name="cache-warmup")
         self.metrics.attach_events(lambda: consumer.stats, self.cluster.outbox, self.auth.fresh)
         # Tokens are accepted only while this node is known to have every revocation
         # (docs/consistency.md, Revocations): a node whose reader fell behind catches up first.
@@ -186,19 +214,32 @@ class Server:
         once the node id is known."""
         s = self.settings
         if s.cluster:
+            resilience = self.resilience
+            # Outbound dependencies get breakers; while one is not closed its switches are on
+            # (docs/resilience.md) and a probe pings it until it closes again.
+            redis_breaker, pg_breaker = resilience.breaker("redis"), resilience.breaker("postgres")
+            resilience.watch(pg_breaker, Switch.READ_ONLY | Switch.CACHE_ONLY, lambda: self.store.ping())
+            resilience.watch(redis_breaker, Switch.NON_CORE_OFF, lambda: self.cluster.ping())
             backends = redis_backends(
                 s.redis_url,
                 s.redis_prefix,
                 registry_ttl_s=s.registry_ttl_s,
                 registry_renew_s=s.registry_renew_s,
                 timeout_s=5.0,
+                breaker=redis_breaker,
+                retry=resilience.retry,
             )
 
             def postgres() -> Store:
                 from gochat.store.postgres import PostgresStore
 
                 return PostgresStore(
-                    s.postgres_dsn, node_id=self.ids.node_id, ids=self.ids, schema=s.postgres_schema
+                    s.postgres_dsn,
+                    node_id=self.ids.node_id,
+                    ids=self.ids,
+                    schema=s.postgres_schema,
+                    breaker=pg_breaker,
+                    retry=resilience.retry,
                 )
 
             return backends, postgres
@@ -245,11 +286,25 @@ class Server:
             checks["cluster"] = "unavailable: no answer within 2 s"
             ready = False
         checks["gateway"] = "draining" if self.draining else "ok"
+        for breaker in self.resilience.breakers:
+            checks[f"breaker:{breaker.name}"] = breaker.state.value
+        # degraded is not unready: a read-only node still serves reads (docs/resilience.md)
+        checks["degraded"] = ",".join(Degradation.names(self.resilience.degradation.active)) or "none"
         ready = ready and not self.draining
         return ready, checks
 
     async def _ready(self) -> bool:
         return (await self.readiness())[0]
+
+    def _breaker_changed(self, breaker: CircuitBreaker, old: BreakerState, new: BreakerState, reason: str) -> None:
+        self.cluster.publish_event(BreakerChanged(breaker=breaker.name, state=new.value, reason=reason))
+
+    def set_degradation(self, switch: Switch, value: bool | None) -> None:
+        """An operator's switch (admin API): applied here now and on every node via the bus."""
+        self.resilience.degradation.set_manual(switch, value, "operator")
+        self.cluster.publish_event(
+            DegradationChanged(switch=SWITCH_NAMES[switch], value=-1 if value is None else int(value))
+        )
 
     def _revoked(self, user_id: int, revoked_id: str) -> None:
         self.gateway.kick_user(user_id, ErrorCode.TOKEN_REVOKED, "logged out", revoked_id)
@@ -294,11 +349,14 @@ class Server:
             self._ws_server.close()
         await self.gateway.drain(url_hint=hint, timeout=self.settings.drain_timeout_s)
         self.writer.stop_heartbeat()
+        if self._warmup is not None:
+            self._warmup.cancel()
         log.debug("gateway drained")
         if self._http_runner is not None:
             await self._http_runner.cleanup()
         log.debug("HTTP API stopped")
         await self.auth.close()
+        await self.resilience.close()
         await self.cluster.close()
         log.debug("cluster link closed")
         await self.store.close()

@@ -795,3 +795,25 @@ class StoreBehaviour:
                 await store.remove_member(g.conv, owner, fence=11)
 
         run(body)
+
+    def test_recent_groups_by_their_newest_message(self, run: Runner[None]) -> None:
+        """Groups ordered by their newest message (direct conversations and groups without a
+        message never listed), at most ``limit``, judged by the newest ``scan`` messages."""
+
+        async def body(store: Store) -> None:
+            a, b = await users(store, "alice", "bob")
+            g1, g2, g3, quiet = [(await store.create_group(a, f"g{i}", [b])).conv for i in range(4)]
+            direct = await store.direct_conversation(a, b)
+            assert await store.recent_groups(10) == []
+            for conv, kind in ((g1, GROUP), (direct, DIRECT), (g2, GROUP), (g3, GROUP), (g1, GROUP), (direct, DIRECT)):
+                await store.append(req(conv, a, kind=kind))
+            assert await store.recent_groups(10) == [g1, g3, g2]
+            assert quiet not in await store.recent_groups(10)
+            assert await store.recent_groups(2) == [g1, g3]
+            assert await store.recent_groups(10, scan=2) == [g1]  # the direct message, then g1's
+            assert await store.recent_groups(10, scan=3) == [g1, g3]
+            assert await store.recent_groups(0) == []
+            await fill(store, g2, b, 3, kind=GROUP)
+            assert await store.recent_groups(3) == [g2, g1, g3]
+
+        run(body)

@@ -29,6 +29,7 @@ from gochat.cluster.bus import (
 )
 from gochat.cluster.memory import MemoryHub
 from gochat.cluster.memory_bus import MemoryEventBus
+from gochat.resilience import RetryPolicy
 from tests.conftest import run
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -234,7 +235,7 @@ def test_failing_handler_is_retried_then_dead_lettered(kind: str) -> None:
             return isinstance(e, MemberAdded) and e.user_id == 2  # always fails
 
         rec = Recorder(fail)
-        c = await consumer(bus, "n1", rec, retries=3, backoff_s=0.01)
+        c = await consumer(bus, "n1", rec, retry=RetryPolicy(max_attempts=4, base_delay_s=0.01, max_delay_s=0.01))
         for n in (1, 2, 3):
             await bus.publish(added(n))
         await until(lambda: rec.ids() == [1, 3])
@@ -293,7 +294,7 @@ def test_outbox_publishes_in_order_once_the_bus_is_back() -> None:
         bus, reader = MemoryEventBus(hub), MemoryEventBus(hub)
         rec = Recorder()
         await consumer(reader, "reader", rec)
-        outbox = EventOutbox(bus, max_pending=5, backoff_s=0.01, max_backoff_s=0.02)
+        outbox = EventOutbox(bus, max_pending=5, retry=RetryPolicy(base_delay_s=0.01, max_delay_s=0.02))
         hub.available = False
         for n in range(1, 8):
             outbox.add(added(n))

@@ -6,74 +6,38 @@ Routes (``docs/http-api.md`` documents bodies and errors):
 - ``POST /v1/auth/login``, ``POST /v1/auth/refresh``, ``POST /v1/auth/logout``
 - ``GET /.well-known/jwks.json``, ``GET /v1/gateways``
 - ``GET /healthz``, ``GET /readiness``, ``GET /metrics``
+- ``/v1/admin/…`` for operators (:mod:`gochat.api.admin`)
 
 Every error is JSON ``{"error": {"code", "name", "message"}}`` with the gochat error code of
-``gochat/errors.py`` and a matching HTTP status.
+``gochat/errors.py`` and a matching HTTP status; a retryable one also carries
+``retry_after_ms`` and a ``Retry-After`` header (seconds, rounded up).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any
 
-import orjson
 from aiohttp import web
 
+from gochat.api.admin import add_admin_routes
+from gochat.api.common import SERVER_KEY, Handler, Node, bearer, error_response, json_response, read_body
 from gochat.auth.service import TokenPair
-from gochat.errors import ERRORS, ErrorCode, GochatError, error_for_http_status
-
-if TYPE_CHECKING:
-    from gochat.auth.service import AuthService
-    from gochat.observability.metrics import Metrics
-    from gochat.store import UserStore
+from gochat.errors import ErrorCode, GochatError, error_for_http_status
 
 __all__ = ["build_app"]
 
 log = logging.getLogger("gochat.api")
 
 _MAX_BODY = 64 * 1024
-class Node(Protocol):
-    """What the HTTP API needs from its node (``gochat.server.Server``; a Protocol, so that
-    this module does not import the server that imports it)."""
-
-    @property
-    def auth(self) -> AuthService: ...
-
-    @property
-    def store(self) -> UserStore: ...
-
-    @property
-    def metrics(self) -> Metrics: ...
-
-    async def gateways(self) -> list[dict[str, Any]]: ...
-
-    async def readiness(self) -> tuple[bool, dict[str, str]]: ...
-
-
-_SERVER_KEY: web.AppKey[Node] = web.AppKey("server")
-
-
-def _json(data: Any, status: int = 200) -> web.Response:
-    return web.Response(body=orjson.dumps(data), status=status, content_type="application/json")
-
-
-def error_response(code: ErrorCode, message: str) -> web.Response:
-    status = ERRORS[code].http_status
-    return _json({"error": {"code": int(code), "name": code.name, "message": message}}, status)
-
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
 @web.middleware
 async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    server = request.app[_SERVER_KEY]
+    server = request.app[SERVER_KEY]
     route = request.match_info.route.resource.canonical if request.match_info.route.resource else "unmatched"
     try:
         response = await handler(request)
     except GochatError as exc:
-        response = error_response(exc.code, exc.message)
+        response = error_response(exc.code, exc.message, exc.retry_after_ms)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -86,30 +50,11 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     return response
 
 
-async def _body(request: web.Request) -> dict[str, Any]:
-    raw = await request.read()
-    try:
-        data = orjson.loads(raw) if raw else {}
-    except orjson.JSONDecodeError:
-        raise GochatError("request body is not JSON", code=ErrorCode.BAD_JSON) from None
-    if not isinstance(data, dict):
-        raise GochatError("request body must be a JSON object", code=ErrorCode.BAD_JSON)
-    return data
-
-
 def _str_field(data: dict[str, Any], name: str) -> str:
     value = data.get(name)
     if not isinstance(value, str):
         raise GochatError(f"{name!r} must be a string", code=ErrorCode.BAD_REQUEST)
     return value
-
-
-def _bearer(request: web.Request) -> str:
-    header = request.headers.get("Authorization", "")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
-        raise GochatError("expected 'Authorization: Bearer <access token>'", code=ErrorCode.UNAUTHORIZED)
-    return token.strip()
 
 
 def _token_pair(server: Node, pair: TokenPair) -> dict[str, Any]:
@@ -123,39 +68,39 @@ def _token_pair(server: Node, pair: TokenPair) -> dict[str, Any]:
 
 
 async def create_user(request: web.Request) -> web.Response:
-    data = await _body(request)
-    server = request.app[_SERVER_KEY]
+    data = await read_body(request)
+    server = request.app[SERVER_KEY]
     user_id = await server.auth.register(_str_field(data, "username"), _str_field(data, "password"))
-    return _json({"user_id": user_id}, 201)
+    return json_response({"user_id": user_id}, 201)
 
 
 async def user_by_name(request: web.Request) -> web.Response:
-    server = request.app[_SERVER_KEY]
-    server.auth.verify_access(_bearer(request))
+    server = request.app[SERVER_KEY]
+    server.auth.verify_access(bearer(request))
     user = await server.store.get_user_by_name(request.match_info["username"])
     if user is None:
         raise GochatError("no such user", code=ErrorCode.NOT_FOUND)
-    return _json({"user_id": user.user_id, "username": user.username})
+    return json_response({"user_id": user.user_id, "username": user.username})
 
 
 async def login(request: web.Request) -> web.Response:
-    data = await _body(request)
-    server = request.app[_SERVER_KEY]
+    data = await read_body(request)
+    server = request.app[SERVER_KEY]
     pair = await server.auth.login(_str_field(data, "username"), _str_field(data, "password"))
-    return _json(_token_pair(server, pair))
+    return json_response(_token_pair(server, pair))
 
 
 async def refresh(request: web.Request) -> web.Response:
-    data = await _body(request)
-    server = request.app[_SERVER_KEY]
+    data = await read_body(request)
+    server = request.app[SERVER_KEY]
     pair = await server.auth.refresh(_str_field(data, "refresh_token"))
-    return _json(_token_pair(server, pair))
+    return json_response(_token_pair(server, pair))
 
 
 async def logout(request: web.Request) -> web.Response:
-    server = request.app[_SERVER_KEY]
-    claims = server.auth.verify_access(_bearer(request), require_fresh=False)
-    data = await _body(request)
+    server = request.app[SERVER_KEY]
+    claims = server.auth.verify_access(bearer(request), require_fresh=False)
+    data = await read_body(request)
     refresh_token = data.get("refresh_token")
     if refresh_token is not None and not isinstance(refresh_token, str):
         raise GochatError("'refresh_token' must be a string", code=ErrorCode.BAD_REQUEST)
@@ -164,30 +109,30 @@ async def logout(request: web.Request) -> web.Response:
 
 
 async def jwks(request: web.Request) -> web.Response:
-    return _json(request.app[_SERVER_KEY].auth.keyring.jwks())
+    return json_response(request.app[SERVER_KEY].auth.keyring.jwks())
 
 
 async def gateways(request: web.Request) -> web.Response:
-    return _json({"gateways": await request.app[_SERVER_KEY].gateways()})
+    return json_response({"gateways": await request.app[SERVER_KEY].gateways()})
 
 
 async def healthz(request: web.Request) -> web.Response:
-    return _json({"status": "ok"})
+    return json_response({"status": "ok"})
 
 
 async def readiness(request: web.Request) -> web.Response:
-    ready, checks = await request.app[_SERVER_KEY].readiness()
-    return _json({"ready": ready, "checks": checks}, 200 if ready else 503)
+    ready, checks = await request.app[SERVER_KEY].readiness()
+    return json_response({"ready": ready, "checks": checks}, 200 if ready else 503)
 
 
 async def metrics(request: web.Request) -> web.Response:
-    body = request.app[_SERVER_KEY].metrics.render()
+    body = request.app[SERVER_KEY].metrics.render()
     return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
 
 def build_app(server: Node) -> web.Application:
     app = web.Application(middlewares=[_errors], client_max_size=_MAX_BODY)
-    app[_SERVER_KEY] = server
+    app[SERVER_KEY] = server
     app.router.add_post("/v1/users", create_user)
     app.router.add_get("/v1/users/by-name/{username}", user_by_name)
     app.router.add_post("/v1/auth/login", login)
@@ -198,4 +143,5 @@ def build_app(server: Node) -> web.Application:
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readiness", readiness)
     app.router.add_get("/metrics", metrics)
+    add_admin_routes(app.router)
     return app

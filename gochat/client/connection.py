@@ -60,6 +60,7 @@ from gochat.protocol.constants import (
     FLAG_BACKWARD,
     FLAG_DUPLICATE,
     FLAG_MORE,
+    FLAG_PARTIAL,
     FLAG_STOPPED,
     HEADER_SIZE,
     MAX_HISTORY_LIMIT,
@@ -447,7 +448,9 @@ class Client:
         msgs = [Message.from_record(r) for r in reply.messages]
         for m in sorted(msgs, key=lambda m: m.seq):
             self._stream.emit(self._tracker.mark_seen(m))
-        return HistoryResult(reply.kind, reply.conv_id, msgs, bool(reply.flags & FLAG_MORE))
+        return HistoryResult(
+            reply.kind, reply.conv_id, msgs, bool(reply.flags & FLAG_MORE), bool(reply.flags & FLAG_PARTIAL)
+        )
 
     async def fetch_all(self, kind: int, conv_id: int, after_seq: int = 0, *,
                         page: int = MAX_HISTORY_LIMIT) -> list[Message]:

@@ -124,12 +124,15 @@ class SendAck:
 
 @dataclass(frozen=True, slots=True)
 class HistoryResult:
-    """One HISTORY page; ``more`` means more messages remain in the direction asked for."""
+    """One HISTORY page; ``more`` means more messages remain in the direction asked for;
+    ``partial`` that a degraded node answered from its cache (messages may be missing: ask
+    again later)."""
 
     kind: int
     conv_id: int
     messages: list[Message] = field(default_factory=list)
     more: bool = False
+    partial: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,7 +20,11 @@ from gochat.cluster.memory import (
     MemoryRegistry,
 )
 from gochat.cluster.memory_bus import MemoryEventBus
+from gochat.cluster.memory_cache import MemorySharedCache
 from gochat.cluster.memory_locks import MemoryLocks
+from gochat.cluster.shared_cache import SharedCache
+from gochat.resilience import CircuitBreaker, RetryPolicy
+from gochat.resilience.policy import DEFAULT_RETRY
 
 __all__ = ["ClusterBackends", "memory_backends", "redis_backends"]
 
@@ -42,10 +46,15 @@ class ClusterBackends:
     bus: EventBus = field(default_factory=MemoryEventBus)
     #: distributed locks (gochat/cluster/locks.py); in-process ones of their own when not given
     locks: Locks = field(default_factory=MemoryLocks)
+    #: the shared (L2) cache (gochat/cluster/shared_cache.py); a private one when not given
+    cache: SharedCache = field(default_factory=MemorySharedCache)
 
     async def close(self) -> None:
         """Close every backend, then what they share; each within CLOSE_TIMEOUT_S."""
-        closers = [self.locks.close, self.bus.close, self.jobs.close, self.broker.close, self.registry.close, self.presence.close, *self.shared]
+        closers = [
+            self.cache.close, self.locks.close, self.bus.close, self.jobs.close, self.broker.close,
+            self.registry.close, self.presence.close, *self.shared,
+        ]
         for closer in closers:
             try:
                 async with asyncio.timeout(CLOSE_TIMEOUT_S):
@@ -66,25 +75,50 @@ def memory_backends(hub: MemoryHub | None = None) -> ClusterBackends:
         MemoryJobQueue(hub),
         bus=MemoryEventBus(hub),
         locks=MemoryLocks(hub),
+        cache=MemorySharedCache(hub),
     )
 
 
 def redis_backends(
-    url: str, prefix: str, *, registry_ttl_s: float, registry_renew_s: float, timeout_s: float = 5.0
+    url: str,
+    prefix: str,
+    *,
+    registry_ttl_s: float,
+    registry_renew_s: float,
+    timeout_s: float = 5.0,
+    breaker: CircuitBreaker | None = None,
+    retry: RetryPolicy = DEFAULT_RETRY,
 ) -> ClusterBackends:
     """Redis backends (imported here, so that embedded mode never loads redis-py). Presence,
-    registry and jobs share one client; the broker's pub/sub has connections of its own."""
+    registry and jobs share one client; the broker's pub/sub has connections of its own. Every
+    command goes through ``breaker`` (the node's Redis breaker) and every reconnect or retry
+    follows ``retry`` (the node's policy)."""
     from gochat.cluster.redis import RedisBroker, RedisJobQueue, RedisPresence, RedisRegistry, connect
     from gochat.cluster.redis.bus import RedisEventBus
+    from gochat.cluster.redis.cache import RedisSharedCache
+    from gochat.cluster.redis.client import _Client
     from gochat.cluster.redis.locks import RedisLocks
 
-    client = connect(url, timeout_s=timeout_s)
+    client = connect(url, timeout_s=timeout_s, retry=retry)
+    pubsub_client = connect(url, timeout_s=timeout_s, retry=retry)  # the broker's, apart
+    broker = RedisBroker(pubsub_client, prefix, timeout_s=timeout_s)
+    presence = RedisPresence(client, prefix, node_ttl_s=registry_ttl_s, timeout_s=timeout_s)
+    registry = RedisRegistry(client, prefix, ttl_s=registry_ttl_s, renew_s=registry_renew_s, timeout_s=timeout_s)
+    jobs = RedisJobQueue(client, prefix, timeout_s=timeout_s)
+    bus = RedisEventBus(client, prefix, timeout_s=timeout_s)
+    locks = RedisLocks(client, prefix, timeout_s=timeout_s)
+    cache = RedisSharedCache(client, prefix, timeout_s=timeout_s)
+    parts: tuple[_Client, ...] = (broker, presence, registry, jobs, bus, locks, cache)
+    for part in parts:
+        part.breaker = breaker
+        part.retry = retry
     return ClusterBackends(
-        RedisBroker(url, prefix, timeout_s=timeout_s),
-        RedisPresence(client, prefix, node_ttl_s=registry_ttl_s, timeout_s=timeout_s),
-        RedisRegistry(client, prefix, ttl_s=registry_ttl_s, renew_s=registry_renew_s, timeout_s=timeout_s),
-        RedisJobQueue(client, prefix, timeout_s=timeout_s),
-        shared=(client.aclose,),
-        bus=RedisEventBus(client, prefix, timeout_s=timeout_s),
-        locks=RedisLocks(client, prefix, timeout_s=timeout_s),
+        broker,
+        presence,
+        registry,
+        jobs,
+        shared=(client.aclose, pubsub_client.aclose),
+        bus=bus,
+        locks=locks,
+        cache=cache,
     )

@@ -35,13 +35,17 @@ import orjson
 
 from gochat.clock import now_ms
 from gochat.errors import GochatError
+from gochat.resilience import RetryPolicy
+from gochat.resilience.policy import DEFAULT_RETRY
 
 __all__ = [
     "EVENT_FRESH_S",
     "EVENT_RETENTION_AGE_S",
     "EVENT_RETENTION_LEN",
     "EVENT_TYPES",
+    "BreakerChanged",
     "ConfigChanged",
+    "DegradationChanged",
     "DomainEvent",
     "EventBus",
     "EventConsumer",
@@ -172,6 +176,26 @@ class ConfigChanged(DomainEvent):
     key: str
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DegradationChanged(DomainEvent):
+    """An operator set a degradation switch (the admin API): every node applies it. ``value``:
+    1 forced on, 0 forced off, -1 automatic (docs/resilience.md)."""
+
+    type: ClassVar[str] = "degradation.changed"
+    switch: str
+    value: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BreakerChanged(DomainEvent):
+    """A node's circuit breaker changed state (informational: other nodes log and count it)."""
+
+    type: ClassVar[str] = "breaker.changed"
+    breaker: str
+    state: str
+    reason: str = ""
+
+
 EVENT_TYPES: dict[str, type[DomainEvent]] = {
     cls.type: cls
     for cls in (
@@ -185,6 +209,8 @@ EVENT_TYPES: dict[str, type[DomainEvent]] = {
         TokenRevoked,
         SigningKeyRotated,
         ConfigChanged,
+        DegradationChanged,
+        BreakerChanged,
     )
 }
 
@@ -277,9 +303,10 @@ class EventConsumer:
 
     ``apply(event)`` may be sync or async; it must be idempotent by the event's ``version``
     (a redelivery after a restart, which the in-memory id set cannot see, applies it again).
-    A failing ``apply`` is retried ``retries`` times with exponential backoff (``backoff_s``
-    doubling, at most ``max_backoff_s``), in place: later events wait, so each node applies
-    events in log order. Then the entry goes to the dead letters and the consumer moves on.
+    A failing ``apply`` is retried by ``retry`` (the node's retry policy; any exception counts
+    as retryable here, since a handler's failure cannot be classified better), in place: later
+    events wait, so each node applies events in log order. Then the entry goes to the dead
+    letters and the consumer moves on.
     """
 
     def __init__(
@@ -289,18 +316,14 @@ class EventConsumer:
         apply: Callable[[DomainEvent], Awaitable[None] | None],
         rebuild: Callable[[], Awaitable[None] | None],
         *,
-        retries: int = 4,
-        backoff_s: float = 0.05,
-        max_backoff_s: float = 2.0,
+        retry: RetryPolicy = DEFAULT_RETRY,
         remember: int = 65_536,
     ) -> None:
         self.bus = bus
         self.name = name
         self._apply = apply
         self._rebuild = rebuild
-        self.retries = retries
-        self.backoff_s = backoff_s
-        self.max_backoff_s = max_backoff_s
+        self.retry = dataclasses.replace(retry, retryable=lambda exc: True)
         self.remember = remember
         self.stats = EventStats()
         self._seen: OrderedDict[str, None] = OrderedDict()
@@ -331,25 +354,20 @@ class EventConsumer:
         if event.event_id in self._seen:
             self.stats.duplicates += 1
             return
-        delay = self.backoff_s
-        attempt = 0
-        while True:
-            try:
-                result = self._apply(event)
-                if result is not None:
-                    await result
-                break
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                if attempt >= self.retries:
-                    await self._dead(entry_id, payload, event, exc)
-                    return
-                attempt += 1
-                self.stats.retries += 1
-                log.warning("event %s (%s) failed (try %d): %r", entry_id, event.type, attempt, exc)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, self.max_backoff_s)
+        async def apply() -> None:
+            result = self._apply(event)
+            if result is not None:
+                await result
+
+        def retried(attempt: int, exc: BaseException, _wait: float) -> None:
+            self.stats.retries += 1
+            log.warning("event %s (%s) failed (try %d): %r", entry_id, event.type, attempt, exc)
+
+        try:
+            await self.retry.run(apply, what=f"event {event.type}", on_retry=retried)
+        except Exception as exc:
+            await self._dead(entry_id, payload, event, exc)
+            return
         self._remember(event)
 
     async def _dead(self, entry_id: str, payload: bytes, event: DomainEvent, exc: Exception) -> None:
@@ -370,8 +388,8 @@ class EventConsumer:
 
 
 class EventOutbox:
-    """Publishes a node's events in the order they were made, retrying while the bus is
-    unreachable (what changed is in the store already, so an event must not be lost because
+    """Publishes a node's events in the order they were made, retrying (``retry``'s backoff,
+    without giving up) while the bus is unreachable (what changed is in the store already, so an event must not be lost because
     Redis blinked). One background task; ``add`` never waits. Bounded by ``max_pending``: past
     it the oldest waiting event is dropped and counted (``dropped``), the one loss a node that
     stays cut off from the bus can suffer; a node that crashes loses what still waits.
@@ -382,13 +400,11 @@ class EventOutbox:
         bus: EventBus,
         *,
         max_pending: int = OUTBOX_MAX,
-        backoff_s: float = 0.05,
-        max_backoff_s: float = 2.0,
+        retry: RetryPolicy = DEFAULT_RETRY,
     ) -> None:
         self.bus = bus
         self.max_pending = max_pending
-        self.backoff_s = backoff_s
-        self.max_backoff_s = max_backoff_s
+        self.retry = retry
         self._pending: deque[DomainEvent] = deque()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -411,7 +427,7 @@ class EventOutbox:
         self._wake.set()
 
     async def _run(self) -> None:
-        delay = self.backoff_s
+        backoff = self.retry.backoff()
         while True:
             self._wake.clear()
             while self._pending:
@@ -420,15 +436,14 @@ class EventOutbox:
                     await self.bus.publish(event)
                 except GochatError as exc:
                     self.retries += 1
-                    if self.retries == 1 or delay >= self.max_backoff_s:
+                    if backoff.attempt in (0, 8):  # the first failure, then about once every few seconds
                         log.warning("event bus unreachable (%s): %d events wait", exc.message, len(self._pending))
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, self.max_backoff_s)
+                    await asyncio.sleep(backoff.next())
                     continue
                 if self._pending and self._pending[0] is event:
                     self._pending.popleft()
                 self.published += 1
-                delay = self.backoff_s
+                backoff.reset()
             await self._wake.wait()
 
     async def flush(self, timeout_s: float) -> bool:

@@ -38,6 +38,8 @@ from gochat.cluster.envelope import (
     split_batch,
 )
 from gochat.errors import GochatError
+from gochat.resilience import RetryPolicy
+from gochat.resilience.policy import DEFAULT_RETRY
 
 __all__ = ["ClusterEvents", "ClusterLink", "LocalFanout"]
 
@@ -109,8 +111,11 @@ class ClusterLink:
         local: LocalFanout,
         shard_size: int = 1000,
         presence_guard_s: float = PRESENCE_GUARD_S,
+        retry: RetryPolicy = DEFAULT_RETRY,
     ) -> None:
         self.node_id = node_id
+        #: the node's retry policy (event handlers, the outbox)
+        self.retry = retry
         self.backends = backends
         self.jobs = backends.jobs
         self.shard_size = shard_size
@@ -119,7 +124,7 @@ class ClusterLink:
         self.registry = backends.registry
         self.bus = backends.bus
         #: this node's events on their way to the bus (ordered, retried while it is down)
-        self.outbox = EventOutbox(self.bus)
+        self.outbox = EventOutbox(self.bus, retry=retry)
         #: this node's reader of the event bus (:meth:`start_events`)
         self.consumer: EventConsumer | None = None
         self.local = local
@@ -172,7 +177,7 @@ class ClusterLink:
         """Read the event bus as consumer ``name`` (stable across restarts of the node, so it
         replays from its cursor): ``apply(event)`` for every domain event, ``rebuild()`` when
         the node cannot replay (docs/consistency.md). Stopped by :meth:`close`."""
-        self.consumer = EventConsumer(self.bus, name, apply, rebuild)
+        self.consumer = EventConsumer(self.bus, name, apply, rebuild, retry=self.retry)
         await self.consumer.start()
         return self.consumer
 

@@ -19,8 +19,10 @@ import dataclasses
 import itertools
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 from gochat.clock import now_ms
 from gochat.cluster.base import (
@@ -94,12 +96,19 @@ class MemoryHub:
         # (stream, job_id) -> (groups that finished it, dedupe deadline)
         self.job_state: dict[tuple[str, str], tuple[set[str], float]] = {}
         self.job_events: dict[str, asyncio.Event] = {}
+        # shared (L2) cache (gochat/cluster/memory_cache.py): "space:key" -> entry, oldest
+        # first, and the bytes the entries hold
+        self.shared_cache: OrderedDict[str, Any] = OrderedDict()
+        self.shared_cache_bytes = 0
 
     def lose_data(self) -> None:
-        """Simulate a backend restart without persistence: presence and marks are gone."""
+        """Simulate a backend restart without persistence: presence, marks and the shared
+        cache are gone."""
         self.sessions.clear()
         self.node_users.clear()
         self.marks.clear()
+        self.shared_cache.clear()
+        self.shared_cache_bytes = 0
 
     def check(self) -> None:
         if not self.available:

@@ -34,6 +34,7 @@ from gochat.messaging.delivery import Delivery
 from gochat.messaging.watchers import PresenceWatchers
 from gochat.protocol import EventType, Kind, encode, encode_event
 from gochat.protocol.frames import CallResult
+from gochat.resilience.degradation import Degradation
 from gochat.store import Store
 from gochat.store.base import StaleFenceError
 
@@ -78,7 +79,9 @@ class ControlCalls:
         delivery: Delivery,
         watchers: PresenceWatchers,
         link: ClusterLink,
+        degradation: Degradation | None = None,
     ) -> None:
+        self.degradation = degradation if degradation is not None else Degradation()
         self.max_group_members = settings.max_group_members
         self.store = store
         self.addressing = addressing
@@ -263,6 +266,10 @@ class ControlCalls:
             raise _bad(f"'user_ids' must be a list of at most {PRESENCE_QUERY_MAX} user ids")
         if any(i > MAX_ID for i in ids):
             raise not_found("user")
+        if self.degradation.non_core_off:
+            raise UnavailableError(
+                "presence is off for now (degraded)", retry_after_ms=self.degradation.retry_after_ms
+            )
         self.watchers.watch(conn, ids)
         online = await self.link.online(ids)
         return {"online": {str(i): online.get(i, False) for i in ids}}
@@ -277,8 +284,7 @@ class ControlCalls:
         return {"user_id": user.user_id, "username": user.username}
 
     async def user_get(self, conn: Connection, p: dict[str, Any]) -> dict[str, Any]:
-        """A username by user id (the reverse of :meth:`user_lookup`)."""
-        user = await self.store.get_user(_id(p, "user_id"))
-        if user is None:
-            raise not_found("user")
-        return {"user_id": user.user_id, "username": user.username}
+        """A username by user id (the reverse of :meth:`user_lookup`), through the username
+        caches (L1, then L2, then the store; NOT_FOUND when there is no such user)."""
+        user_id = _id(p, "user_id")
+        return {"user_id": user_id, "username": await self.addressing.user(user_id)}

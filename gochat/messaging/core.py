@@ -16,22 +16,35 @@ into the gateway. Its parts, one job each:
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import TYPE_CHECKING
+
+import orjson
 
 from gochat._native.connection import Connection, FanoutWriter
 from gochat._native.routing import RoutingTable
 from gochat.config import Settings
-from gochat.errors import ErrorCode, RequestError
+from gochat.errors import ErrorCode, RequestError, UnavailableError
 from gochat.ids import MAX_ID, IdGenerator
 from gochat.messaging.addressing import Addressing
 from gochat.messaging.calls import ControlCalls
 from gochat.messaging.delivery import Delivery
+from gochat.messaging.recent import RecentMessages
 from gochat.messaging.replies import ErrorReplies
 from gochat.messaging.send import SendPath
 from gochat.messaging.sessions import Sessions
 from gochat.messaging.watchers import PresenceWatchers
 from gochat.observability.metrics import Metrics
-from gochat.protocol import FLAG_BACKWARD, FLAG_MORE, FLAG_STOPPED, EventType, Kind, encode, encode_event
+from gochat.protocol import (
+    FLAG_BACKWARD,
+    FLAG_MORE,
+    FLAG_PARTIAL,
+    FLAG_STOPPED,
+    EventType,
+    Kind,
+    encode,
+    encode_event,
+)
 from gochat.protocol.frames import (
     History,
     HistoryResult,
@@ -46,12 +59,16 @@ from gochat.protocol.frames import (
     Typing,
     Unsubscribe,
 )
-from gochat.store import Store
+from gochat.resilience.degradation import Degradation, Switch
+from gochat.store import ConversationState, Store
 
 if TYPE_CHECKING:
     from gochat.cluster.link import ClusterLink
 
-__all__ = ["MessagingCore"]
+__all__ = ["SYNC_CACHE_USERS", "MessagingCore"]
+
+#: users whose last SYNC answer a node keeps for cache-only SYNCs
+SYNC_CACHE_USERS = 65_536
 
 
 class MessagingCore:
@@ -65,18 +82,41 @@ class MessagingCore:
         ids: IdGenerator,
         metrics: Metrics,
         replies: ErrorReplies,
+        degradation: Degradation | None = None,
+        recent: RecentMessages | None = None,
     ) -> None:
         self.settings = settings
+        #: the node's degradation switches (docs/resilience.md): read_only refuses SENDs,
+        #: non_core_off drops typing, read-receipt and presence events
+        self.degradation = degradation if degradation is not None else Degradation()
+        #: what cache-only answers come from: the newest DELIVERs this node passed on (the
+        #: order gate's), and each user's last SYNC answer (bounded)
+        self.recent = recent if recent is not None else RecentMessages()
+        self._synced: OrderedDict[int, list[ConversationState]] = OrderedDict()
         self.store = store
         self.link = link
         self.watchers = PresenceWatchers()
-        self.addressing = Addressing(store)
+        self.addressing = Addressing(store, link.backends.cache)
         self.delivery = Delivery(routing, writer, link, self.watchers, settings.large_group_threshold)
         self.sessions = Sessions(
             routing, writer, link, self.watchers, ids, settings.heartbeat_ms, settings.max_frame
         )
-        self.sends = SendPath(settings, store, self.addressing, self.delivery, replies, ids, metrics.hot)
-        self.calls = ControlCalls(settings, store, self.addressing, self.delivery, self.watchers, link)
+        self.sends = SendPath(
+            settings, store, self.addressing, self.delivery, replies, ids, metrics.hot, self.degradation
+        )
+        self.calls = ControlCalls(
+            settings, store, self.addressing, self.delivery, self.watchers, link, self.degradation
+        )
+        self.degradation.on_change(self._announce_degradation)
+        self._announce_degradation(self.degradation.active, Switch(0), "configuration")
+
+    def _announce_degradation(self, active: Switch, previous: Switch, reason: str) -> None:
+        """EVENT DEGRADED to every session, and after AUTH_OK to every later one while any
+        switch is on (docs/protocol.md §3, EVENT types)."""
+        if active or previous:
+            extra = orjson.dumps({"switches": Degradation.names(active), "reason": reason})
+            event = encode_event(EventType.DEGRADED, 0, 0, 0, int(active), extra)
+            self.sessions.broadcast(event, greeting=bool(active))
 
     # ---- SEND and CALL ---------------------------------------------------------------------------
     def send_soon(self, conn: Connection, req: Send, started: float) -> None:
@@ -92,20 +132,47 @@ class MessagingCore:
 
     # ---- SYNC / HISTORY / READ -------------------------------------------------------------------
     async def sync(self, conn: Connection, req: Sync) -> bytes:
+        me = conn.user_id
         known = {(e.kind, e.conv_id): e.seq for e in req.entries}
+        flags = 0
+        try:
+            convs = await self.store.conversations(me)
+        except UnavailableError:
+            if not self.degradation.cache_only:
+                raise
+            # cache-only (docs/resilience.md): this user's last SYNC answer on this node, with
+            # the newer seqs this node delivered since; marked partial
+            convs, flags = self._synced.get(me, []), FLAG_PARTIAL
+        else:
+            self._remember_sync(me, convs)
         entries = []
-        for c in await self.store.conversations(conn.user_id):
+        for c in convs:
             wire = c.peer_id if c.kind == Kind.DIRECT else c.conv
-            if c.last_seq > known.get((c.kind, wire), 0):
-                entries.append(SyncResultEntry(c.kind, wire, c.last_seq, c.read_seq))
-        return encode(SyncResult(entries, rid=req.rid))
+            last_seq = c.last_seq
+            if flags:
+                last_seq = max(last_seq, self.recent.last_seq(c.conv if c.kind == Kind.GROUP else (wire, me)))
+            if last_seq > known.get((c.kind, wire), 0):
+                entries.append(SyncResultEntry(c.kind, wire, last_seq, c.read_seq))
+        return encode(SyncResult(entries, rid=req.rid, flags=flags))
+
+    def _remember_sync(self, user_id: int, convs: list[ConversationState]) -> None:
+        synced = self._synced
+        synced[user_id] = convs
+        synced.move_to_end(user_id)
+        if len(synced) > SYNC_CACHE_USERS:
+            synced.popitem(last=False)
 
     async def history(self, conn: Connection, req: History) -> bytes:
-        conv = await self.addressing.resolve(conn.user_id, req.kind, req.conv_id)
         limit = min(req.limit, self.settings.history_max_limit)
         backward = bool(req.flags & FLAG_BACKWARD)
-        # a from_seq past any stored seq (up to 2**64-1 on the wire) reads as "the newest"
-        rows, more = await self.store.history(conv, min(req.from_seq, MAX_ID), limit, backward)
+        try:
+            conv = await self.addressing.resolve(conn.user_id, req.kind, req.conv_id)
+            # a from_seq past any stored seq (up to 2**64-1 on the wire) reads as "the newest"
+            rows, more = await self.store.history(conv, min(req.from_seq, MAX_ID), limit, backward)
+        except UnavailableError:
+            if not self.degradation.cache_only or req.kind not in (Kind.DIRECT, Kind.GROUP):
+                raise
+            return await self._cached_history(conn, req, limit, backward)
         wire = req.conv_id
         messages = [
             Message(
@@ -115,11 +182,32 @@ class MessagingCore:
         ]
         return encode(HistoryResult(req.kind, wire, messages, rid=req.rid, flags=FLAG_MORE if more else 0))
 
+    async def _cached_history(self, conn: Connection, req: History, limit: int, backward: bool) -> bytes:
+        """HISTORY while the database is out of reach (cache-only): the newest messages this
+        node delivered in the conversation, marked partial (docs/resilience.md). A group's
+        membership is still checked (from the member cache; UNAVAILABLE when not cached)."""
+        me = conn.user_id
+        if req.kind == Kind.GROUP:
+            await self.addressing.member_group(req.conv_id, me)
+            key: object = req.conv_id
+        else:
+            key = (req.conv_id, me)
+        from_seq = MAX_ID if backward and req.from_seq == 0 else min(req.from_seq, MAX_ID)
+        cached, more = self.recent.history(key, from_seq, limit, backward)
+        wire = req.conv_id
+        messages = [
+            Message(m.kind, m.content_type, wire, m.seq, m.msg_id, m.sender_id, m.ts_ms, m.client_msg_id, m.body)
+            for m in cached
+        ]
+        flags = FLAG_PARTIAL | (FLAG_MORE if more else 0)
+        return encode(HistoryResult(req.kind, wire, messages, rid=req.rid, flags=flags))
+
     async def read(self, conn: Connection, req: Read) -> bytes:
         me = conn.user_id
         conv = await self.addressing.resolve(me, req.kind, req.conv_id)
         seq = await self.store.set_read(conv, me, min(req.seq, MAX_ID))
-        self._announce(conn, EventType.READ, req.kind, req.conv_id, seq)
+        if not self.degradation.non_core_off:  # read receipts are not core: stored, not announced
+            self._announce(conn, EventType.READ, req.kind, req.conv_id, seq)
         return encode(ReadOk(rid=req.rid))
 
     def _announce(self, conn: Connection, etype: int, kind: int, wire_conv: int, value: int) -> None:
@@ -136,6 +224,8 @@ class MessagingCore:
     async def typing(self, conn: Connection, req: Typing) -> None:
         """EVENT TYPING to the other members (never to the typist's own devices; droppable)."""
         me = conn.user_id
+        if self.degradation.non_core_off:
+            return  # typing is droppable anyway: dropped silently while non-core features are off
         value = 0 if req.flags & FLAG_STOPPED else 1
         if req.kind == Kind.GROUP:
             members = await self.addressing.member_group(req.conv_id, me)
@@ -158,5 +248,8 @@ class MessagingCore:
         return self.sessions.unsubscribe(conn, req.room_id, req.rid)
 
     def presence_changed(self, user_id: int, online: bool) -> None:
-        """A user came online or went offline (anywhere in the cluster): tell the watchers here."""
+        """A user came online or went offline (anywhere in the cluster): tell the watchers here
+        (not while non-core features are off)."""
+        if self.degradation.non_core_off:
+            return
         self.delivery.presence_changed(user_id, online)

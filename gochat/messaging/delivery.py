@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from gochat._native.connection import Connection, FanoutWriter
 from gochat._native.routing import RoutingTable
+from gochat.messaging.recent import RecentMessages
 from gochat.messaging.watchers import PresenceWatchers
 from gochat.protocol import EventType, Kind, encode_event
 
@@ -53,11 +54,13 @@ class LocalDelivery:
     given up: the client saw the gap and fetches it with HISTORY). So a connection sees DELIVER
     seqs strictly increasing; a gap it sees is one to fetch, never one that fills later."""
 
-    __slots__ = ("_held", "_last", "_loop", "held", "hold_s", "routing", "stale_dropped")
+    __slots__ = ("_held", "_last", "_loop", "held", "hold_s", "recent", "routing", "stale_dropped")
 
     def __init__(self, routing: RoutingTable, hold_s: float = ORDER_HOLD_S) -> None:
         self.routing = routing
         self.hold_s = hold_s
+        #: the newest DELIVERs per conversation, in the order delivered (cache-only HISTORY)
+        self.recent = RecentMessages()
         self._loop = asyncio.get_running_loop()
         self._last: dict[Any, int] = {}
         self._held: dict[Any, tuple[dict[int, Pending], asyncio.TimerHandle]] = {}
@@ -79,6 +82,7 @@ class LocalDelivery:
             if last is None and len(self._last) >= ORDER_KEYS_MAX:
                 self._last.clear()
             self._last[key] = seq
+            self.recent.add(key, frame)
             n = self.routing.fanout_users(user_ids, frame, skip, droppable)
             if key in self._held:
                 n += self._release(key)
@@ -102,6 +106,7 @@ class LocalDelivery:
         n = 0
         while (nxt := pending.pop(last + 1, None)) is not None:
             user_ids, frame, droppable, skip = nxt
+            self.recent.add(key, frame)
             n += self.routing.fanout_users(user_ids, frame, skip, droppable)
             last += 1
         self._last[key] = last
@@ -120,6 +125,7 @@ class LocalDelivery:
         timer.cancel()
         for seq in sorted(pending):
             user_ids, frame, droppable, skip = pending[seq]
+            self.recent.add(key, frame)
             self.routing.fanout_users(user_ids, frame, skip, droppable)
             self._last[key] = seq
 

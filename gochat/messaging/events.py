@@ -10,9 +10,12 @@ the store.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable
 
 from gochat.cluster.bus import (
+    BreakerChanged,
+    DegradationChanged,
     DomainEvent,
     GroupCreated,
     GroupDissolved,
@@ -22,10 +25,13 @@ from gochat.cluster.bus import (
     TokenRevoked,
 )
 from gochat.messaging.addressing import Addressing
+from gochat.resilience.degradation import SWITCH_NAMES, Degradation
 
 __all__ = ["NodeEventHandler"]
 
 _MEMBERSHIP = (GroupCreated, GroupUpdated, GroupDissolved, MemberAdded, MemberRemoved)
+_SWITCHES = {name: switch for switch, name in SWITCH_NAMES.items()}
+log = logging.getLogger("gochat.messaging.events")
 
 
 class NodeEventHandler:
@@ -37,7 +43,12 @@ class NodeEventHandler:
         revoked: Callable[[int, int, str], None],
         reload_revocations: Callable[[], Awaitable[None]],
         close_revoked: Callable[[], int] = lambda: 0,
+        degradation: Degradation | None = None,
+        node_id: str = "",
     ) -> None:
+        #: an operator's degradation switch, set on any node, applies on every node
+        self.degradation = degradation
+        self.node_id = node_id
         self.addressing = addressing
         self.revoked = revoked
         self.reload_revocations = reload_revocations
@@ -49,6 +60,14 @@ class NodeEventHandler:
             self.addressing.members_changed(event.group_id, event.version)
         elif isinstance(event, TokenRevoked):
             self.revoked(event.user_id, event.expires_ms, event.revoked_id)
+        elif isinstance(event, DegradationChanged) and self.degradation is not None:
+            switch = _SWITCHES.get(event.switch)
+            if switch is not None:
+                value = None if event.value < 0 else bool(event.value)
+                if self.degradation.manual(switch) != value:
+                    self.degradation.set_manual(switch, value, f"operator, through {event.origin}")
+        elif isinstance(event, BreakerChanged) and event.origin != self.node_id:
+            log.info("node %s: %s breaker %s (%s)", event.origin, event.breaker, event.state, event.reason)
 
     async def rebuild(self) -> None:
         self.addressing.clear()

@@ -29,6 +29,7 @@ from gochat.messaging.sessions import PendingSend, SessionState
 from gochat.messaging.shedding import SendAccounting
 from gochat.observability.metrics import HotCounters
 from gochat.protocol import FLAG_DUPLICATE, Kind, encode_deliver, encode_send_ack
+from gochat.resilience.degradation import Degradation
 from gochat.store import AppendRequest, AppendResult, Store, StoredMessage
 
 __all__ = ["MAX_SEND_BACKLOG", "SendPath"]
@@ -48,8 +49,11 @@ class SendPath:
         replies: ErrorReplies,
         ids: IdGenerator,
         hot: HotCounters,
+        degradation: Degradation,
     ) -> None:
         self.max_body = settings.max_body
+        #: read_only refuses stored SENDs (docs/resilience.md); one attribute read per SEND
+        self.degradation = degradation
         self.store = store
         self.addressing = addressing
         self.delivery = delivery
@@ -84,6 +88,11 @@ class SendPath:
             if kind == Kind.ROOM:
                 conn.push(self._send_room(conn, rid, content_type, conv_id, client_msg_id, body))
                 self.hot.send_latency.observe(self._loop_time() - started)
+                return
+            if self.degradation.read_only:
+                self.replies.error(
+                    conn, rid, ErrorCode.READ_ONLY, "read-only for now", self.degradation.retry_after_ms
+                )
                 return
             accounting = self.accounting
             retry_after_ms = accounting.shed_delay_ms(started)

@@ -76,6 +76,8 @@ class Sessions:
         self.max_frame = max_frame
         self._loop = asyncio.get_running_loop()
         self._tasks: set[asyncio.Task[None]] = set()
+        #: pushed right after AUTH_OK while set: the node's current EVENT DEGRADED
+        self.greeting: bytes | None = None
 
     # ---- lifecycle -------------------------------------------------------------------------------
     def opened(self, conn: Connection, claims: Claims | None) -> None:
@@ -138,6 +140,8 @@ class Sessions:
                 AuthOk(conn.user_id, conn.session_id, now_ms(), self.heartbeat_ms, self.max_frame, rid=rid)
             )
         )
+        if self.greeting is not None:
+            conn.push(self.greeting)
 
     def _background(self, coro: Coroutine[Any, Any, None]) -> None:
         task = self._loop.create_task(coro)
@@ -167,6 +171,15 @@ class Sessions:
     def local(self) -> list[tuple[int, int]]:
         """(user_id, session_id) of every authenticated session on this node."""
         return [(c.user_id, c.session_id) for c in self.writer.connections() if c.authenticated]
+
+    def broadcast(self, data: bytes, greeting: bool = False) -> int:
+        """Push ``data`` to every authenticated session on this node; with ``greeting``, also to
+        every session that authenticates from now on (until the next broadcast)."""
+        self.greeting = data if greeting else None
+        conns = [c for c in self.writer.connections() if c.authenticated]
+        for conn in conns:
+            conn.push(data)
+        return len(conns)
 
     def kick(self, user_id: int, code: ErrorCode, reason: str, revoked_id: str = "") -> int:
         """GOAWAY and close the sessions of ``user_id`` on this node that use the revoked access

@@ -188,6 +188,52 @@ class _EventsCollector(Collector):
         )
 
 
+class _ResilienceCollector(Collector):
+    """Circuit breakers (a :class:`~gochat.resilience.BreakerRegistry`) and degradation switches
+    (a :class:`~gochat.resilience.degradation.Degradation`), read at scrape time."""
+
+    def __init__(self, breakers: Any, degradation: Any) -> None:
+        self._breakers = breakers
+        self._degradation = degradation
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        from gochat.resilience.degradation import SWITCH_NAMES
+        from gochat.resilience.node import BREAKER_STATE_VALUES
+
+        state = GaugeMetricFamily(
+            "gochat_breaker_state",
+            "Circuit breaker state: 0 closed, 1 open, 2 half-open, 3 forced open, 4 forced closed",
+            labels=["breaker"],
+        )
+        counters = {
+            "calls": "Calls through the breaker (admitted)",
+            "failures": "Calls that failed against the dependency (unreachable, broken, timed out)",
+            "slow": "Calls slower than breaker_slow_call_ms",
+            "rejected": "Calls refused because the breaker was open",
+            "rejected_bulkhead": "Calls refused because breaker_max_concurrent were in flight",
+            "state_changes": "Breaker state changes",
+        }
+        families = {
+            k: CounterMetricFamily(f"gochat_breaker_{k}", doc, labels=["breaker"]) for k, doc in counters.items()
+        }
+        in_flight = GaugeMetricFamily("gochat_breaker_in_flight", "Calls in flight through the breaker", labels=["breaker"])
+        for b in self._breakers:
+            state.add_metric([b.name], BREAKER_STATE_VALUES[b.state])
+            for k, family in families.items():
+                family.add_metric([b.name], getattr(b, k))
+            in_flight.add_metric([b.name], b.in_flight)
+        yield state
+        yield from families.values()
+        yield in_flight
+        degraded = GaugeMetricFamily(
+            "gochat_degraded", "1 while a degradation switch is on (read_only, cache_only, non_core_off)", labels=["switch"]
+        )
+        active = self._degradation.active
+        for switch, name in SWITCH_NAMES.items():
+            degraded.add_metric([name], 1.0 if switch in active else 0.0)
+        yield degraded
+
+
 class _CacheCollector(Collector):
     """The L1 caches' counters (:class:`~gochat.messaging.cache.CacheSnapshot` objects, read at
     scrape time: the hit path counts plain integers)."""
@@ -232,6 +278,45 @@ class _CacheCollector(Collector):
         yield from (hits, misses, loads, load_s, inval, evictions, entries, size, hot)
 
 
+class _SharedCacheCollector(Collector):
+    """The shared (L2) cache's counters per cache (:class:`~gochat.messaging.l2.L2Stats`) and
+    what the start-up warm-up loaded (:class:`~gochat.messaging.addressing.WarmupStats`)."""
+
+    def __init__(self, read: Callable[[], Iterable[Any]], warmup: Callable[[], Any]) -> None:
+        self._read = read
+        self._warmup = warmup
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        counters = {
+            "hits": "L2 cache entries found and used",
+            "misses": "L2 cache reads that found no entry",
+            "stale": "L2 cache entries ignored: older than the version known here, or from before a rebuild",
+            "errors": "L2 cache operations that failed or timed out (lookups then read the store)",
+            "writes": "L2 cache entries written",
+            "too_large": "L2 cache writes skipped: the value is over the entry bound",
+            "reads": "L2 cache reads that reached the backend",
+            "read_seconds": "Seconds spent in L2 cache reads (mean latency: / reads)",
+        }
+        families = {
+            field: CounterMetricFamily(f"gochat_shared_cache_{field}", doc, labels=["cache"]) for field, doc in counters.items()
+        }
+        for st in self._read():
+            for field, family in families.items():
+                family.add_metric([st.name], getattr(st, field))
+        yield from families.values()
+        w = self._warmup()
+        loaded = GaugeMetricFamily(
+            "gochat_cache_warmup_loaded", "Group member lists the start-up warm-up loaded, by source", labels=["source"]
+        )
+        loaded.add_metric(["l2"], w.from_l2)
+        loaded.add_metric(["store"], w.from_store)
+        yield loaded
+        yield GaugeMetricFamily("gochat_cache_warmup_seconds", "How long the start-up warm-up took", value=w.seconds)
+        yield GaugeMetricFamily(
+            "gochat_cache_warmup_done", "1 once the start-up warm-up ended (-1: it failed)", value=-1 if w.failed else int(w.done)
+        )
+
+
 class Metrics:
     """The metric set of one gochat node, in its own registry."""
 
@@ -255,9 +340,18 @@ class Metrics:
         the outbox's (a :class:`~gochat.cluster.bus.EventOutbox`) and ``fresh()`` (auth)."""
         self.registry.register(_EventsCollector(read, outbox, fresh))
 
+    def attach_resilience(self, breakers: Any, degradation: Any) -> None:
+        """Export the breakers' states and counters and the degradation switches."""
+        self.registry.register(_ResilienceCollector(breakers, degradation))
+
     def attach_caches(self, read: Callable[[], Iterable[Any]]) -> None:
         """Export L1 cache counters (an iterable of :class:`~gochat.messaging.cache.CacheSnapshot`)."""
         self.registry.register(_CacheCollector(read))
+
+    def attach_shared_cache(self, read: Callable[[], Iterable[Any]], warmup: Callable[[], Any]) -> None:
+        """Export the L2 cache counters (an iterable of :class:`~gochat.messaging.l2.L2Stats`)
+        and the warm-up's (a :class:`~gochat.messaging.addressing.WarmupStats`)."""
+        self.registry.register(_SharedCacheCollector(read, warmup))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

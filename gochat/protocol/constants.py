@@ -75,17 +75,20 @@ class EventType(enum.IntEnum):
     MEMBER_ADDED = 4
     MEMBER_REMOVED = 5
     CONVERSATION_UPDATED = 6
+    DEGRADED = 7
 
 
 # Flag bits, per operation.
 FLAG_DUPLICATE: Final = 0x0001  # SEND_ACK: a retry of an already acknowledged send
 FLAG_BACKWARD: Final = 0x0001  # HISTORY: newest `limit` messages at or below from_seq
 FLAG_MORE: Final = 0x0001  # HISTORY_RESULT: more messages remain in that direction
+FLAG_PARTIAL: Final = 0x0002  # HISTORY_RESULT, SYNC_RESULT: answered from cache (degraded)
 FLAG_STOPPED: Final = 0x0001  # TYPING: the user stopped typing
 
 #: Flag bits each operation defines; any other bit set is BAD_FLAGS.
 ALLOWED_FLAGS: Final[dict[int, int]] = {op: 0 for op in Op}
 ALLOWED_FLAGS[Op.SEND_ACK] = FLAG_DUPLICATE
 ALLOWED_FLAGS[Op.HISTORY] = FLAG_BACKWARD
-ALLOWED_FLAGS[Op.HISTORY_RESULT] = FLAG_MORE
+ALLOWED_FLAGS[Op.HISTORY_RESULT] = FLAG_MORE | FLAG_PARTIAL
+ALLOWED_FLAGS[Op.SYNC_RESULT] = FLAG_PARTIAL
 ALLOWED_FLAGS[Op.TYPING] = FLAG_STOPPED

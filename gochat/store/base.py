@@ -252,6 +252,12 @@ class ConversationStore(Protocol):
     async def conversations(self, user_id: int) -> list[ConversationState]:
         """Every conversation the user is in, with last_seq and the user's read_seq."""
 
+    async def recent_groups(self, limit: int, scan: int = 100_000) -> list[int]:
+        """The ids of at most ``limit`` groups with the most recent messages, the most recent
+        first, judged by the newest ``scan`` messages (by ``msg_id``, which grows with time):
+        bounded work whatever the store's size; a group without a message among them is not
+        listed. For the cache warm-up of a starting node."""
+
 
 @runtime_checkable
 class MessageStore(Protocol):

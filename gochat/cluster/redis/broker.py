@@ -50,6 +50,7 @@ class RedisBroker(_Client):
             name=f"broker-{node_id}",
             timeout_s=self.timeout_s,
             ping_s=self.ping_s,
+            retry=self.retry,
         )
         await sub.start()
         self._sub = sub

@@ -156,7 +156,7 @@ class RedisEventBus(_Client):
 
     async def _run(self, name: str, handler: EntryHandler, rebuild: Rebuild, cursor: _Cursor) -> None:
         check = False
-        delay = 0.05
+        backoff = self.retry.backoff()
         while True:
             try:
                 if check:
@@ -178,19 +178,17 @@ class RedisEventBus(_Client):
                 elif len(entries) < self.batch:
                     self._fresh_at = issued  # everything published before `issued` is applied
                     self._first_catch_up.set()
-                delay = 0.05
+                backoff.reset()
             except asyncio.CancelledError:
                 raise
             except _RETRYABLE as exc:
                 log.warning("event consumer %s: redis unavailable (%r); retrying", name, exc)
                 check = True
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
+                await asyncio.sleep(backoff.next())
             except Exception:
                 log.exception("event consumer %s failed; retrying", name)
                 check = True
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
+                await asyncio.sleep(backoff.next())
 
     async def dead_letter(self, name: str, entry_id: str, payload: bytes, error: str) -> None:
         async with self.guard("events dead letter"):

@@ -14,12 +14,14 @@ from typing import Any
 from redis.asyncio import BlockingConnectionPool, ConnectionPool, Redis
 from redis.asyncio.client import PubSub
 from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialBackoff, NoBackoff
+from redis.backoff import FullJitterBackoff, NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ReadOnlyError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gochat.errors import UnavailableError
+from gochat.resilience import CircuitBreaker, RetryPolicy
+from gochat.resilience.policy import DEFAULT_RETRY
 
 __all__ = ["DEFAULT_PREFIX", "cancel_tasks", "connect"]
 
@@ -38,16 +40,19 @@ _DOWN: tuple[type[BaseException], ...] = (
 _RETRYABLE: tuple[type[BaseException], ...] = (UnavailableError, *_DOWN)
 
 
-def connect(url: str, *, timeout_s: float = 2.0, max_connections: int = 128) -> Redis:
-    """A client for the cluster seams: bytes responses, bounded socket timeouts, one quick
-    retry, and a blocking pool (callers queue for a connection instead of failing)."""
+def connect(
+    url: str, *, timeout_s: float = 2.0, max_connections: int = 128, retry: RetryPolicy = DEFAULT_RETRY
+) -> Redis:
+    """A client for the cluster seams: bytes responses, bounded socket timeouts, a blocking pool
+    (callers queue for a connection instead of failing), and redis-py's own retry of a command
+    on a broken connection set from the node's retry policy (full jitter, same numbers)."""
     pool = BlockingConnectionPool.from_url(
         url,
         max_connections=max_connections,
         timeout=timeout_s,
         socket_timeout=timeout_s,
         socket_connect_timeout=timeout_s,
-        retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), 1),
+        retry=Retry(FullJitterBackoff(cap=retry.max_delay_s, base=retry.base_delay_s), retry.max_attempts - 1),
         health_check_interval=30,
     )
     return Redis.from_pool(pool)
@@ -65,6 +70,14 @@ async def _guard(what: str, timeout_s: float) -> AsyncIterator[None]:
             yield
     except _DOWN as exc:
         raise UnavailableError(f"redis unavailable ({what}): {exc or type(exc).__name__}") from exc
+
+
+@contextlib.asynccontextmanager
+async def _guard_with(breaker: CircuitBreaker, what: str, timeout_s: float) -> AsyncIterator[None]:
+    """:func:`_guard` through ``breaker``: refused at once while it is open; an outage or a
+    timeout counts against it."""
+    async with breaker.guard(), _guard(what, timeout_s):
+        yield
 
 
 async def _wait_event(event: asyncio.Event, timeout_s: float) -> None:
@@ -113,8 +126,16 @@ class _Client:
         #: bound for one public operation: socket timeout plus the retry
         self.op_timeout_s = 2 * timeout_s + 1.0
 
+    #: the node's Redis circuit breaker, shared by every backend on one client, and its retry
+    #: policy (:func:`gochat.cluster.backends.redis_backends` sets both); None: no breaker
+    breaker: CircuitBreaker | None = None
+    retry: RetryPolicy = DEFAULT_RETRY
+
     def guard(self, what: str) -> contextlib.AbstractAsyncContextManager[None]:
-        return _guard(what, self.op_timeout_s)
+        breaker = self.breaker
+        if breaker is None:
+            return _guard(what, self.op_timeout_s)
+        return _guard_with(breaker, what, self.op_timeout_s)
 
     async def _close_client(self) -> None:
         if self._owned:
@@ -139,7 +160,7 @@ class _Subscriber:
         name: str,
         timeout_s: float,
         ping_s: float = 5.0,
-        max_backoff_s: float = 2.0,
+        retry: RetryPolicy = DEFAULT_RETRY,
         on_resubscribe: Callable[[], None] | None = None,
     ) -> None:
         base = client.connection_pool
@@ -157,7 +178,7 @@ class _Subscriber:
         self.name = name
         self.timeout_s = timeout_s
         self.ping_s = ping_s
-        self.max_backoff_s = max_backoff_s
+        self.retry = retry
         #: times the reader reconnected and subscribed again after losing its connection
         self.resubscribes = 0
         self._ps: PubSub | None = None
@@ -239,20 +260,18 @@ class _Subscriber:
                     log.warning("%s: lost the redis pub/sub connection (%r); re-subscribing", self.name, exc)
                 await self._drop(ps)
                 self._ps = None
-            delay = 0.05
+            backoff = self.retry.backoff()
             while self._ps is None:
-                await asyncio.sleep(delay)
+                await asyncio.sleep(backoff.next())
                 try:
                     self._ps = await self._subscribe()
                 except _RETRYABLE as exc:
-                    delay = min(delay * 2, self.max_backoff_s)
-                    log.debug("%s: re-subscribe failed (%r); next try in %.2fs", self.name, exc, delay)
+                    log.debug("%s: re-subscribe failed (%r)", self.name, exc)
                 except Exception as exc:
                     # Anything else from a half-restarted Redis (or redis-py on a dying
                     # connection) must not end this task: without it the node never hears
                     # its channels again.
-                    delay = min(delay * 2, self.max_backoff_s)
-                    log.warning("%s: re-subscribe failed (%r); next try in %.2fs", self.name, exc, delay)
+                    log.warning("%s: re-subscribe failed (%r)", self.name, exc)
             self.resubscribes += 1
             log.warning("%s: re-subscribed to %s", self.name, ", ".join(self.channels))
             if self._on_resubscribe is not None:

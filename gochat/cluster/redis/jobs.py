@@ -110,7 +110,7 @@ class RedisJobQueue(_Client):
         loop = asyncio.get_running_loop()
         claim_every = max(0.02, self.claim_idle_ms / 2000)
         next_claim = 0.0
-        delay = 0.05
+        backoff = self.retry.backoff()
         failing = False
         while True:
             try:
@@ -125,7 +125,8 @@ class RedisJobQueue(_Client):
                         await self._process(stream, key, group, consumer, handler, eid, fields, 1)
                 if failing:
                     log.warning("jobs %s/%s: redis is back, consuming again", stream, consumer)
-                failing, delay = False, 0.05
+                failing = False
+                backoff.reset()
             except asyncio.CancelledError:
                 raise
             except ResponseError as exc:
@@ -135,18 +136,15 @@ class RedisJobQueue(_Client):
                         await self._create_group(key, group)
                 else:
                     log.warning("jobs %s/%s: %r", stream, consumer, exc)
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, 2.0)
+                    await asyncio.sleep(backoff.next())
             except _DOWN as exc:
                 if not failing:
                     log.warning("jobs %s/%s: redis unavailable (%r); retrying", stream, consumer, exc)
                 failing = True
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
+                await asyncio.sleep(backoff.next())
             except Exception:
                 log.exception("jobs %s/%s: consumer loop error", stream, consumer)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
+                await asyncio.sleep(backoff.next())
 
     async def _claim_idle(self, stream: str, key: str, group: str, consumer: str, handler: JobHandler) -> None:
         start: bytes | str = "0-0"

@@ -164,7 +164,7 @@ class RedisLocks(_Client, LockService):
             if self._sub is None and not self._closed:
                 sub = _Subscriber(
                     self.redis, [self.channel], self._on_freed, name="locks", timeout_s=self.timeout_s,
-                    on_resubscribe=self._wake_all,
+                    on_resubscribe=self._wake_all, retry=self.retry,
                 )
                 await sub.start_in_background()
                 self._sub = sub

@@ -139,6 +139,7 @@ class RedisRegistry(_Client):
     async def _renew_loop(self) -> None:
         delay = self.renew_s
         failing = False
+        backoff = self.retry.backoff()
         while True:
             await asyncio.sleep(delay)
             assert self._info is not None
@@ -151,12 +152,13 @@ class RedisRegistry(_Client):
                 if failing or ev == "join":
                     log.warning("registry: %s registered again (%s)", info.node_id, ev or "renewed")
                 failing = False
+                backoff.reset()
                 delay = self.renew_s
             except UnavailableError as exc:
                 if not failing:
                     log.warning("registry: cannot renew %s: %s; retrying", self._info.node_id, exc)
                 failing = True
-                delay = min(self.renew_s, 1.0)
+                delay = min(self.renew_s, max(0.05, backoff.next()))
             except Exception:
                 log.exception("registry: renew of %s failed", self._info.node_id)
                 delay = self.renew_s
@@ -209,6 +211,7 @@ class RedisRegistry(_Client):
             timeout_s=self.timeout_s,
             ping_s=max(1.0, min(5.0, self.renew_s)),
             on_resubscribe=self._kick.set,
+            retry=self.retry,
         )
         await self._sub.start_in_background()
         while True:

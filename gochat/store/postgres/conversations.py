@@ -254,3 +254,20 @@ SELECT (SELECT members_fence FROM g), EXISTS (SELECT 1 FROM f), EXISTS (SELECT 1
             peer = direct_peer(kind, lo, hi, user_id)
             out.append(ConversationState(int(conv), int(kind), int(peer), int(last_seq), int(read_seq), name))
         return out
+
+    async def recent_groups(self, limit: int, scan: int = 100_000) -> list[int]:
+        if limit <= 0 or scan <= 0:
+            return []
+        check_int64(limit, scan)
+        s = self._s
+        # the newest `scan` messages: a backward walk of each partition's msg_id index, merged
+        rows = await self._read(
+            lambda conn: conn.fetch(
+                f"SELECT r.conv FROM (SELECT conv, max(msg_id) AS last FROM"
+                f" (SELECT conv, msg_id FROM {s}.messages ORDER BY msg_id DESC LIMIT $2) m GROUP BY conv) r"
+                f" JOIN {s}.conversations c ON c.conv = r.conv WHERE c.kind = 2 ORDER BY r.last DESC LIMIT $1",
+                limit,
+                scan,
+            )
+        )
+        return [int(r[0]) for r in rows]

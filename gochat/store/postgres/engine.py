@@ -12,6 +12,7 @@ generator and starts the committer.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import inspect
 from collections import deque
 from dataclasses import dataclass
@@ -22,6 +23,8 @@ import asyncpg
 from gochat.clock import now_ms
 from gochat.errors import GochatError, UnavailableError
 from gochat.ids import IdGenerator, id_unix_ms
+from gochat.resilience import CircuitBreaker, RetryPolicy
+from gochat.resilience.policy import DEFAULT_RETRY
 from gochat.store.common import (
     DirectConversationCache,
     StoreCounters,
@@ -74,6 +77,8 @@ class PostgresEngine(GroupCommit):
         command_timeout: float = 10.0,
         connect_timeout: float = 5.0,
         ping_timeout: float = 2.0,
+        breaker: CircuitBreaker | None = None,
+        retry: RetryPolicy = DEFAULT_RETRY,
     ) -> None:
         if max_batch < 1 or max_pending < 1 or min_size < 0 or max_size < max(1, min_size):
             raise ValueError("max_batch, max_pending, max_size must be >= 1 and max_size >= min_size >= 0")
@@ -90,6 +95,8 @@ class PostgresEngine(GroupCommit):
         self.command_timeout = command_timeout
         self.connect_timeout = connect_timeout
         self.ping_timeout = ping_timeout
+        self.breaker = breaker
+        self._read_retry = dataclasses.replace(retry, retryable=self._dead_connection)
         self._ids = resolve_ids(ids, node_id)
         self._pool: Any = None
         self._loop: asyncio.AbstractEventLoop | None = None

@@ -3,8 +3,11 @@ mapping of asyncpg errors to what callers see.
 
 Every operation is bounded by ``command_timeout`` (acquiring a connection included). A
 connection whose state is unknown after a failure (timeout, cancellation, I/O error) is
-terminated, never reused; the pool opens a new one on a later acquire. Reads retry once on a
-dead connection.
+terminated, never reused; the pool opens a new one on a later acquire. Reads are retried on a
+dead connection (the node's retry policy: docs/resilience.md). Every operation passes the
+store's circuit breaker when it has one (``breaker``): while it is open, operations fail at once
+with UnavailableError (``retry_after_ms`` until it probes again) instead of waiting on a
+database that does not answer.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from typing import Any, Final, TypeVar
 import asyncpg
 
 from gochat.errors import ErrorCode, GochatError, RequestError, UnavailableError
+from gochat.resilience import CircuitBreaker, RetryPolicy
 from gochat.store.common import MAX_SEQ, StoreCounters, conflict_error, invalid_value_error, unavailable
 
 __all__ = ["PostgresPool", "check_int64", "map_exception", "poisons_connection"]
@@ -83,12 +87,36 @@ class PostgresPool:
     _accepting: bool
     command_timeout: float
     _counters: StoreCounters
+    #: the store's circuit breaker (None: none)
+    breaker: CircuitBreaker | None
+    #: the node's retry policy, retrying only a read that met a dead pooled connection
+    _read_retry: RetryPolicy
+
+    def _dead_connection(self, exc: BaseException) -> bool:
+        """A read failed on a pooled connection that turned out to be dead (not a timeout, not
+        a refusal): another connection may well work."""
+        cause = exc.__cause__
+        return (
+            isinstance(exc, UnavailableError)
+            and cause is not None
+            and not isinstance(cause, TimeoutError)
+            and poisons_connection(cause)
+            and self._pool is not None
+        )
 
     async def _with_conn(self, fn: Callable[[Any], Awaitable[T]], *, timeout: float | None = None) -> T:
-        """Run ``fn(conn)`` on a pooled connection, bounded by ``timeout``; map failures.
+        """Run ``fn(conn)`` on a pooled connection, bounded by ``timeout``, through the breaker;
+        map failures."""
+        breaker = self.breaker
+        if breaker is None:
+            return await self._on_conn(fn, timeout)
+        async with breaker.guard():
+            return await self._on_conn(fn, timeout)
 
-        A connection whose state is unknown after a failure (timeout, cancellation, I/O error)
-        is terminated; the pool replaces it on a later acquire."""
+    async def _on_conn(self, fn: Callable[[Any], Awaitable[T]], timeout: float | None) -> T:
+        """``fn(conn)`` on a pooled connection. A connection whose state is unknown after a
+        failure (timeout, cancellation, I/O error) is terminated; the pool replaces it on a
+        later acquire."""
         pool = self._pool
         if pool is None:
             raise UnavailableError("store is closed")
@@ -112,17 +140,9 @@ class PostgresPool:
             raise mapped from exc
 
     async def _read(self, fn: Callable[[Any], Awaitable[T]]) -> T:
-        """Reads are idempotent: one retry when a pooled connection turned out to be dead."""
-        try:
-            return await self._with_conn(fn)
-        except UnavailableError as exc:
-            cause = exc.__cause__
-            if cause is None or isinstance(cause, TimeoutError) or not poisons_connection(cause):
-                raise
-            if self._pool is None:
-                raise
-            log.debug("retrying a read after %r", cause)
-            return await self._with_conn(fn)
+        """Reads are idempotent: retried (the node's policy) when a pooled connection turned out
+        to be dead."""
+        return await self._read_retry.run(lambda: self._with_conn(fn), what="store read")
 
     async def _write(self, fn: Callable[[Any], Awaitable[T]], *, transaction: bool = False) -> T:
         """A write other than an append: one statement (its own transaction) or, with

@@ -201,3 +201,19 @@ class ConversationRepository(SQLiteEngine):
             return out
 
         return await self._read(read)
+
+    async def recent_groups(self, limit: int, scan: int = 100_000) -> list[int]:
+        if limit <= 0 or scan <= 0:
+            return []
+
+        def read(conn: sqlite3.Connection) -> list[int]:
+            # messages are keyed by msg_id: the newest `scan` are a reverse walk of the table
+            rows = conn.execute(
+                "SELECT r.conv FROM (SELECT conv, MAX(msg_id) AS last FROM"
+                " (SELECT conv, msg_id FROM messages ORDER BY msg_id DESC LIMIT ?) GROUP BY conv) r"
+                " JOIN conversations c ON c.conv = r.conv WHERE c.kind = 2 ORDER BY r.last DESC LIMIT ?",
+                (scan, limit),
+            )
+            return [int(r[0]) for r in rows]
+
+        return await self._read(read)

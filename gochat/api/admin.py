@@ -1,0 +1,94 @@
+"""Operator endpoints, ``/v1/admin/…`` (docs/http-api.md, "Admin API"; docs/resilience.md).
+
+Every route needs the operator credential: ``Authorization: Bearer <admin_token>`` (the
+``admin_token`` setting, compared in constant time). Without the header: 401 UNAUTHORIZED;
+with anything else (a user's access token included): 403 FORBIDDEN; with no ``admin_token``
+configured the admin API is off and every route answers 403.
+
+- ``GET /v1/admin/breakers``: every breaker of this node (state, window, counters)
+- ``POST /v1/admin/breakers/{name}`` ``{"action": "force_open" | "force_closed" | "reset"}``:
+  this node's breaker (breakers are per node: each node has its own links)
+- ``GET /v1/admin/degradation``: the switches (active, manual, causes)
+- ``PUT /v1/admin/degradation`` ``{"read_only": true | false | null, "cache_only": …,
+  "non_core_off": …}``: force a switch on or off, or hand it back to its causes (null); applied
+  on every node of the cluster (through the event bus)
+"""
+
+from __future__ import annotations
+
+import hmac
+from typing import Any
+
+from aiohttp import web
+
+from gochat.api.common import SERVER_KEY, Node, bearer, json_response, read_body
+from gochat.errors import ErrorCode, GochatError, RequestError
+from gochat.resilience.degradation import SWITCH_NAMES
+
+__all__ = ["add_admin_routes", "operator"]
+
+_ACTIONS = ("force_open", "force_closed", "reset")
+_SWITCHES = {name: switch for switch, name in SWITCH_NAMES.items()}
+
+
+def operator(request: web.Request) -> Node:
+    """The node, once the request carries the operator credential (else 401 / 403)."""
+    server = request.app[SERVER_KEY]
+    expected = server.settings.admin_token
+    presented = bearer(request)  # 401 without a bearer credential
+    if not expected:
+        raise GochatError("the admin API is off: no admin_token is configured", code=ErrorCode.FORBIDDEN)
+    if not hmac.compare_digest(presented.encode(), expected.encode()):
+        raise GochatError("operator credential required", code=ErrorCode.FORBIDDEN)
+    return server
+
+
+async def list_breakers(request: web.Request) -> web.Response:
+    server = operator(request)
+    return json_response({"breakers": server.resilience.breakers.snapshot()})
+
+
+async def change_breaker(request: web.Request) -> web.Response:
+    server = operator(request)
+    name = request.match_info["name"]
+    if name not in server.resilience.breakers:
+        raise RequestError(f"no breaker {name!r} on this node", code=ErrorCode.NOT_FOUND)
+    data = await read_body(request)
+    action = data.get("action")
+    if action not in _ACTIONS:
+        raise RequestError(f"'action' must be one of {', '.join(_ACTIONS)}", code=ErrorCode.BAD_REQUEST)
+    breaker = server.resilience.breakers[name]
+    getattr(breaker, action)("operator (admin API)")
+    return json_response(breaker.snapshot())
+
+
+def _degradation(server: Node) -> dict[str, Any]:
+    return dict(server.resilience.degradation.snapshot())
+
+
+async def get_degradation(request: web.Request) -> web.Response:
+    return json_response(_degradation(operator(request)))
+
+
+async def put_degradation(request: web.Request) -> web.Response:
+    server = operator(request)
+    data = await read_body(request)
+    unknown = set(data) - set(_SWITCHES)
+    if unknown or not data:
+        raise RequestError(
+            f"expected some of {', '.join(_SWITCHES)} (true, false or null); got {sorted(unknown) or 'nothing'}",
+            code=ErrorCode.BAD_REQUEST,
+        )
+    for name, value in data.items():
+        if value is not None and not isinstance(value, bool):
+            raise RequestError(f"{name!r} must be true, false or null", code=ErrorCode.BAD_REQUEST)
+    for name, value in data.items():
+        server.set_degradation(_SWITCHES[name], value)
+    return json_response(_degradation(server))
+
+
+def add_admin_routes(router: web.UrlDispatcher) -> None:
+    router.add_get("/v1/admin/breakers", list_breakers)
+    router.add_post("/v1/admin/breakers/{name}", change_breaker)
+    router.add_get("/v1/admin/degradation", get_degradation)
+    router.add_put("/v1/admin/degradation", put_degradation)
