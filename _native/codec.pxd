@@ -82,6 +82,11 @@ cdef enum:
     OP_CALL_RESULT = 0x8A
 
 
+# Flag bits the data plane reads (gochat.protocol.constants mirrors them).
+cdef enum:
+    FLAG_TRACED = 0x0001             # SEND: the body starts with a 55-byte W3C traceparent
+
+
 # The protocol-violation codes the codec reports; gochat.errors.ErrorCode mirrors them.
 cdef enum:
     ERR_MALFORMED_FRAME = 100
@@ -138,8 +143,8 @@ cdef inline void write_u64(unsigned char* p, uint64_t v) noexcept nogil:
 
 cdef inline int op_allowed_flags(uint8_t op) noexcept nogil:
     """Flag bits ``op`` defines, or -1 when ``op`` is not in the v1 table."""
-    if op == OP_SEND_ACK or op == OP_HISTORY or op == OP_TYPING:
-        return 0x0001
+    if op == OP_SEND or op == OP_SEND_ACK or op == OP_HISTORY or op == OP_TYPING:
+        return 0x0001  # SEND: TRACED; SEND_ACK: DUPLICATE; HISTORY: BACKWARD; TYPING: STOPPED
     if op == OP_HISTORY_RESULT:
         return 0x0003  # MORE | PARTIAL
     if op == OP_SYNC_RESULT:

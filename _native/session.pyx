@@ -15,7 +15,9 @@ implementation, and the tests run both against the same frames):
    AUTH and PING pass (anything else: 108 and close); a server-to-client op is 110 and close;
    a SEND reaches the send path as plain values — ``on_send(conn, rid, kind, content_type,
    conv_id, client_msg_id, body, started)`` — with no frame object; AUTH goes to ``on_auth``;
-   every other (control-plane) operation to ``on_request`` with that one frame's bytes.
+   every other (control-plane) operation to ``on_request`` with that one frame's bytes, and so
+   does a SEND with the TRACED flag (rare: the gateway decodes it and the send path checks and
+   strips its traceparent, docs/observability.md, "Tracing").
 
 The handler is the Python gateway; its coarse methods are all this module calls.
 """
@@ -35,9 +37,11 @@ from gochat._native.codec cimport (
     OP_SEND,
     OP_TYPING,
     CLIENT_MSG_ID_SIZE,
+    FLAG_TRACED,
     FrameHeader,
     check_body,
     parse_header,
+    read_u16,
     read_u32,
     read_u64,
     write_header,
@@ -119,7 +123,7 @@ cdef class Session(Connection):
         if op < OP_AUTH or op > OP_CALL:
             shared.handler.on_violation(self, rid, ERR_UNEXPECTED_OP, f"op 0x{op:02x} is server-to-client")
             return 0
-        if op == OP_SEND and self.is_authenticated:
+        if op == OP_SEND and self.is_authenticated and not (read_u16(p + 6) & FLAG_TRACED):
             on_send = shared.on_send
             if on_send is None:
                 on_send = shared.on_send = shared.handler.on_send

@@ -11,6 +11,8 @@ Scenarios:
 - ``all``     the four above with the full settings
 - ``quick``   all four on small counts (about a minute): exercises the harness end to end
 - ``report``  re-render results.md and the plots of ``--out DIR`` from its results.json
+- ``chaos``   a cluster soak under random PostgreSQL/Redis faults: nothing acknowledged lost or
+              duplicated (its own options: ``python -m bench chaos --help``; bench/chaos.py)
 
 Everything (servers, load generators, peers) is started here; the server under test is pinned
 with ``taskset`` to ``--server-cpus`` and the load generators to ``--load-cpus``. Results go to
@@ -53,7 +55,7 @@ def _floats(s: str) -> list[float]:
 def parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("scenario", choices=["quick", "fanout", "direct", "memory", "storm", "all", "report"])
+    p.add_argument("scenario", choices=["quick", "fanout", "direct", "memory", "storm", "all", "report", "chaos"])
     p.add_argument("--out", type=Path, help="result directory")
     p.add_argument("--targets", help=f"comma list for fanout, direct or memory (known: {', '.join(TARGETS)})")
     p.add_argument("--subscribers", type=_ints, help="fanout: subscriber counts (default 1000,10000)")
@@ -170,6 +172,10 @@ async def run(a: argparse.Namespace, argv: list[str]) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["chaos"]:
+        from bench import chaos
+
+        return chaos.main(argv[1:])
     a = parse(argv)
     if a.scenario == "report":
         if a.out is None:

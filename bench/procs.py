@@ -235,6 +235,8 @@ class Target:
     proto: str = "ws"  # "ws", or a broker the load generator adapts to: "nats" (over WS), "redis" (TCP)
     #: environment of the server process (a gochat variant's settings)
     env: dict[str, str] = field(default_factory=dict)
+    #: export the server's spans to an OTLP/HTTP sink in this process (tracing targets)
+    otlp_sink: bool = False
 
     def command(self) -> list[str]:
         py = sys.executable
@@ -298,6 +300,12 @@ class Target:
                     return "npm ci failed in bench/peers/node"
         if self.name.startswith("cfloor") and not (shutil.which("cc") or shutil.which("gcc")):
             return "no C compiler"
+        if self.otlp_sink:
+            try:
+                importlib.metadata.version("opentelemetry-sdk")
+                importlib.metadata.version("opentelemetry-exporter-otlp-proto-http")
+            except importlib.metadata.PackageNotFoundError:
+                return "the OpenTelemetry SDK is not installed (pip install -e '.[otel]')"
         return None
 
 
@@ -326,6 +334,23 @@ TARGETS: dict[str, Target] = {
             True,
             env={"GOCHAT_NATIVE_SESSION": "false"},
         ),
+        # tracing cost (docs/observability.md, "Tracing"): `gochat` itself is the 0 % case
+        Target(
+            "gochat-trace-1pct",
+            "gochat",
+            "gochat serve with trace_sample_rate = 0.01, spans exported over OTLP/HTTP to a sink in the harness",
+            True,
+            env={"GOCHAT_TRACE_SAMPLE_RATE": "0.01"},
+            otlp_sink=True,
+        ),
+        Target(
+            "gochat-trace-100pct",
+            "gochat",
+            "gochat serve with trace_sample_rate = 1: every SEND traced, exported to the harness's OTLP sink",
+            True,
+            env={"GOCHAT_TRACE_SAMPLE_RATE": "1"},
+            otlp_sink=True,
+        ),
         Target("cfloor", "raw", "C epoll, one send(2) per message per socket (floor)"),
         Target("cfloor-coalesce", "raw", "C epoll, per-batch coalescing: one send(2) per socket per epoll batch", True),
         Target("picows", "raw", "bare picows (uvloop), transport.send per message per socket"),
@@ -352,6 +377,39 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+class OtlpSink:
+    """An OTLP/HTTP receiver that accepts spans and discards them (POST /v1/traces → 200), in the
+    harness's own process: what a tracing target's server pays is its own CPU (building,
+    batching, encoding, posting spans), not a collector's."""
+
+    def __init__(self) -> None:
+        self.requests = 0
+        self.bytes = 0
+        self.url = ""
+        self._runner: Any = None
+
+    async def start(self) -> None:
+        from aiohttp import web
+
+        async def traces(request: web.Request) -> web.Response:
+            self.requests += 1
+            self.bytes += len(await request.read())
+            return web.Response(body=b"", content_type="application/x-protobuf")  # an empty response message
+
+        app = web.Application()
+        app.router.add_post("/v1/traces", traces)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        port = _free_port()
+        await web.TCPSite(self._runner, "127.0.0.1", port).start()
+        self.url = f"http://127.0.0.1:{port}"
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+
 @dataclass
 class ServerProc:
     target: Target
@@ -367,6 +425,7 @@ class ServerProc:
     syscount_dir: Path | None = None
     _counter_event: asyncio.Event = field(default_factory=asyncio.Event)
     _reader: asyncio.Task[None] | None = None
+    otlp: OtlpSink | None = None
 
     @property
     def pid(self) -> int:
@@ -402,6 +461,10 @@ class ServerProc:
             )
         env.update(self.target.env)
         env.update(self.env)
+        if self.target.otlp_sink:
+            self.otlp = OtlpSink()
+            await self.otlp.start()
+            env["GOCHAT_OTLP_ENDPOINT"] = self.otlp.url
         self._preload_syscount(env)
         self.log_path = self.workdir / f"{self.target.name}-server.log"
         self._log = open(self.log_path, "ab")
@@ -523,6 +586,10 @@ class ServerProc:
                 await asyncio.wait_for(self._reader, 5)
         with contextlib.suppress(Exception):
             self._log.close()
+        if self.otlp is not None:
+            log(f"{self.target.name}: OTLP sink took {self.otlp.requests} exports, {self.otlp.bytes} bytes")
+            await self.otlp.stop()
+            self.otlp = None
 
 
 # ---- load generator processes --------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The ``gochat`` command: ``serve``, ``chat``, ``version``."""
+"""The ``gochat`` command: ``serve``, ``chat``, ``migrate``, ``doctor``, ``version``."""
 
 from __future__ import annotations
 
@@ -55,6 +55,17 @@ def _parser() -> argparse.ArgumentParser:
     )
     migrate.add_argument("--postgres", dest="postgres_dsn", metavar="DSN", help="PostgreSQL DSN (or GOCHAT_POSTGRES_DSN)")
     migrate.add_argument("--schema", help="schema name (default gochat, or GOCHAT_POSTGRES_SCHEMA)")
+    doctor = sub.add_parser(
+        "doctor",
+        help="check the store, Redis and the nodes' clocks; print what to fix",
+        description="Check a node's dependencies with its settings (same sources as serve): indexes and plans "
+        "of the hot queries, table statistics, replication lag, Redis memory and eviction policy, clock skew "
+        "between nodes. Exit status 0: nothing to fix; 1: something to fix; 2: unusable settings.",
+        epilog="docs/observability.md, \"gochat doctor\", lists every check.",
+    )
+    from gochat.doctor import add_doctor_arguments
+
+    add_doctor_arguments(doctor)
     sub.add_parser("version", help="print the version and whether the native modules are loaded")
     return parser
 
@@ -86,6 +97,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from gochat.cli_chat import chat_main
 
         return chat_main(args)
+    if args.command == "doctor":
+        from gochat.doctor import doctor_main
+
+        return doctor_main(args)
     if args.command == "migrate":
         import asyncio
         import os

@@ -61,6 +61,11 @@ class Settings:
     store_commit_delay_ms: float = _opt(
         8.0, "embedded SQLite: longest wait for a batch to gather after a busy commit (0: none; lower latency, more CPU)"
     )
+    slow_query_ms: float = _opt(
+        100.0,
+        "store statements taking this long or longer are logged, counted and listed in /v1/admin/slow-queries "
+        "(0: every statement, for debugging)",
+    )
     overload_send_latency_ms: float = _opt(
         250.0,
         "shed load: answer a SEND OVERLOADED when its commit would wait longer than this (0: never shed)",
@@ -106,6 +111,15 @@ class Settings:
     )
     admin_token: str = _opt(
         "", "operator credential for /v1/admin/* (Authorization: Bearer <admin_token>); empty: admin API off"
+    )
+    # tracing (docs/observability.md, "Tracing"); needs the gochat[otel] extra
+    trace_sample_rate: float = _opt(
+        0.0, "share of SENDs traced with OpenTelemetry, 0–1 (0: none, at no cost; a client's sampled TRACED SEND "
+        "is traced whenever tracing is on)"
+    )
+    otlp_endpoint: str = _opt(
+        "", "OTLP/HTTP receiver of the spans, e.g. http://127.0.0.1:4318 (/v1/traces added when no path); "
+        "setting it turns tracing on even at rate 0; empty: the SDK's OTEL_EXPORTER_OTLP_* variables"
     )
 
     @property
@@ -184,6 +198,8 @@ def _validate(s: Settings) -> None:
         raise ConfigError("max_body must be positive and fit in max_frame with the SEND header")
     if not 0 <= s.store_commit_delay_ms <= 1000:
         raise ConfigError("store_commit_delay_ms must be between 0 and 1000")
+    if not 0 <= s.slow_query_ms <= 3_600_000:
+        raise ConfigError("slow_query_ms must be between 0 and 3600000")
     if not 0 <= s.overload_send_latency_ms <= 60_000:
         raise ConfigError("overload_send_latency_ms must be between 0 and 60000")
     if not 0 <= s.socket_sndbuf <= 64 << 20:
@@ -208,6 +224,10 @@ def _validate(s: Settings) -> None:
         raise ConfigError("breaker_window_s and breaker_open_s must be positive, breaker_*_calls at least 1")
     if s.breaker_slow_call_ms < 0 or s.breaker_max_concurrent < 0:
         raise ConfigError("breaker_slow_call_ms and breaker_max_concurrent must not be negative")
+    if not 0 <= s.trace_sample_rate <= 1:
+        raise ConfigError("trace_sample_rate must be between 0 and 1")
+    if s.otlp_endpoint and not s.otlp_endpoint.startswith(("http://", "https://")):
+        raise ConfigError("otlp_endpoint must be an http:// or https:// URL (OTLP/HTTP)")
     if s.admin_token and len(s.admin_token) < 16:
         raise ConfigError("admin_token must be at least 16 characters (or empty: admin API off)")
     for name in ("ws_port", "http_port", "grpc_health_port"):

@@ -41,6 +41,7 @@ from gochat.messaging.events import NodeEventHandler
 from gochat.messaging.replies import ErrorReplies
 from gochat.observability.grpc_health import GrpcHealth
 from gochat.observability.metrics import Metrics
+from gochat.observability.tracing import Tracing, setup_tracing
 from gochat.resilience import BreakerState, CircuitBreaker
 from gochat.resilience.degradation import SWITCH_NAMES, Degradation, Switch
 from gochat.resilience.node import NodeResilience
@@ -57,8 +58,12 @@ GIL_SWITCH_INTERVAL_S = 0.0005
 class Server:
     """A gochat node. ``await start()``, then ``await stop()`` (drains)."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, tracer_provider: Any = None) -> None:
         self.settings = settings
+        #: an OpenTelemetry TracerProvider to use instead of the one the settings describe
+        #: (tests: the SDK's in-memory exporter); docs/observability.md, "Tracing"
+        self._tracer_provider = tracer_provider
+        self.tracing: Tracing | None = None
         self.metrics = Metrics()
         self.ids = IdGenerator(settings.node_id)
         self.draining = False
@@ -97,6 +102,7 @@ class Server:
         self.writer = FanoutWriter(loop)
         self.routing = RoutingTable()
         local = LocalDelivery(self.routing)
+        self.tracing = setup_tracing(s, self.node_name, self._tracer_provider)
         self.cluster = ClusterLink(
             self.node_name,
             backends,
@@ -104,6 +110,7 @@ class Server:
             s.fanout_shard_size,
             presence_guard_s=min(s.registry_renew_s, PRESENCE_GUARD_S),
             retry=self.resilience.retry,
+            tracing=self.tracing,
         )
         self.replies = ErrorReplies(self.metrics.hot.errors)
         degradation = self.resilience.degradation
@@ -118,6 +125,7 @@ class Server:
             self.replies,
             degradation,
             local.recent,
+            self.tracing,
         )
         degradation.retry_after_ms = int(s.breaker_open_s * 1000)
         self.resilience.breakers.on_change(self._breaker_changed)
@@ -127,6 +135,7 @@ class Server:
         self.metrics.attach_data_plane(self.gateway.stats)
         store = self.store
         self.metrics.attach_store(lambda: store.stats)
+        self.metrics.attach_slow_queries(store)
         caches = self.core.addressing.caches
         self.metrics.attach_caches(lambda: [c.snapshot() for c in caches])
         addressing = self.core.addressing
@@ -240,6 +249,7 @@ class Server:
                     schema=s.postgres_schema,
                     breaker=pg_breaker,
                     retry=resilience.retry,
+                    slow_query_ms=s.slow_query_ms,
                 )
 
             return backends, postgres
@@ -248,7 +258,11 @@ class Server:
             from gochat.store.sqlite import SQLiteStore
 
             return SQLiteStore(
-                data / "gochat.db", node_id=self.ids.node_id, ids=self.ids, commit_delay_ms=s.store_commit_delay_ms
+                data / "gochat.db",
+                node_id=self.ids.node_id,
+                ids=self.ids,
+                commit_delay_ms=s.store_commit_delay_ms,
+                slow_query_ms=s.slow_query_ms,
             )
 
         return memory_backends(), sqlite
@@ -363,6 +377,8 @@ class Server:
         log.debug("store closed")
         if self.grpc_health is not None:
             await self.grpc_health.stop()
+        if self.tracing is not None:
+            await self.tracing.shutdown()  # the last spans out
         log.info("gochat stopped")
 
 

@@ -437,7 +437,11 @@ class PresenceBehaviour:
             await pa.session_up(both, "A", 12)
             await pb.session_up(both, "B", 13)
             await pb.session_up(only_b, "B", 14)
+            await pa.mark("A")
+            await pb.mark("B")
             assert sorted(await janitor.drop_node("A")) == [only_a]
+            # A may still be alive (only its registry entry lapsed): it finds its mark gone
+            assert await pa.lost("A") and not await pb.lost("B")
             assert await janitor.nodes_for([only_a, both, only_b]) == {"B": [both, only_b]}
             assert await janitor.online([only_a, both]) == {only_a: False, both: True}
             assert await janitor.drop_node("A") == []  # idempotent

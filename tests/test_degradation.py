@@ -92,12 +92,16 @@ def test_a_breaker_not_closed_turns_its_switches_on_and_its_probe_closes_it() ->
 
         breaker = res.breaker("postgres")
         res.watch(breaker, Switch.READ_ONLY | Switch.CACHE_ONLY, probe)
+        heard: list[tuple[Switch, Switch]] = []
+        res.degradation.on_change(lambda active, previous, _reason: heard.append((active, previous)))
         for _ in range(2):
             with pytest.raises(UnavailableError):
                 async with breaker.guard():
                     raise UnavailableError("down")
         assert breaker.state == BreakerState.OPEN
         assert res.degradation.active == Switch.READ_ONLY | Switch.CACHE_ONLY
+        # one change with both switches (clients get one EVENT DEGRADED, not a passing state)
+        assert heard == [(Switch.READ_ONLY | Switch.CACHE_ONLY, Switch(0))]
         await asyncio.sleep(0.3)
         assert probes and res.degradation.read_only  # probing, still failing: stays degraded
         healthy["up"] = True
@@ -107,6 +111,8 @@ def test_a_breaker_not_closed_turns_its_switches_on_and_its_probe_closes_it() ->
             await asyncio.sleep(0.05)
         assert breaker.state == BreakerState.CLOSED
         assert res.degradation.active == Switch(0)  # recovered by itself
+        assert heard[-1] == (Switch(0), Switch.READ_ONLY | Switch.CACHE_ONLY)
+        assert all(active in (Switch(0), Switch.READ_ONLY | Switch.CACHE_ONLY) for active, _ in heard)
         breaker.force_open("test")
         assert res.degradation.read_only
         breaker.reset("test")

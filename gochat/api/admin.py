@@ -12,6 +12,8 @@ configured the admin API is off and every route answers 403.
 - ``PUT /v1/admin/degradation`` ``{"read_only": true | false | null, "cache_only": …,
   "non_core_off": …}``: force a switch on or off, or hand it back to its causes (null); applied
   on every node of the cluster (through the event bus)
+- ``GET /v1/admin/slow-queries?limit=N``: this node's slow store statements, the top N (20;
+  at most 500) fingerprints by total time (docs/observability.md, "Slow queries")
 """
 
 from __future__ import annotations
@@ -87,8 +89,22 @@ async def put_degradation(request: web.Request) -> web.Response:
     return json_response(_degradation(server))
 
 
+async def slow_queries(request: web.Request) -> web.Response:
+    from gochat.observability.slow_queries import SlowQueryLog
+
+    server = operator(request)
+    raw = request.query.get("limit", "20")
+    if not raw.isdigit() or not 1 <= int(raw) <= 500:
+        raise RequestError("'limit' must be an integer from 1 to 500", code=ErrorCode.BAD_REQUEST)
+    slow = getattr(server.store, "slow_queries", None)
+    if not isinstance(slow, SlowQueryLog):
+        raise RequestError("this node's store times no statements", code=ErrorCode.NOT_FOUND)
+    return json_response(slow.snapshot(int(raw)))
+
+
 def add_admin_routes(router: web.UrlDispatcher) -> None:
     router.add_get("/v1/admin/breakers", list_breakers)
     router.add_post("/v1/admin/breakers/{name}", change_breaker)
     router.add_get("/v1/admin/degradation", get_degradation)
     router.add_put("/v1/admin/degradation", put_degradation)
+    router.add_get("/v1/admin/slow-queries", slow_queries)

@@ -23,6 +23,7 @@ from aiohttp import web
 from gochat.api.admin import add_admin_routes
 from gochat.api.common import SERVER_KEY, Handler, Node, bearer, error_response, json_response, read_body
 from gochat.auth.service import TokenPair
+from gochat.clock import now_ms
 from gochat.errors import ErrorCode, GochatError, error_for_http_status
 
 __all__ = ["build_app"]
@@ -117,7 +118,8 @@ async def gateways(request: web.Request) -> web.Response:
 
 
 async def healthz(request: web.Request) -> web.Response:
-    return json_response({"status": "ok"})
+    # time_ms: this node's clock, for `gochat doctor`'s clock-skew check
+    return json_response({"status": "ok", "time_ms": now_ms()})
 
 
 async def readiness(request: web.Request) -> web.Response:

@@ -69,6 +69,7 @@ from gochat.protocol.constants import (
     ContentType,
     Kind,
 )
+from gochat.protocol.traceparent import parse_traceparent
 
 __all__ = ["NEWEST", "Client", "Item", "TokenArg", "new_client_msg_id"]
 
@@ -377,6 +378,7 @@ class Client:
         content_type: int | None = None,
         client_msg_id: bytes | None = None,
         timeout: float | None = None,
+        traceparent: str | bytes | None = None,
     ) -> SendAck:
         """Send a message and wait until the server has stored it.
 
@@ -389,6 +391,10 @@ class Client:
         set when the server had already stored it). ``timeout`` (default: none) bounds the
         whole wait; on timeout or cancellation the client stops retrying, and the message may
         or may not have been stored (retry with the same ``client_msg_id`` to find out).
+
+        ``traceparent`` (a W3C ``traceparent``, version 00) sends the SEND with the TRACED flag:
+        a server with tracing on records the message's spans as children of that span when its
+        sampled flag is set (docs/protocol.md, "Traced SEND"). ValueError if it is malformed.
 
         :raises RequestError: not a member (NOT_MEMBER), body empty or too large, ...
         :raises ClientClosedError: the client was closed before the ack.
@@ -408,10 +414,13 @@ class Client:
         cmid = new_client_msg_id() if client_msg_id is None else bytes(client_msg_id)
         if len(cmid) != CLIENT_MSG_ID_SIZE:
             raise ValueError("client_msg_id must be 16 bytes")
-        if HEADER_SIZE + SEND_FIXED_SIZE + len(data) > self._link.server_max_frame:
+        tp = traceparent.encode("ascii") if isinstance(traceparent, str) else bytes(traceparent or b"")
+        if traceparent is not None and parse_traceparent(tp) is None:
+            raise ValueError("traceparent must be a W3C traceparent of version 00 (55 characters)")
+        if HEADER_SIZE + SEND_FIXED_SIZE + len(tp) + len(data) > self._link.server_max_frame:
             raise RequestError(f"message of {len(data)} bytes exceeds the frame limit",
                                code=ErrorCode.BODY_TOO_LARGE)
-        out = self._outbox.add(int(kind), int(ct), conv_id, cmid, data)
+        out = self._outbox.add(int(kind), int(ct), conv_id, cmid, data, tp)
         try:
             if timeout is None:
                 return await asyncio.shield(out.fut)

@@ -27,6 +27,7 @@ from gochat.errors import ErrorCode, GochatError, RequestError
 from gochat.protocol import frames as F
 from gochat.protocol.constants import (
     FLAG_MORE,
+    FLAG_TRACED,
     HEADER_SIZE,
     MAX_HISTORY_LIMIT,
     SEND_FIXED_SIZE,
@@ -58,14 +59,15 @@ class Outbox:
         return client_msg_id in self.sends
 
     def add(self, kind: int, content_type: int, conv_id: int, client_msg_id: bytes,
-            body: bytes) -> OutSend:
+            body: bytes, traceparent: bytes = b"") -> OutSend:
         """The SEND for ``client_msg_id``: the one already waiting, or a new one put on the wire
-        at once when a connection is up."""
+        at once when a connection is up. A ``traceparent`` makes it a TRACED SEND (prefixed)."""
         out = self.sends.get(client_msg_id)
         if out is None:
             link = self._link
-            out = OutSend(F.Send(kind, content_type, conv_id, client_msg_id, body),
-                          link.loop.create_future())
+            frame = (F.Send(kind, content_type, conv_id, client_msg_id, traceparent + body, flags=FLAG_TRACED)
+                     if traceparent else F.Send(kind, content_type, conv_id, client_msg_id, body))
+            out = OutSend(frame, link.loop.create_future())
             self.sends[client_msg_id] = out
             conn = link.conn
             if conn is not None and not conn.closed:

@@ -128,7 +128,9 @@ class Presence(Protocol):
     async def online(self, user_ids: Iterable[int]) -> dict[int, bool]: ...
 
     async def drop_node(self, node_id: str) -> list[int]:
-        """Forget every session of a dead node; returns the users that went offline."""
+        """Forget every session of a dead node, and its mark (so a node only thought dead,
+        still running, finds itself :meth:`lost` and records its sessions again); returns the
+        users that went offline."""
 
     async def mark(self, node_id: str) -> None:
         """Note that ``node_id`` has recorded its sessions (see :meth:`lost`)."""

@@ -12,6 +12,16 @@ never re-encodes (the same bytes a client receives).
 | 4 REVOKE | user_id u64, expires_ms u64, revoked_id UTF-8 |
 | 5 KICK | user_id u64, code u16, reason UTF-8 |
 | 6 BATCH | count u32, then count x (length u32, envelope) — several envelopes in one publish |
+| 7 TRACE | ctx_len u8, ctx (ctx_len bytes), then one envelope (not BATCH or TRACE) |
+
+TRACE carries the trace context of a sampled message (docs/observability.md, "Tracing") around
+the envelope it belongs to. ``ctx`` is versioned by its first byte; version 1 is ``1 u8,
+trace_id 16 bytes, span_id 8 bytes, trace_flags u8`` (ids big-endian, as in a traceparent). A
+decoder that does not know the context's version skips ``ctx_len`` bytes and decodes the inner
+envelope without context; a node whose code predates type 7 drops the envelope with a logged
+error (its recipients see a seq gap and fetch the message with HISTORY), so a cluster in a rolling
+upgrade keeps ``trace_sample_rate`` at 0 until every node runs code that knows type 7. Only
+sampled messages travel in TRACE envelopes.
 """
 
 from __future__ import annotations
@@ -27,6 +37,7 @@ __all__ = [
     "PresenceEnvelope",
     "RevokeEnvelope",
     "RoomEnvelope",
+    "TracedEnvelope",
     "UsersEnvelope",
     "decode_envelope",
     "encode_batch",
@@ -34,6 +45,7 @@ __all__ = [
     "encode_presence",
     "encode_revoke",
     "encode_room",
+    "encode_traced",
     "encode_users",
     "split_batch",
 ]
@@ -44,6 +56,9 @@ T_PRESENCE: Final = 3
 T_REVOKE: Final = 4
 T_KICK: Final = 5
 T_BATCH: Final = 6
+T_TRACE: Final = 7
+#: the trace context a TRACE envelope carries, version 1
+TRACE_CONTEXT_V1: Final = 1
 
 _U64 = struct.Struct("<Q")
 _USERS_HEAD = struct.Struct("<BBI")
@@ -53,6 +68,8 @@ _REVOKE_HEAD = struct.Struct("<BQQ")
 _KICK_HEAD = struct.Struct("<BQH")
 _BATCH_HEAD = struct.Struct("<BI")
 _U32 = struct.Struct("<I")
+_TRACE_HEAD = struct.Struct("<BB")
+_TRACE_CTX_V1 = struct.Struct(">B16s8sB")
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,7 +109,17 @@ class KickEnvelope:
     reason: str
 
 
-Envelope = UsersEnvelope | RoomEnvelope | PresenceEnvelope | RevokeEnvelope | KickEnvelope
+@dataclass(frozen=True, slots=True)
+class TracedEnvelope:
+    """An envelope of a sampled message, with the trace context of the span that sent it."""
+
+    trace_id: int
+    span_id: int
+    trace_flags: int
+    inner: UsersEnvelope | RoomEnvelope | PresenceEnvelope | RevokeEnvelope | KickEnvelope
+
+
+Envelope = UsersEnvelope | RoomEnvelope | PresenceEnvelope | RevokeEnvelope | KickEnvelope | TracedEnvelope
 
 
 def encode_users(
@@ -116,6 +143,12 @@ def encode_revoke(user_id: int, expires_ms: int, revoked_id: str) -> bytes:
 
 def encode_kick(user_id: int, code: int, reason: str) -> bytes:
     return _KICK_HEAD.pack(T_KICK, user_id, code) + reason.encode()
+
+
+def encode_traced(trace_id: int, span_id: int, trace_flags: int, envelope: bytes) -> bytes:
+    """``envelope`` with a trace context (version 1)."""
+    ctx = _TRACE_CTX_V1.pack(TRACE_CONTEXT_V1, trace_id.to_bytes(16), span_id.to_bytes(8), trace_flags)
+    return _TRACE_HEAD.pack(T_TRACE, len(ctx)) + ctx + envelope
 
 
 def encode_batch(envelopes: list[bytes]) -> bytes:
@@ -169,6 +202,17 @@ def decode_envelope(data: bytes) -> Envelope:
         if kind == T_KICK:
             _, uid, code = _KICK_HEAD.unpack_from(data)
             return KickEnvelope(uid, code, data[_KICK_HEAD.size :].decode())
+        if kind == T_TRACE:
+            _, size = _TRACE_HEAD.unpack_from(data)
+            start = _TRACE_HEAD.size + size
+            if len(data) <= start or data[start] in (T_TRACE, T_BATCH):
+                raise ValueError("TRACE envelope without a single inner envelope")
+            inner = decode_envelope(data[start:])
+            assert not isinstance(inner, TracedEnvelope)
+            if size < _TRACE_CTX_V1.size or data[_TRACE_HEAD.size] != TRACE_CONTEXT_V1:
+                return inner  # a context version this node does not know: skipped
+            _, trace_id, span_id, flags = _TRACE_CTX_V1.unpack_from(data, _TRACE_HEAD.size)
+            return TracedEnvelope(int.from_bytes(trace_id), int.from_bytes(span_id), flags, inner)
     except (IndexError, struct.error, ValueError, UnicodeDecodeError) as exc:
         raise GochatError(f"malformed cluster envelope: {exc}", code=ErrorCode.INTERNAL) from None
     raise GochatError(f"unknown cluster envelope type {data[0] if data else None}", code=ErrorCode.INTERNAL)

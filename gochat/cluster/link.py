@@ -17,7 +17,7 @@ import dataclasses
 import logging
 import uuid
 from collections.abc import Callable, Coroutine, Iterable, Sequence
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from gochat.cluster.backends import ClusterBackends
 from gochat.cluster.base import PRESENCE_GUARD_S, NodeInfo
@@ -27,6 +27,7 @@ from gochat.cluster.envelope import (
     PresenceEnvelope,
     RevokeEnvelope,
     RoomEnvelope,
+    TracedEnvelope,
     UsersEnvelope,
     decode_envelope,
     encode_batch,
@@ -34,12 +35,17 @@ from gochat.cluster.envelope import (
     encode_presence,
     encode_revoke,
     encode_room,
+    encode_traced,
     encode_users,
     split_batch,
 )
 from gochat.errors import GochatError
+from gochat.observability.tracing import end_spans
 from gochat.resilience import RetryPolicy
 from gochat.resilience.policy import DEFAULT_RETRY
+
+if TYPE_CHECKING:
+    from gochat.observability.tracing import SendTrace, Tracing
 
 __all__ = ["ClusterEvents", "ClusterLink", "LocalFanout"]
 
@@ -112,8 +118,11 @@ class ClusterLink:
         shard_size: int = 1000,
         presence_guard_s: float = PRESENCE_GUARD_S,
         retry: RetryPolicy = DEFAULT_RETRY,
+        tracing: Tracing | None = None,
     ) -> None:
         self.node_id = node_id
+        #: the node's tracing (None: off): spans for traced envelopes (docs/observability.md)
+        self.tracing = tracing
         #: the node's retry policy (event handlers, the outbox)
         self.retry = retry
         self.backends = backends
@@ -134,7 +143,8 @@ class ClusterLink:
         self._nodes: list[NodeInfo] = []
         #: some other node is listed: remote routing has somewhere to go (read on the send path)
         self.peers = False
-        self._queue: list[tuple[Iterable[int], bytes, bool]] = []
+        #: (user_ids, frame, droppable, trace): trace is a sampled message's, else None
+        self._queue: list[tuple[Iterable[int], bytes, bool, SendTrace | None]] = []
         self._wake = asyncio.Event()
         #: background work from _spawn (publishes, node drops, re-announces)
         self._tasks: list[asyncio.Task[Any]] = []
@@ -249,14 +259,17 @@ class ClusterLink:
         return [n for n in self.nodes if n.node_id != self.node_id and not n.draining]
 
     # ---- outbound ----------------------------------------------------------------------------
-    def route_users(self, user_ids: Iterable[int], frame: bytes, droppable: bool = False) -> None:
-        """Deliver ``frame`` to the sessions of ``user_ids`` on the other nodes."""
+    def route_users(
+        self, user_ids: Iterable[int], frame: bytes, droppable: bool = False, trace: SendTrace | None = None
+    ) -> None:
+        """Deliver ``frame`` to the sessions of ``user_ids`` on the other nodes (``trace``: a
+        sampled message's spans; its envelopes carry the trace context)."""
         if len(self._queue) >= _MAX_QUEUE:
             # The broker cannot keep up: shed pushes rather than memory. Stored messages are
             # recovered by clients from the store (seq gap or reconnect); ephemeral ones are lost.
             self.shed += 1
             return
-        self._queue.append((user_ids, frame, droppable))
+        self._queue.append((user_ids, frame, droppable, trace))
         self._wake.set()
 
     def route_large(self, user_ids: Iterable[int], frame: bytes, droppable: bool = False) -> None:
@@ -331,9 +344,9 @@ class ClusterLink:
                     self.route_failures += len(batch)
                     log.exception("cluster routing failed")
 
-    async def _route_batch(self, batch: list[tuple[Iterable[int], bytes, bool]]) -> None:
+    async def _route_batch(self, batch: list[tuple[Iterable[int], bytes, bool, SendTrace | None]]) -> None:
         wanted: set[int] = set()
-        for uids, _, _ in batch:
+        for uids, _, _, _ in batch:
             wanted.update(uids)
         where = await self.presence.nodes_for(wanted)
         user_nodes: dict[int, list[str]] = {}
@@ -346,18 +359,32 @@ class ClusterLink:
             return
         # One publish per node per turn, carrying that node's envelopes in queue order.
         outbox: dict[str, list[bytes]] = {}
-        for uids, frame, droppable in batch:
+        spans: list[Any] = []  # cluster.publish spans of sampled messages
+        for uids, frame, droppable, trace in batch:
             per_node: dict[str, list[int]] = {}
             for uid in uids:
                 for node in user_nodes.get(uid, ()):
                     per_node.setdefault(node, []).append(uid)
             for node, targets in per_node.items():
-                outbox.setdefault(node, []).append(encode_users(targets, frame, droppable))
+                env = encode_users(targets, frame, droppable)
+                if trace is not None:
+                    span, trace_id, span_id, flags = trace.publish(node, len(targets))
+                    spans.append(span)
+                    env = encode_traced(trace_id, span_id, flags, env)
+                outbox.setdefault(node, []).append(env)
         sends = [
             self.broker.send_to_node(node, envs[0] if len(envs) == 1 else encode_batch(envs))
             for node, envs in outbox.items()
         ]
-        await asyncio.gather(*sends)
+        if spans:
+            try:
+                await asyncio.gather(*sends)
+            except BaseException as exc:
+                end_spans(spans, exc)
+                raise
+            end_spans(spans)
+        else:
+            await asyncio.gather(*sends)
         self.routed += sum(len(envs) for envs in outbox.values())
 
     # ---- presence and revocation ---------------------------------------------------------------
@@ -422,6 +449,14 @@ class ClusterLink:
         except GochatError as exc:
             log.error("dropping cluster message: %s", exc.message)
             return
+        if isinstance(env, TracedEnvelope):
+            inner, tracing = env.inner, self.tracing
+            if tracing is not None and isinstance(inner, UsersEnvelope):
+                span = tracing.deliver(env.trace_id, env.span_id, env.trace_flags, len(inner.user_ids), inner.frame)
+                n = self.local.users(inner.user_ids, inner.frame, inner.droppable, ordered=not inner.unordered)
+                tracing.delivered(span, n)
+                return
+            env = inner
         if isinstance(env, UsersEnvelope):
             self.local.users(env.user_ids, env.frame, env.droppable, ordered=not env.unordered)
         elif isinstance(env, RoomEnvelope):

@@ -360,6 +360,7 @@ class MemoryClusterPresence:
 
     async def drop_node(self, node_id: str) -> list[int]:
         self.hub.check()
+        self.hub.marks.discard(node_id)  # the node, if alive, records its sessions again
         offline: list[int] = []
         for uid in sorted(self.hub.node_users.pop(node_id, set())):
             sessions = self.hub.sessions.get(uid)

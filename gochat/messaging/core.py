@@ -40,6 +40,7 @@ from gochat.protocol import (
     FLAG_MORE,
     FLAG_PARTIAL,
     FLAG_STOPPED,
+    FLAG_TRACED,
     EventType,
     Kind,
     encode,
@@ -64,6 +65,7 @@ from gochat.store import ConversationState, Store
 
 if TYPE_CHECKING:
     from gochat.cluster.link import ClusterLink
+    from gochat.observability.tracing import Tracing
 
 __all__ = ["SYNC_CACHE_USERS", "MessagingCore"]
 
@@ -84,6 +86,7 @@ class MessagingCore:
         replies: ErrorReplies,
         degradation: Degradation | None = None,
         recent: RecentMessages | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
         self.settings = settings
         #: the node's degradation switches (docs/resilience.md): read_only refuses SENDs,
@@ -102,7 +105,7 @@ class MessagingCore:
             routing, writer, link, self.watchers, ids, settings.heartbeat_ms, settings.max_frame
         )
         self.sends = SendPath(
-            settings, store, self.addressing, self.delivery, replies, ids, metrics.hot, self.degradation
+            settings, store, self.addressing, self.delivery, replies, ids, metrics.hot, self.degradation, tracing
         )
         self.calls = ControlCalls(
             settings, store, self.addressing, self.delivery, self.watchers, link, self.degradation
@@ -120,7 +123,13 @@ class MessagingCore:
 
     # ---- SEND and CALL ---------------------------------------------------------------------------
     def send_soon(self, conn: Connection, req: Send, started: float) -> None:
-        """A SEND given as a frame object (the reference gateway); see :meth:`SendPath.send`."""
+        """A SEND given as a frame object (the reference gateway, and a TRACED SEND from either
+        gateway); see :meth:`SendPath.send` and :meth:`SendPath.send_traced`."""
+        if req.flags & FLAG_TRACED:
+            self.sends.send_traced(
+                conn, req.rid, req.kind, req.content_type, req.conv_id, req.client_msg_id, req.body, started
+            )
+            return
         self.sends.send(conn, req.rid, req.kind, req.content_type, req.conv_id, req.client_msg_id, req.body, started)
 
     async def call(self, conn: Connection, method: str, payload: bytes, rid: int) -> bytes:

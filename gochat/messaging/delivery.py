@@ -23,8 +23,9 @@ from gochat.protocol import EventType, Kind, encode_event
 
 if TYPE_CHECKING:
     from gochat.cluster.link import ClusterLink
+    from gochat.observability.tracing import SendTrace
 
-__all__ = ["Delivery", "LocalDelivery"]
+__all__ = ["Delivery", "LocalDelivery", "TracedDelivery"]
 
 
 #: a DELIVER's kind, conv_id and seq (message record at offset 12: kind @0, conv_id @2, seq @10)
@@ -185,9 +186,47 @@ class Delivery:
             self.link.route_room(room_id, data)
         return n
 
+    def traced(self, trace: SendTrace) -> TracedDelivery:
+        """This delivery for one sampled message (docs/observability.md, "Tracing")."""
+        return TracedDelivery(self.routing, self.writer, self.link, self.watchers, self.large_group_threshold, trace)
+
     def presence_changed(self, user_id: int, online: bool) -> None:
         """EVENT PRESENCE to the local sessions watching ``user_id``."""
         watchers = self.watchers.watchers(user_id)
         if watchers:
             data = encode_event(EventType.PRESENCE, 0, 0, user_id, 1 if online else 0)
             self.writer.fanout(watchers, data, None, True)
+
+
+class TracedDelivery(Delivery):
+    """:class:`Delivery` for one sampled message: the same decisions, with a ``fanout.local``
+    span around the local fan-out and the trace handed to the cluster link (its envelopes carry
+    the context). Built per sampled message only; :meth:`users` mirrors ``Delivery.users``."""
+
+    def __init__(
+        self,
+        routing: RoutingTable,
+        writer: FanoutWriter,
+        link: ClusterLink,
+        watchers: PresenceWatchers,
+        large_group_threshold: int,
+        trace: SendTrace,
+    ) -> None:
+        super().__init__(routing, writer, link, watchers, large_group_threshold)
+        self.trace = trace
+
+    def users(
+        self, user_ids: Sequence[int], data: bytes, skip: Connection | None, droppable: bool = False
+    ) -> int:
+        link, trace = self.link, self.trace
+        span = trace.fanout_local(len(user_ids))
+        if link.peers and len(user_ids) > self.large_group_threshold:
+            n = link.local.users(user_ids, data, droppable, skip, ordered=False)
+            trace.fanned_out(span, n)
+            link.route_large(user_ids, data, droppable)  # durable jobs: not traced further
+            return n
+        n = link.local.users(user_ids, data, droppable, skip)
+        trace.fanned_out(span, n)
+        if link.peers:
+            link.route_users(user_ids, data, droppable, trace)
+        return n

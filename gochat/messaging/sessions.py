@@ -33,8 +33,8 @@ __all__ = ["MAX_ROOMS_PER_SESSION", "PendingSend", "SessionState", "Sessions"]
 MAX_ROOMS_PER_SESSION = 100
 
 #: a SEND waiting in a connection's backlog (the send path's): (rid, kind, content_type,
-#: conv_id, client_msg_id, body, arrival time)
-PendingSend = tuple[int, int, int, int, bytes, bytes, float]
+#: conv_id, client_msg_id, body, arrival time, the SendTrace of a sampled SEND or None)
+PendingSend = tuple[int, int, int, int, bytes, bytes, float, Any]
 
 
 class SessionState:

@@ -47,6 +47,7 @@ _SECTIONS = (
     ("gochat_degrad", "Resilience"),
     ("gochat_http_", "HTTP API"),
     ("gochat_store_", "Store"),
+    ("gochat_slow_quer", "Store"),
     ("gochat_event", "Event bus"),
     ("cache", "Caches"),
 )

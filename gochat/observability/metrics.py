@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
@@ -20,6 +20,9 @@ from prometheus_client.registry import Collector
 from gochat.protocol.constants import Kind
 
 __all__ = ["HotCounters", "LatencyHistogram", "Metrics"]
+
+if TYPE_CHECKING:
+    from gochat.observability.slow_queries import SlowQueryLog
 
 _SEND_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
@@ -317,6 +320,28 @@ class _SharedCacheCollector(Collector):
         )
 
 
+class _SlowQueryCollector(Collector):
+    """Slow statements per store (:class:`~gochat.observability.slow_queries.SlowQueryLog`
+    objects, read at scrape time). The families are exported, without samples, before a store
+    is attached."""
+
+    def __init__(self, logs: list[SlowQueryLog]) -> None:
+        self._logs = logs
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        count = CounterMetricFamily(
+            "gochat_slow_queries", "Store statements at or above slow_query_ms", labels=["store"]
+        )
+        seconds = CounterMetricFamily(
+            "gochat_slow_query_seconds", "Seconds spent in store statements at or above slow_query_ms", labels=["store"]
+        )
+        for slow in self._logs:
+            count.add_metric([slow.store], slow.count)
+            seconds.add_metric([slow.store], slow.seconds)
+        yield count
+        yield seconds
+
+
 class Metrics:
     """The metric set of one gochat node, in its own registry."""
 
@@ -327,6 +352,9 @@ class Metrics:
         self.http_requests = Counter(
             "gochat_http_requests", "HTTP API requests", ["route", "status"], registry=self.registry
         )
+        #: the slow-statement logs of the node's store (attach_slow_queries)
+        self.slow_queries: list[SlowQueryLog] = []
+        self.registry.register(_SlowQueryCollector(self.slow_queries))
 
     def attach_data_plane(self, read: Callable[[], dict[str, Any]]) -> None:
         self.registry.register(_DataPlaneCollector(read))
@@ -352,6 +380,16 @@ class Metrics:
         """Export the L2 cache counters (an iterable of :class:`~gochat.messaging.l2.L2Stats`)
         and the warm-up's (a :class:`~gochat.messaging.addressing.WarmupStats`)."""
         self.registry.register(_SharedCacheCollector(read, warmup))
+
+    def attach_slow_queries(self, store: object) -> None:
+        """Export the slow statements of ``store`` (its ``slow_queries``, a
+        :class:`~gochat.observability.slow_queries.SlowQueryLog`; a store without one is
+        ignored). Attaching one log twice exports it once."""
+        from gochat.observability.slow_queries import SlowQueryLog
+
+        slow = getattr(store, "slow_queries", store)
+        if isinstance(slow, SlowQueryLog) and all(s is not slow for s in self.slow_queries):
+            self.slow_queries.append(slow)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -20,6 +20,8 @@ SEND_FIXED_SIZE: Final = 26
 EVENT_FIXED_SIZE: Final = 26
 SYNC_ENTRY_SIZE: Final = 17
 SYNC_RESULT_ENTRY_SIZE: Final = 25
+#: A W3C traceparent of version 00 ("00-<32 hex>-<16 hex>-<2 hex>"), prefixed to a TRACED SEND's body.
+TRACEPARENT_SIZE: Final = 55
 
 
 class Op(enum.IntEnum):
@@ -79,6 +81,7 @@ class EventType(enum.IntEnum):
 
 
 # Flag bits, per operation.
+FLAG_TRACED: Final = 0x0001  # SEND: the body starts with a W3C traceparent (TRACEPARENT_SIZE bytes)
 FLAG_DUPLICATE: Final = 0x0001  # SEND_ACK: a retry of an already acknowledged send
 FLAG_BACKWARD: Final = 0x0001  # HISTORY: newest `limit` messages at or below from_seq
 FLAG_MORE: Final = 0x0001  # HISTORY_RESULT: more messages remain in that direction
@@ -87,6 +90,7 @@ FLAG_STOPPED: Final = 0x0001  # TYPING: the user stopped typing
 
 #: Flag bits each operation defines; any other bit set is BAD_FLAGS.
 ALLOWED_FLAGS: Final[dict[int, int]] = {op: 0 for op in Op}
+ALLOWED_FLAGS[Op.SEND] = FLAG_TRACED
 ALLOWED_FLAGS[Op.SEND_ACK] = FLAG_DUPLICATE
 ALLOWED_FLAGS[Op.HISTORY] = FLAG_BACKWARD
 ALLOWED_FLAGS[Op.HISTORY_RESULT] = FLAG_MORE | FLAG_PARTIAL

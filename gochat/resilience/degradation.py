@@ -88,13 +88,29 @@ class Degradation:
     def manual(self, switch: Switch) -> bool | None:
         return self._manual[switch]
 
-    def set_cause(self, switch: Switch, cause: str, holds: bool) -> None:
-        """``cause`` (a stable text, e.g. "postgres breaker open") now holds or no longer does."""
-        causes = self._causes[switch]
-        if holds == (cause in causes):
-            return
-        (causes.add if holds else causes.discard)(cause)
-        self._recompute(cause if holds else f"{cause}: cleared")
+    def set_cause(self, switches: Switch, cause: str, holds: bool) -> None:
+        """``cause`` (a stable text, e.g. "postgres breaker open") now holds, or no longer does,
+        for each of ``switches``."""
+        if holds:
+            self.replace_cause(switches, "", cause)
+        else:
+            self.replace_cause(switches, cause, "")
+
+    def replace_cause(self, switches: Switch, old: str, new: str, reason: str = "") -> None:
+        """For each of ``switches``: ``old`` no longer holds and ``new`` does (either may be
+        empty); one change, so listeners hear the end state once (not a passing one)."""
+        changed = False
+        for switch in SWITCH_NAMES:
+            if switch in switches:
+                causes = self._causes[switch]
+                if old and old in causes:
+                    causes.discard(old)
+                    changed = True
+                if new and new not in causes:
+                    causes.add(new)
+                    changed = True
+        if changed:
+            self._recompute(reason or new or f"{old}: cleared")
 
     def _recompute(self, reason: str) -> None:
         active = Switch(0)

@@ -62,12 +62,14 @@ class NodeResilience:
 
     def _changed(self, breaker: CircuitBreaker, old: BreakerState, new: BreakerState, reason: str) -> None:
         switches = self._switches_of.get(breaker.name, Switch(0))
+        # one cause per breaker: the old state's text goes, the new one's comes unless healthy
         cause = f"{breaker.name} breaker {new.value}"
-        for switch in Switch:
-            if switch in switches:
-                # one cause per breaker: drop the old state's text, add the new one's unless healthy
-                self.degradation.set_cause(switch, f"{breaker.name} breaker {old.value}", False)
-                self.degradation.set_cause(switch, cause, new not in _HEALTHY)
+        self.degradation.replace_cause(
+            switches,
+            f"{breaker.name} breaker {old.value}",
+            cause if new not in _HEALTHY else "",
+            cause if new not in _HEALTHY else f"{cause} ({reason})",
+        )
         if new not in _HEALTHY and breaker.name in self._probes:
             self._start_probing()
 

@@ -160,6 +160,11 @@ V("send_empty_body", "SEND with an empty body to a room (the codec accepts it; t
   [fr("SEND", rid=6, kind=3, content_type=0, conv_id=42, client_msg_id=CMID2.hex(), body="")])
 V("send_u64_max", "SEND with conv_id 2**64-1 and content_type 255",
   [fr("SEND", rid=0xFFFFFFFF, kind=2, content_type=255, conv_id=U64MAX, client_msg_id=CMID.hex(), body="00ff")])
+TRACEPARENT = b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+V("send_traced", "SEND with the TRACED flag: the body starts with a 55-byte W3C traceparent, which "
+  "the codec leaves in 'body' (the server checks and strips it)",
+  [fr("SEND", rid=7, flags=1, kind=2, content_type=1, conv_id=77, client_msg_id=CMID.hex(),
+      body=(TRACEPARENT + b"hello").hex())])
 V("send_ack", "SEND_ACK", [fr("SEND_ACK", rid=5, kind=1, conv_id=9, seq=1, msg_id=1001, ts_ms=TS)])
 V("send_ack_duplicate", "SEND_ACK with the DUPLICATE flag",
   [fr("SEND_ACK", rid=5, flags=1, kind=1, conv_id=9, seq=1, msg_id=1001, ts_ms=TS)])
@@ -287,8 +292,8 @@ for op in (0x00, 0x0B, 0x3F, 0x43, 0x7E, 0x80, 0x89, 0x8B, 0xFF):
     X(f"unknown_op_{op:02x}", 6, "UNKNOWN_OP", f"op 0x{op:02x} is not in the table", hdr(12, op))
 X("unknown_op_with_flags", 6, "UNKNOWN_OP", "op 0x0B with flags 0xffff: rule 6 before rule 7",
   hdr(12, 0x0B, flags=0xFFFF))
-X("flags_send", 7, "BAD_FLAGS", "SEND defines no flags",
-  F("SEND", [B("BBQ", 1, 1, 9), CMID], flags=0x0001))
+X("flags_send", 7, "BAD_FLAGS", "SEND defines only 0x0001 (TRACED)",
+  F("SEND", [B("BBQ", 1, 1, 9), CMID], flags=0x0002))
 X("flags_send_ack_bit1", 7, "BAD_FLAGS", "SEND_ACK defines only 0x0001",
   F("SEND_ACK", [B("BQQQQ", 1, 9, 1, 1, TS)], flags=0x0002))
 X("flags_history_high", 7, "BAD_FLAGS", "HISTORY with 0x8001",

@@ -238,11 +238,13 @@ class RedisPresence(_Client):
 
     async def drop_node(self, node_id: str) -> list[int]:
         """Remove every session of ``node_id`` (a dead node, or this node at start-up before it
-        accepts sessions, to clear what a previous incarnation left)."""
+        accepts sessions, to clear what a previous incarnation left), and its mark: a node
+        that was only thought dead (its registry entry lapsed during a Redis outage) sees the
+        mark gone at its next presence check and records its sessions again."""
         self._local_nodes.discard(node_id)
         offline: list[int] = []
         async with self.guard("presence drop_node"):
-            await self.redis.delete(self.live_prefix + node_id)
+            await self.redis.delete(self.live_prefix + node_id, self.mark_key(node_id))
         while True:
             async with self.guard("presence drop_node"):
                 popped, gone = await self._drop(

@@ -36,6 +36,9 @@ Modules
 * :mod:`.pool`: ``_with_conn``/``_read``/``_write`` on the asyncpg pool, error mapping.
 * :mod:`.commit`: the append queue and the committer task (the group-commit statement).
 * :mod:`.engine`: :class:`~.engine.PostgresEngine`, configuration, open/close/ping, stats.
+* :mod:`.timing`: the pool's connection class that times every statement (slow queries);
+  :mod:`.explain`: plans out of band; :mod:`.hot_queries` and :mod:`.doctor`: what
+  ``gochat doctor`` checks.
 * :mod:`.users`, :mod:`.tokens`, :mod:`.conversations`, :mod:`.messages`: one repository class
   each, built on the engine; :class:`PostgresStore` combines them.
 """
@@ -68,5 +71,7 @@ class PostgresStore(UserRepository, TokenRepository, ConversationRepository, Mes
     the connection pool. ``max_batch``: appends per group-commit statement. ``max_pending``:
     queued appends beyond which appends fail fast with ``OVERLOADED``. ``command_timeout``
     bounds every operation (acquiring a connection included), ``connect_timeout`` every new
-    connection, ``ping_timeout`` the readiness probe.
+    connection, ``ping_timeout`` the readiness probe. ``slow_query_ms``: statements that take
+    this long or longer go to ``slow_queries``, with their plans (docs/observability.md, "Slow
+    queries").
     """

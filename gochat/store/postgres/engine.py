@@ -23,6 +23,7 @@ import asyncpg
 from gochat.clock import now_ms
 from gochat.errors import GochatError, UnavailableError
 from gochat.ids import IdGenerator, id_unix_ms
+from gochat.observability.slow_queries import SlowQueryLog
 from gochat.resilience import CircuitBreaker, RetryPolicy
 from gochat.resilience.policy import DEFAULT_RETRY
 from gochat.store.common import (
@@ -33,8 +34,10 @@ from gochat.store.common import (
     unavailable,
 )
 from gochat.store.postgres.commit import AppendEntry, GroupCommit
+from gochat.store.postgres.explain import PlanSampler
 from gochat.store.postgres.pool import check_int64
 from gochat.store.postgres.schema import check_schema, migrate_schema
+from gochat.store.postgres.timing import timed_connection_class
 
 __all__ = ["PostgresEngine", "PostgresStoreStats"]
 
@@ -79,6 +82,7 @@ class PostgresEngine(GroupCommit):
         ping_timeout: float = 2.0,
         breaker: CircuitBreaker | None = None,
         retry: RetryPolicy = DEFAULT_RETRY,
+        slow_query_ms: float = 100.0,
     ) -> None:
         if max_batch < 1 or max_pending < 1 or min_size < 0 or max_size < max(1, min_size):
             raise ValueError("max_batch, max_pending, max_size must be >= 1 and max_size >= min_size >= 0")
@@ -111,6 +115,11 @@ class PostgresEngine(GroupCommit):
         self._sql_append = self._build_append_sql()
         self._counters = StoreCounters()
         self._retried = 0
+        #: statements slower than ``slow_query_ms``, with their plans (docs/observability.md)
+        self.slow_queries = SlowQueryLog("postgres", slow_query_ms)
+        self._connection_class = timed_connection_class(self.slow_queries)
+        self._plans = PlanSampler(self.slow_queries, self._on_conn)
+        self.slow_queries.on_new = self._plans.request
 
     @property
     def stats(self) -> PostgresStoreStats:
@@ -130,6 +139,7 @@ class PostgresEngine(GroupCommit):
                     max_size=self.max_size,
                     timeout=self.connect_timeout,
                     command_timeout=self.command_timeout,
+                    connection_class=self._connection_class,
                     server_settings={
                         "application_name": "gochat",
                         # Plan every execution with its real arrays: the generic plan of the
@@ -180,6 +190,7 @@ class PostgresEngine(GroupCommit):
         if committer is not None:
             await asyncio.wait([committer])  # drains the queue; never raises
         self._committer = None
+        await self._plans.close()
         self._pool = None
         try:
             async with asyncio.timeout(self.command_timeout):

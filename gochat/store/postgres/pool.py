@@ -22,6 +22,7 @@ import asyncpg
 from gochat.errors import ErrorCode, GochatError, RequestError, UnavailableError
 from gochat.resilience import CircuitBreaker, RetryPolicy
 from gochat.store.common import MAX_SEQ, StoreCounters, conflict_error, invalid_value_error, unavailable
+from gochat.store.postgres.timing import finish, start
 
 __all__ = ["PostgresPool", "check_int64", "map_exception", "poisons_connection"]
 
@@ -116,20 +117,23 @@ class PostgresPool:
     async def _on_conn(self, fn: Callable[[Any], Awaitable[T]], timeout: float | None) -> T:
         """``fn(conn)`` on a pooled connection. A connection whose state is unknown after a
         failure (timeout, cancellation, I/O error) is terminated; the pool replaces it on a
-        later acquire."""
+        later acquire. Its statements are timed (:mod:`~gochat.store.postgres.timing`)."""
         pool = self._pool
         if pool is None:
             raise UnavailableError("store is closed")
         try:
             async with asyncio.timeout(timeout or self.command_timeout):
                 conn = await pool.acquire()
+                start(conn)
                 try:
                     return await fn(conn)
                 except BaseException as exc:
+                    finish(conn, True)  # before terminate(), which detaches the connection
                     if poisons_connection(exc):
                         conn.terminate()
                     raise
                 finally:
+                    finish(conn)
                     await pool.release(conn)
         except asyncio.CancelledError:
             raise

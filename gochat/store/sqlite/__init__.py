@@ -27,6 +27,8 @@ Modules
 * :mod:`.engine`: :class:`~.engine.SQLiteEngine`, the connections, the writer thread and its
   queue, the reader pool, ``_read``/``_write``, open/close/ping/stats.
 * :mod:`.commit`: the writer's loop and its group-commit transactions (the append hot path).
+* :mod:`.timing`: the connection class that times every statement (slow queries);
+  :mod:`.hot_queries` and :mod:`.doctor`: what ``gochat doctor`` checks.
 * :mod:`.users`, :mod:`.tokens`, :mod:`.conversations`, :mod:`.messages`: one repository class
   each, built on the engine; :class:`SQLiteStore` combines them.
 """
@@ -54,5 +56,6 @@ class SQLiteStore(UserRepository, TokenRepository, ConversationRepository, Messa
     without it the store makes its own. ``commit_delay_ms``: after a busy commit (at least 16
     writes) the writer waits, at most this long and at most as long as that commit took, or
     until ``max_batch`` writes are queued, before the next one, so that batches grow under
-    load; a lone write at low load is never delayed.
+    load; a lone write at low load is never delayed. ``slow_query_ms``: statements that take
+    this long or longer go to ``slow_queries`` (docs/observability.md, "Slow queries").
     """

@@ -42,6 +42,7 @@ from gochat.store.common import (
     run_callback,
     unavailable,
 )
+from gochat.store.sqlite.timing import finish, start
 
 __all__ = ["STOP", "AppendEntry", "Entry", "GroupCommit", "JobEntry", "map_exception"]
 
@@ -228,11 +229,13 @@ class GroupCommit:
                     break
                 continue
             started = time.monotonic()
+            start(conn)
             try:
                 self._run_batch(conn, batch)
             except BaseException as exc:  # pragma: no cover - a bug; never leave waiters hanging
                 log.exception("sqlite writer failed")
                 self._deliver([(e, False, map_exception(exc)) for e in batch])
+            finish(conn)
             with self._lock:
                 self._pending -= len(batch)
             if len(batch) >= _BUSY_BATCH and not stop:

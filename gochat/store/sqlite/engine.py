@@ -30,6 +30,7 @@ from typing import Any, TypeVar
 from gochat.clock import now_ms
 from gochat.errors import ErrorCode, UnavailableError
 from gochat.ids import IdGenerator
+from gochat.observability.slow_queries import SlowQueryLog
 from gochat.store.common import (
     DirectConversationCache,
     StoreCounters,
@@ -39,6 +40,7 @@ from gochat.store.common import (
 )
 from gochat.store.sqlite.commit import STOP, Entry, GroupCommit, JobEntry, map_exception
 from gochat.store.sqlite.schema import migrate
+from gochat.store.sqlite.timing import finish, start, timed_connection_class
 
 __all__ = ["SQLiteEngine", "SQLiteStoreStats"]
 
@@ -67,6 +69,7 @@ class SQLiteEngine(GroupCommit):
         readers: int = 4,
         ids: IdGenerator | None = None,
         commit_delay_ms: float = 8.0,
+        slow_query_ms: float = 100.0,
     ) -> None:
         if max_batch < 1 or max_pending < 1 or readers < 1 or busy_timeout_ms < 0:
             raise ValueError("max_batch, max_pending and readers must be >= 1, busy_timeout_ms >= 0")
@@ -96,6 +99,9 @@ class SQLiteEngine(GroupCommit):
         self._tick: list[Entry] = []  # this loop tick's entries, not yet handed to the writer
         #: the loop that opened the store: append_soon's callbacks run there
         self._open_loop: asyncio.AbstractEventLoop | None = None
+        #: statements slower than ``slow_query_ms`` (docs/observability.md, "Slow queries")
+        self.slow_queries = SlowQueryLog("sqlite", slow_query_ms)
+        self._connection_class = timed_connection_class(self.slow_queries)
 
     # ---- lifecycle ---------------------------------------------------------------------------
 
@@ -110,6 +116,7 @@ class SQLiteEngine(GroupCommit):
             isolation_level=None,  # we issue BEGIN/COMMIT ourselves
             check_same_thread=writer,
             cached_statements=256,
+            factory=self._connection_class,
         )
         try:
             conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_ms)}")
@@ -233,11 +240,13 @@ class SQLiteEngine(GroupCommit):
     def _run_read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         try:
             conn = self._reader_conn()
+            start(conn)
             conn.execute("BEGIN")  # one snapshot for multi-statement reads
             try:
                 return fn(conn)
             finally:
                 conn.execute("COMMIT")
+                finish(conn)
         except sqlite3.Error as exc:
             raise map_exception(exc) from exc
 
