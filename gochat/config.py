@@ -74,6 +74,9 @@ class Settings:
         True, "walk client frames in the native session state machine (false: the Python reference gateway)"
     )
     log_level: str = _opt("INFO", "logging level: DEBUG, INFO, WARNING, ERROR")
+    log_format: str = _opt(
+        "text", "log lines: text (readable) or json (one object a line, with trace ids; docs/observability.md)"
+    )
     # cluster mode (both URLs set): PostgreSQL store, Redis broker/presence/registry
     redis_url: str = _opt("", "Redis URL for cluster mode, e.g. redis://127.0.0.1:6379/0")
     postgres_dsn: str = _opt("", "PostgreSQL DSN for cluster mode, e.g. postgresql://gochat@db/gochat")
@@ -188,6 +191,8 @@ def load_settings(
 
 
 def _validate(s: Settings) -> None:
+    if s.log_format not in ("text", "json"):
+        raise ConfigError("log_format must be text or json")
     if s.jwt_algorithm not in ("EdDSA", "RS256"):
         raise ConfigError("jwt_algorithm must be EdDSA or RS256")
     if not 0 <= s.node_id <= 1023:

@@ -40,6 +40,7 @@ from gochat.messaging.delivery import LocalDelivery
 from gochat.messaging.events import NodeEventHandler
 from gochat.messaging.replies import ErrorReplies
 from gochat.observability.grpc_health import GrpcHealth
+from gochat.observability.logs import configure_logging
 from gochat.observability.metrics import Metrics
 from gochat.observability.tracing import Tracing, setup_tracing
 from gochat.resilience import BreakerState, CircuitBreaker
@@ -130,6 +131,7 @@ class Server:
         degradation.retry_after_ms = int(s.breaker_open_s * 1000)
         self.resilience.breakers.on_change(self._breaker_changed)
         self.metrics.attach_resilience(self.resilience.breakers, degradation)
+        self.metrics.attach_cluster(self.cluster, local.latency)
         self.gateway = Gateway(s, self.auth, self.core, self.writer, self.replies)
         self.auth.on_revoke(self._revoked)
         self.metrics.attach_data_plane(self.gateway.stats)
@@ -450,11 +452,7 @@ def run(settings: Settings) -> int:
     index = int(os.environ.get("GOCHAT_WORKER_INDEX", "0"))
     if index and settings.node_id:
         settings = settings.replace(node_id=(settings.node_id + index) % 1024)
-    logging.basicConfig(
-        level=getattr(logging, settings.log_level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    configure_logging(settings.log_level, settings.log_format, f"{socket.gethostname()}-{os.getpid()}")
     # picows logs every accepted connection at INFO: too chatty for a server with 100k clients.
     if logging.getLogger().level > logging.DEBUG:
         logging.getLogger("picows").setLevel(logging.WARNING)

@@ -17,8 +17,10 @@ from typing import TYPE_CHECKING, Any
 
 from gochat._native.connection import Connection, FanoutWriter
 from gochat._native.routing import RoutingTable
+from gochat.clock import now_ms
 from gochat.messaging.recent import RecentMessages
 from gochat.messaging.watchers import PresenceWatchers
+from gochat.observability.metrics import LatencyHistogram
 from gochat.protocol import EventType, Kind, encode_event
 
 if TYPE_CHECKING:
@@ -28,8 +30,11 @@ if TYPE_CHECKING:
 __all__ = ["Delivery", "LocalDelivery", "TracedDelivery"]
 
 
-#: a DELIVER's kind, conv_id and seq (message record at offset 12: kind @0, conv_id @2, seq @10)
-_DELIVER_KEY = struct.Struct("<BxQQ")
+#: a DELIVER's kind, conv_id, seq and ts_ms (message record at offset 12: kind @0, conv_id @2,
+#: seq @10, msg_id @18, sender_id @26, ts_ms @34)
+_DELIVER_KEY = struct.Struct("<BxQQ16xQ")
+#: bounds of ``gochat_delivery_latency_seconds`` (commit to queued on the recipients' connections)
+DELIVERY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _OP_DELIVER = 0x40
 #: how long a DELIVER that arrived ahead of a missing seq waits for it (docs/consistency.md)
 ORDER_HOLD_S = 0.2
@@ -55,13 +60,19 @@ class LocalDelivery:
     given up: the client saw the gap and fetches it with HISTORY). So a connection sees DELIVER
     seqs strictly increasing; a gap it sees is one to fetch, never one that fills later."""
 
-    __slots__ = ("_held", "_last", "_loop", "held", "hold_s", "recent", "routing", "stale_dropped")
+    __slots__ = ("_held", "_last", "_loop", "held", "hold_s", "latency", "recent", "routing", "stale_dropped")
 
     def __init__(self, routing: RoutingTable, hold_s: float = ORDER_HOLD_S) -> None:
         self.routing = routing
         self.hold_s = hold_s
         #: the newest DELIVERs per conversation, in the order delivered (cache-only HISTORY)
         self.recent = RecentMessages()
+        #: a stored message's commit (its ts_ms) to its DELIVER queued on this node's
+        #: connections, once per DELIVER fanned out here (not per recipient), by fan-out tier:
+        #: "inline" (routed by the sender's node, through the order gate) and "large" (groups
+        #: above large_group_threshold, through stream jobs); across nodes it includes the
+        #: clock difference between the committing node and this one
+        self.latency = {"inline": LatencyHistogram(DELIVERY_BUCKETS), "large": LatencyHistogram(DELIVERY_BUCKETS)}
         self._loop = asyncio.get_running_loop()
         self._last: dict[Any, int] = {}
         self._held: dict[Any, tuple[dict[int, Pending], asyncio.TimerHandle]] = {}
@@ -72,11 +83,15 @@ class LocalDelivery:
     def users(
         self, user_ids: Sequence[int], frame: bytes, droppable: bool, skip: Any = None, ordered: bool = True
     ) -> int:
-        if not ordered or frame[5] != _OP_DELIVER:
+        if frame[5] != _OP_DELIVER:
             return self.routing.fanout_users(user_ids, frame, skip, droppable)
-        kind, conv, seq = _DELIVER_KEY.unpack_from(frame, 12)
+        kind, conv, seq, ts_ms = _DELIVER_KEY.unpack_from(frame, 12)
         if seq == 0:  # a room message: not stored, no order
             return self.routing.fanout_users(user_ids, frame, skip, droppable)
+        if not ordered:
+            self.latency["large"].observe(max(0, now_ms() - ts_ms) / 1000)
+            return self.routing.fanout_users(user_ids, frame, skip, droppable)
+        self.latency["inline"].observe(max(0, now_ms() - ts_ms) / 1000)
         key: Any = conv if kind == Kind.GROUP else (conv, user_ids[0])
         last = self._last.get(key)
         if last is None or seq == last + 1:

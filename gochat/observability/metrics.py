@@ -42,7 +42,8 @@ class LatencyHistogram:
         self.counts[bisect_left(self.bounds, seconds)] += 1
         self.total += seconds
 
-    def family(self, name: str, documentation: str) -> HistogramMetricFamily:
+    def buckets(self) -> list[tuple[str, float]]:
+        """Cumulative (upper bound, count) pairs, +Inf last (Prometheus' form)."""
         cumulative: list[tuple[str, float]] = []
         running = 0
         for bound, count in zip(self.bounds, self.counts, strict=False):
@@ -50,7 +51,10 @@ class LatencyHistogram:
             cumulative.append((repr(float(bound)), running))
         running += self.counts[-1]
         cumulative.append(("+Inf", running))
-        return HistogramMetricFamily(name, documentation, buckets=cumulative, sum_value=self.total)
+        return cumulative
+
+    def family(self, name: str, documentation: str) -> HistogramMetricFamily:
+        return HistogramMetricFamily(name, documentation, buckets=self.buckets(), sum_value=self.total)
 
 
 class HotCounters:
@@ -189,6 +193,43 @@ class _EventsCollector(Collector):
             "1 when this node knows every revocation (accepts tokens); 0 while it catches up",
             value=1.0 if self._fresh() else 0.0,
         )
+
+
+class _ClusterCollector(Collector):
+    """The cluster link's counters (a :class:`~gochat.cluster.link.ClusterLink`) and this
+    node's delivery latency (a :class:`LatencyHistogram`)."""
+
+    def __init__(self, link: Any, delivery_latency: dict[str, LatencyHistogram]) -> None:
+        self._link = link
+        self._latency = delivery_latency
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily | HistogramMetricFamily]:
+        link = self._link
+        yield GaugeMetricFamily("gochat_cluster_nodes", "Nodes the registry lists (this one included)", value=len(link.nodes))
+        yield CounterMetricFamily(
+            "gochat_cluster_routed", "Envelopes published to other nodes (a batch per node and turn)", value=link.routed
+        )
+        yield CounterMetricFamily(
+            "gochat_cluster_route_failures", "Pushes to other nodes lost to a broker or presence failure", value=link.route_failures
+        )
+        yield CounterMetricFamily(
+            "gochat_cluster_shed", "Pushes to other nodes shed because the routing queue was full", value=link.shed
+        )
+        resubscribes = CounterMetricFamily(
+            "gochat_cluster_resubscribes", "Pub/sub readers that reconnected and subscribed again", labels=["reader"]
+        )
+        # in-process backends never lose a subscription: they have no such counter
+        resubscribes.add_metric(["broker"], getattr(link.broker, "resubscribes", 0))
+        resubscribes.add_metric(["registry"], getattr(link.registry, "resubscribes", 0))
+        yield resubscribes
+        latency = HistogramMetricFamily(
+            "gochat_delivery_latency_seconds",
+            "A stored message's commit to its DELIVER queued on this node's connections (once per message and node)",
+            labels=["tier"],
+        )
+        for tier, hist in self._latency.items():
+            latency.add_metric([tier], hist.buckets(), hist.total)
+        yield latency
 
 
 class _ResilienceCollector(Collector):
@@ -367,6 +408,10 @@ class Metrics:
         """Export the event-bus consumer's counters (a :class:`~gochat.cluster.bus.EventStats`),
         the outbox's (a :class:`~gochat.cluster.bus.EventOutbox`) and ``fresh()`` (auth)."""
         self.registry.register(_EventsCollector(read, outbox, fresh))
+
+    def attach_cluster(self, link: Any, delivery_latency: dict[str, LatencyHistogram]) -> None:
+        """Export the cluster link's counters and the delivery latency histogram."""
+        self.registry.register(_ClusterCollector(link, delivery_latency))
 
     def attach_resilience(self, breakers: Any, degradation: Any) -> None:
         """Export the breakers' states and counters and the degradation switches."""
