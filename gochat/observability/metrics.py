@@ -115,6 +115,12 @@ class _StoreCollector(Collector):
             "gochat_store_failed_transactions", "Write transactions that failed", value=st.failed_transactions
         )
         yield GaugeMetricFamily("gochat_store_largest_batch", "Most writes in one transaction", value=st.largest_batch)
+        # PostgreSQL only (SQLite's one writer never deadlocks): 0 in embedded mode
+        yield CounterMetricFamily(
+            "gochat_store_retried_transactions",
+            "Write transactions the database rolled back (deadlock, serialization failure) and that were run again",
+            value=getattr(st, "retried_transactions", 0),
+        )
 
 
 class _DataPlaneCollector(Collector):
@@ -383,6 +389,24 @@ class _SlowQueryCollector(Collector):
         yield seconds
 
 
+class _ConfigCollector(Collector):
+    """The node's configuration version and refused reloads (a
+    :class:`~gochat.config_reload.ConfigReloader`)."""
+
+    def __init__(self, config: Any) -> None:
+        self._config = config
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        yield GaugeMetricFamily(
+            "gochat_config_version", "Version of the configuration this node runs (0: as started)",
+            value=self._config.version,
+        )
+        yield CounterMetricFamily(
+            "gochat_config_reload_failures", "Configuration reloads refused (malformed or invalid)",
+            value=self._config.failures,
+        )
+
+
 class Metrics:
     """The metric set of one gochat node, in its own registry."""
 
@@ -396,6 +420,10 @@ class Metrics:
         #: the slow-statement logs of the node's store (attach_slow_queries)
         self.slow_queries: list[SlowQueryLog] = []
         self.registry.register(_SlowQueryCollector(self.slow_queries))
+
+    def attach_config(self, config: Any) -> None:
+        """``gochat_config_version`` and ``gochat_config_reload_failures_total`` (hot reload)."""
+        self.registry.register(_ConfigCollector(config))
 
     def attach_data_plane(self, read: Callable[[], dict[str, Any]]) -> None:
         self.registry.register(_DataPlaneCollector(read))

@@ -18,11 +18,10 @@ import logging
 from collections import deque
 from typing import Any, Final
 
-import asyncpg
-
 from gochat.clock import now_ms
 from gochat.errors import ErrorCode, GochatError, RequestError, UnavailableError
 from gochat.ids import IdGenerator
+from gochat.resilience import RetryPolicy
 from gochat.store.base import AppendCallback, AppendRequest, AppendResult
 from gochat.store.common import (
     MSG_COLUMNS,
@@ -38,7 +37,6 @@ __all__ = ["AppendEntry", "GroupCommit", "check_append"]
 log = logging.getLogger("gochat.store.postgres")
 
 _MAX_ROUNDS: Final = 8
-_MAX_TX_RETRIES: Final = 5
 
 
 def check_append(request: AppendRequest) -> None:
@@ -84,6 +82,9 @@ class GroupCommit(PostgresPool):
     _last_ts: int
     _sql_append: str
     _retried: int
+    #: the node's retry policy, retrying only a batch rolled back by a deadlock or a
+    #: serialization failure between nodes (the engine builds it)
+    _tx_retry: RetryPolicy
 
     def _build_append_sql(self) -> str:
         s = self._s
@@ -247,35 +248,31 @@ SELECT msg_id, seq FROM stored
             now,
         )
         sql = self._sql_append
-        rows: list[Any] | None = None
-        for attempt in range(_MAX_TX_RETRIES + 1):
-            try:
-                rows = await self._with_conn(lambda conn: conn.fetch(sql, *args))
-                break
-            except RequestError as exc:
-                cause = exc.__cause__
-                if len(entries) > 1:
-                    # One request's values broke the statement: store each on its own.
-                    log.warning(
-                        "append batch failed (%s); retrying its %d requests one by one", cause, len(entries)
-                    )
-                    await self._apply_isolated(entries)
-                    return
-                self._counters.failed_transactions += 1
-                entries[0].error = exc
+        def rolled_back(_attempt: int, exc: BaseException, _wait: float) -> None:
+            self._retried += 1
+            log.info("append batch rolled back (%s); retrying", exc.__cause__)
+
+        try:
+            rows: list[Any] = await self._tx_retry.run(
+                lambda: self._with_conn(lambda conn: conn.fetch(sql, *args)), what="append batch", on_retry=rolled_back
+            )
+        except RequestError as exc:
+            if len(entries) > 1:
+                # One request's values broke the statement: store each on its own.
+                log.warning(
+                    "append batch failed (%s); retrying its %d requests one by one", exc.__cause__, len(entries)
+                )
+                await self._apply_isolated(entries)
                 return
-            except UnavailableError as exc:
-                cause = exc.__cause__
-                if isinstance(cause, asyncpg.TransactionRollbackError) and attempt < _MAX_TX_RETRIES:
-                    self._retried += 1
-                    log.info("append batch rolled back (%s); retrying", cause)
-                    continue
-                self._counters.failed_transactions += 1
-                log.warning("append batch failed, %d requests not acknowledged: %r", len(entries), cause)
-                for e in entries:
-                    e.error = exc
-                return
-        assert rows is not None
+            self._counters.failed_transactions += 1
+            entries[0].error = exc
+            return
+        except UnavailableError as exc:
+            self._counters.failed_transactions += 1
+            log.warning("append batch failed, %d requests not acknowledged: %r", len(entries), exc.__cause__)
+            for e in entries:
+                e.error = exc
+            return
         self._counters.transactions += 1
         self._last_ts = now
         stored = {int(r[0]): int(r[1]) for r in rows}

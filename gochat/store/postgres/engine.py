@@ -42,6 +42,11 @@ from gochat.store.postgres.timing import timed_connection_class
 __all__ = ["PostgresEngine", "PostgresStoreStats"]
 
 
+def _rolled_back(exc: BaseException) -> bool:
+    """A transaction the server rolled back (deadlock, serialization failure): run it again."""
+    return isinstance(exc, UnavailableError) and isinstance(exc.__cause__, asyncpg.TransactionRollbackError)
+
+
 @dataclass(frozen=True, slots=True)
 class PostgresStoreStats(StoreStats):
     """Counters (a snapshot). ``transactions`` counts committed write transactions (append
@@ -101,6 +106,7 @@ class PostgresEngine(GroupCommit):
         self.ping_timeout = ping_timeout
         self.breaker = breaker
         self._read_retry = dataclasses.replace(retry, retryable=self._dead_connection)
+        self._tx_retry = dataclasses.replace(retry, retryable=_rolled_back)
         self._ids = resolve_ids(ids, node_id)
         self._pool: Any = None
         self._loop: asyncio.AbstractEventLoop | None = None
