@@ -92,7 +92,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         from gochat.server import run
 
-        return run(settings)
+        config_file = args.config
+        return run(settings, lambda: load_settings(config_file, overrides=overrides))
     if args.command == "chat":
         from gochat.cli_chat import chat_main
 

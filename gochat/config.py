@@ -1,4 +1,5 @@
-"""Configuration: resolved once, at start-up, into a frozen :class:`Settings`.
+"""Configuration: resolved at start-up into a frozen :class:`Settings`; the settings marked
+``reloadable`` can be replaced while the node runs (gochat/config_reload.py).
 
 Precedence, lowest first: built-in defaults → TOML file (``--config``) → ``GOCHAT_*`` environment
 variables → command-line flags. Each field documents its default (centrifuge ``config.go``
@@ -18,13 +19,25 @@ from typing import Any, Final
 
 from gochat.errors import ConfigError
 
-__all__ = ["ENV_PREFIX", "Settings", "load_settings", "settings_markdown"]
+__all__ = [
+    "ENV_PREFIX",
+    "LOG_LEVELS",
+    "Settings",
+    "load_settings",
+    "reloadable_settings",
+    "settings_markdown",
+    "validate_settings",
+]
 
 ENV_PREFIX: Final = "GOCHAT_"
+#: the accepted values of ``log_level`` (any case)
+LOG_LEVELS: Final = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
-def _opt(default: Any, help: str) -> Any:
-    return field(default=default, metadata={"help": help})
+def _opt(default: Any, help: str, reloadable: bool = False) -> Any:
+    """A setting: its default, its documentation and whether a running node applies a new value
+    (SIGHUP, ``PUT /v1/admin/config``; gochat/config_reload.py)."""
+    return field(default=default, metadata={"help": help, "reloadable": reloadable})
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,8 +59,8 @@ class Settings:
     max_body: int = _opt(32768, "largest message body, bytes")
     heartbeat_ms: int = _opt(25000, "PING interval announced to clients; idle close after 3 intervals")
     auth_timeout_ms: int = _opt(10000, "time allowed between connect and a successful AUTH")
-    rate_limit_per_s: float = _opt(200.0, "sustained requests per second per connection (token bucket)")
-    rate_limit_burst: int = _opt(400, "token-bucket burst per connection")
+    rate_limit_per_s: float = _opt(200.0, "sustained requests per second per connection (token bucket)", reloadable=True)
+    rate_limit_burst: int = _opt(400, "token-bucket burst per connection", reloadable=True)
     outbound_soft_limit: int = _opt(1 << 20, "bytes queued to a client above which ephemeral events are dropped")
     outbound_hard_limit: int = _opt(4 << 20, "bytes queued to a client above which it is disconnected (4401)")
     socket_sndbuf: int = _opt(
@@ -55,8 +68,8 @@ class Settings:
         "kernel send buffer per WebSocket (SO_SNDBUF, which Linux doubles): bounds kernel memory held for "
         "a client that does not read; 0 = kernel autotuning (up to tcp_wmem max, 4 MiB a socket)",
     )
-    history_max_limit: int = _opt(500, "most messages one HISTORY reply carries")
-    max_group_members: int = _opt(10000, "largest group")
+    history_max_limit: int = _opt(500, "most messages one HISTORY reply carries", reloadable=True)
+    max_group_members: int = _opt(10000, "largest group", reloadable=True)
     drain_timeout_s: float = _opt(10.0, "on SIGTERM, how long to wait for in-flight sends to commit")
     store_commit_delay_ms: float = _opt(
         8.0, "embedded SQLite: longest wait for a batch to gather after a busy commit (0: none; lower latency, more CPU)"
@@ -64,16 +77,16 @@ class Settings:
     slow_query_ms: float = _opt(
         100.0,
         "store statements taking this long or longer are logged, counted and listed in /v1/admin/slow-queries "
-        "(0: every statement, for debugging)",
+        "(0: every statement, for debugging)", reloadable=True,
     )
     overload_send_latency_ms: float = _opt(
         250.0,
-        "shed load: answer a SEND OVERLOADED when its commit would wait longer than this (0: never shed)",
+        "shed load: answer a SEND OVERLOADED when its commit would wait longer than this (0: never shed)", reloadable=True,
     )
     native_session: bool = _opt(
         True, "walk client frames in the native session state machine (false: the Python reference gateway)"
     )
-    log_level: str = _opt("INFO", "logging level: DEBUG, INFO, WARNING, ERROR")
+    log_level: str = _opt("INFO", "logging level: DEBUG, INFO, WARNING, ERROR", reloadable=True)
     log_format: str = _opt(
         "text", "log lines: text (readable) or json (one object a line, with trace ids; docs/observability.md)"
     )
@@ -86,7 +99,7 @@ class Settings:
     registry_renew_s: int = _opt(30, "registry renewal interval")
     weight: int = _opt(100, "load-balancing weight announced in the registry")
     large_group_threshold: int = _opt(
-        500, "groups above this many members fan out across nodes through Redis Streams jobs"
+        500, "groups above this many members fan out across nodes through Redis Streams jobs", reloadable=True
     )
     fanout_shard_size: int = _opt(1000, "members per fan-out job of a large group")
     grpc_health_port: int = _opt(0, "port of the gRPC health service (grpc.health.v1); 0 disables it")
@@ -190,7 +203,23 @@ def load_settings(
     return settings
 
 
+def reloadable_settings() -> frozenset[str]:
+    """The settings a running node applies when they change (SIGHUP, ``PUT /v1/admin/config``)."""
+    return frozenset(f.name for f in fields(Settings) if f.metadata.get("reloadable"))
+
+
+def validate_settings(s: Settings) -> None:
+    """Raise :class:`ConfigError` naming what is wrong with ``s`` (as :func:`load_settings` does)."""
+    _validate(s)
+
+
 def _validate(s: Settings) -> None:
+    if s.log_level.upper() not in LOG_LEVELS:
+        raise ConfigError(f"log_level must be one of {', '.join(LOG_LEVELS)}")
+    if s.history_max_limit < 1 or s.max_group_members < 2 or s.large_group_threshold < 1:
+        raise ConfigError("history_max_limit and large_group_threshold must be >= 1, max_group_members >= 2")
+    if not (s.rate_limit_per_s > 0 and s.rate_limit_burst >= 1):
+        raise ConfigError("rate_limit_per_s must be positive and rate_limit_burst at least 1")
     if s.log_format not in ("text", "json"):
         raise ConfigError("log_format must be text or json")
     if s.jwt_algorithm not in ("EdDSA", "RS256"):
@@ -242,9 +271,10 @@ def _validate(s: Settings) -> None:
 
 def settings_markdown() -> str:
     """The settings table for ``docs/configuration.md``."""
-    rows = ["| setting | environment | default | meaning |", "|---|---|---|---|"]
+    rows = ["| setting | environment | default | reloadable | meaning |", "|---|---|---|---|---|"]
     for f in fields(Settings):
+        reload = "yes" if f.metadata.get("reloadable") else ""
         rows.append(
-            f"| `{f.name}` | `{ENV_PREFIX}{f.name.upper()}` | `{f.default!r}` | {f.metadata['help']} |"
+            f"| `{f.name}` | `{ENV_PREFIX}{f.name.upper()}` | `{f.default!r}` | {reload} | {f.metadata['help']} |"
         )
     return "\n".join(rows) + "\n"

@@ -32,6 +32,7 @@ from gochat.cluster.base import PRESENCE_GUARD_S, NodeInfo
 from gochat.cluster.bus import EVENT_FRESH_S, BreakerChanged, DegradationChanged
 from gochat.cluster.link import ClusterLink
 from gochat.config import Settings
+from gochat.config_reload import ConfigReloader, node_hooks
 from gochat.errors import ErrorCode, GochatError
 from gochat.gateway.gateway import Gateway
 from gochat.ids import IdGenerator
@@ -59,8 +60,14 @@ GIL_SWITCH_INTERVAL_S = 0.0005
 class Server:
     """A gochat node. ``await start()``, then ``await stop()`` (drains)."""
 
-    def __init__(self, settings: Settings, tracer_provider: Any = None) -> None:
+    def __init__(
+        self, settings: Settings, tracer_provider: Any = None, load_config: Callable[[], Settings] | None = None
+    ) -> None:
         self.settings = settings
+        #: reads the configuration again as at start (file, environment, flags): SIGHUP
+        self.load_config = load_config
+        self.config: ConfigReloader
+        self._reregister: asyncio.Task[None] | None = None
         #: an OpenTelemetry TracerProvider to use instead of the one the settings describe
         #: (tests: the SDK's in-memory exporter); docs/observability.md, "Tracing"
         self._tracer_provider = tracer_provider
@@ -133,6 +140,11 @@ class Server:
         self.metrics.attach_resilience(self.resilience.breakers, degradation)
         self.metrics.attach_cluster(self.cluster, local.latency)
         self.gateway = Gateway(s, self.auth, self.core, self.writer, self.replies)
+        # hot reload (docs/configuration.md, "Hot reload"): applied here, published to every node
+        self.config = ConfigReloader(
+            s, node_hooks(self), origin=self.node_name, publish=self.cluster.publish_event, on_change=self._config_changed
+        )
+        self.metrics.attach_config(self.config)
         self.auth.on_revoke(self._revoked)
         self.metrics.attach_data_plane(self.gateway.stats)
         store = self.store
@@ -198,6 +210,7 @@ class Server:
             lambda: self.core.sessions.close_revoked(self.auth.is_denied),
             degradation,
             self.node_name,
+            self.config.apply_event,
         )
         consumer = await self.cluster.start_events(
             f"node-{s.node_id}" if s.node_id else self.node_name, handler.apply, handler.rebuild
@@ -279,6 +292,7 @@ class Server:
             connections=self.gateway.connection_count,
             draining=self.draining,
             started_ms=self.started_ms,
+            config_version=self.config.version,
         )
 
     async def readiness(self) -> tuple[bool, dict[str, str]]:
@@ -322,6 +336,27 @@ class Server:
             DegradationChanged(switch=SWITCH_NAMES[switch], value=-1 if value is None else int(value))
         )
 
+    def reload_config(self) -> bool:
+        """SIGHUP: read the configuration again (as at start) and apply its reloadable changes."""
+        if self.load_config is None:
+            log.warning("SIGHUP: this node has no configuration source to read again")
+            return False
+        return self.config.reload_file(self.load_config)
+
+    def _config_changed(self, settings: Settings) -> None:
+        self.settings = settings
+        if self._reregister is None or self._reregister.done():
+            # the registry entry (and so /v1/gateways) shows the new config_version now, not at the next renewal
+            self._reregister = asyncio.get_running_loop().create_task(self._register_again(), name="config-register")
+
+    async def _register_again(self) -> None:
+        if self.draining:
+            return
+        try:
+            await self.cluster.registry.register(self._node_info(), self._node_info)
+        except GochatError as exc:
+            log.warning("registry: config version %d announced at the next renewal (%s)", self.config.version, exc)
+
     def _revoked(self, user_id: int, revoked_id: str) -> None:
         self.gateway.kick_user(user_id, ErrorCode.TOKEN_REVOKED, "logged out", revoked_id)
         expires_ms = now_ms() + self.settings.access_ttl_s * 1000
@@ -344,6 +379,7 @@ class Server:
                 "connections": n.connections,
                 "draining": n.draining,
                 "version": n.version,
+                "config_version": n.config_version,
             }
             for n in nodes
             if not n.draining
@@ -404,8 +440,8 @@ class _NodeEvents:
         return self.server.core.sessions.local()
 
 
-async def _serve(settings: Settings) -> None:
-    server = Server(settings)
+async def _serve(settings: Settings, load_config: Callable[[], Settings] | None = None) -> None:
+    server = Server(settings, load_config=load_config)
     await server.start()
     # Everything allocated at start-up lives for the whole process: keep it out of the cyclic
     # GC's scans, and let gen 0 grow (the data plane creates few cycles; profiles showed ~20 %
@@ -421,13 +457,14 @@ async def _serve(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, server.reload_config)
     await stop.wait()
     await server.stop()
 
 
 def _supervise(settings: Settings) -> int:
     """``--workers N``: run N node processes that share the ports (SO_REUSEPORT); forward
-    SIGINT/SIGTERM to them and wait. Each worker is a full cluster node with its own node id."""
+    SIGINT/SIGTERM/SIGHUP to them and wait. Each worker is a full cluster node with its own node id."""
     import subprocess
 
     children = []
@@ -442,16 +479,30 @@ def _supervise(settings: Settings) -> int:
 
     signal.signal(signal.SIGINT, forward)
     signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGHUP, forward)  # hot reload: every worker reads the file again
     return max(child.wait() for child in children)
 
 
-def run(settings: Settings) -> int:
-    """Run a node (or ``workers`` nodes) until SIGINT/SIGTERM, on uvloop."""
+def _worker_settings(load: Callable[[], Settings], index: int) -> Callable[[], Settings]:
+    """``load``, with the node id a worker derives from it (as :func:`run` does at start)."""
+
+    def load_worker() -> Settings:
+        s = load()
+        return s.replace(node_id=(s.node_id + index) % 1024) if s.node_id else s
+
+    return load_worker
+
+
+def run(settings: Settings, load_config: Callable[[], Settings] | None = None) -> int:
+    """Run a node (or ``workers`` nodes) until SIGINT/SIGTERM, on uvloop. ``load_config``
+    resolves the settings again as at start (SIGHUP: hot reload)."""
     if settings.workers > 1 and "GOCHAT_WORKER_INDEX" not in os.environ:
         return _supervise(settings)
     index = int(os.environ.get("GOCHAT_WORKER_INDEX", "0"))
     if index and settings.node_id:
         settings = settings.replace(node_id=(settings.node_id + index) % 1024)
+        if load_config is not None:
+            load_config = _worker_settings(load_config, index)
     configure_logging(settings.log_level, settings.log_format, f"{socket.gethostname()}-{os.getpid()}")
     # picows logs every accepted connection at INFO: too chatty for a server with 100k clients.
     if logging.getLogger().level > logging.DEBUG:
@@ -460,7 +511,7 @@ def run(settings: Settings) -> int:
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency
-        asyncio.run(_serve(settings))
+        asyncio.run(_serve(settings, load_config))
     else:
-        uvloop.run(_serve(settings))
+        uvloop.run(_serve(settings, load_config))
     return 0

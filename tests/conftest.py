@@ -57,10 +57,13 @@ class GochatProcess:
     """A real ``gochat serve`` process on free ports with its own data directory."""
 
     def __init__(
-        self, data_dir: Path, extra_env: dict[str, str] | None = None, name: str | None = None
+        self, data_dir: Path, extra_env: dict[str, str] | None = None, name: str | None = None,
+        args: list[str] | None = None,
     ) -> None:
         self.data_dir = data_dir
         self.extra_env = extra_env or {}
+        #: more ``gochat serve`` arguments (``--config FILE``)
+        self.args = args or []
         self.ws_port = 0
         self.http_port = 0
         self.ws_url = ""
@@ -82,6 +85,7 @@ class GochatProcess:
                 "--host", "127.0.0.1",
                 "--ws-port", str(self.ws_port),
                 "--http-port", str(self.http_port),
+                *self.args,
             ],
             stdout=self._log,
             stderr=subprocess.STDOUT,

@@ -14,6 +14,9 @@ configured the admin API is off and every route answers 403.
   on every node of the cluster (through the event bus)
 - ``GET /v1/admin/slow-queries?limit=N``: this node's slow store statements, the top N (20;
   at most 500) fingerprints by total time (docs/observability.md, "Slow queries")
+- ``GET /v1/admin/config``: the reloadable settings' values and ``config_version``
+- ``PUT /v1/admin/config`` ``{"<setting>": value, …}``: change reloadable settings; applied on
+  every node of the cluster under one new ``config_version`` (docs/configuration.md, "Hot reload")
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from typing import Any
 from aiohttp import web
 
 from gochat.api.common import SERVER_KEY, Node, bearer, json_response, read_body
-from gochat.errors import ErrorCode, GochatError, RequestError
+from gochat.errors import ConfigError, ErrorCode, GochatError, RequestError
 from gochat.resilience.degradation import SWITCH_NAMES
 
 __all__ = ["add_admin_routes", "operator"]
@@ -102,9 +105,31 @@ async def slow_queries(request: web.Request) -> web.Response:
     return json_response(slow.snapshot(int(raw)))
 
 
+def _config(server: Node) -> dict[str, Any]:
+    return {"config_version": server.config.version, "settings": server.config.values()}
+
+
+async def get_config(request: web.Request) -> web.Response:
+    return json_response(_config(operator(request)))
+
+
+async def put_config(request: web.Request) -> web.Response:
+    server = operator(request)
+    data = await read_body(request)
+    if not data:
+        raise RequestError("expected an object of setting: value (the reloadable settings)", code=ErrorCode.BAD_REQUEST)
+    try:
+        changed = server.config.change(data)
+    except ConfigError as exc:
+        raise RequestError(exc.message, code=ErrorCode.BAD_REQUEST) from None
+    return json_response({**_config(server), "changed": changed})
+
+
 def add_admin_routes(router: web.UrlDispatcher) -> None:
     router.add_get("/v1/admin/breakers", list_breakers)
     router.add_post("/v1/admin/breakers/{name}", change_breaker)
     router.add_get("/v1/admin/degradation", get_degradation)
     router.add_put("/v1/admin/degradation", put_degradation)
     router.add_get("/v1/admin/slow-queries", slow_queries)
+    router.add_get("/v1/admin/config", get_config)
+    router.add_put("/v1/admin/config", put_config)

@@ -14,6 +14,7 @@ from gochat.errors import ERRORS, ErrorCode, GochatError
 if TYPE_CHECKING:
     from gochat.auth.service import AuthService
     from gochat.config import Settings
+    from gochat.config_reload import ConfigReloader
     from gochat.observability.metrics import Metrics
     from gochat.resilience.degradation import Switch
     from gochat.resilience.node import NodeResilience
@@ -44,6 +45,9 @@ class Node(Protocol):
 
     @property
     def resilience(self) -> NodeResilience: ...
+
+    @property
+    def config(self) -> ConfigReloader: ...
 
     def set_degradation(self, switch: Switch, value: bool | None) -> None: ...
 

@@ -46,6 +46,8 @@ class NodeInfo:
     connections: int = 0
     draining: bool = False
     started_ms: int = 0
+    #: the node's configuration version (gochat/config_reload.py; absent from older nodes' entries: 0)
+    config_version: int = 0
     #: set by the registry when read
     updated_ms: int = 0
     extra: dict[str, str] = field(default_factory=dict)

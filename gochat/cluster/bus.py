@@ -172,8 +172,13 @@ class SigningKeyRotated(DomainEvent):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ConfigChanged(DomainEvent):
+    """An operator changed the reloadable settings (SIGHUP, ``PUT /v1/admin/config``): every
+    node applies ``values`` (all the reloadable settings, not only those that changed) as
+    config ``version``. Ordered by (``version``, ``origin``): a node ignores an event that is not
+    newer than the configuration it runs (gochat/config_reload.py)."""
+
     type: ClassVar[str] = "config.changed"
-    key: str
+    values: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable
 
 from gochat.cluster.bus import (
     BreakerChanged,
+    ConfigChanged,
     DegradationChanged,
     DomainEvent,
     GroupCreated,
@@ -45,7 +46,10 @@ class NodeEventHandler:
         close_revoked: Callable[[], int] = lambda: 0,
         degradation: Degradation | None = None,
         node_id: str = "",
+        config_changed: Callable[[ConfigChanged], object] | None = None,
     ) -> None:
+        #: an operator's configuration change, made on any node, applies on every node
+        self.config_changed = config_changed
         #: an operator's degradation switch, set on any node, applies on every node
         self.degradation = degradation
         self.node_id = node_id
@@ -66,6 +70,8 @@ class NodeEventHandler:
                 value = None if event.value < 0 else bool(event.value)
                 if self.degradation.manual(switch) != value:
                     self.degradation.set_manual(switch, value, f"operator, through {event.origin}")
+        elif isinstance(event, ConfigChanged) and self.config_changed is not None:
+            self.config_changed(event)
         elif isinstance(event, BreakerChanged) and event.origin != self.node_id:
             log.info("node %s: %s breaker %s (%s)", event.origin, event.breaker, event.state, event.reason)
 

@@ -49,6 +49,10 @@ class SendAccounting:
         #: when the node last went from no SEND in flight to some
         self._in_flight_since = 0.0
 
+    def set_shed_after_ms(self, overload_send_latency_ms: float) -> None:
+        """A new ``overload_send_latency_ms`` (hot reload; 0: never shed)."""
+        self._shed_after_s = overload_send_latency_ms / 1000
+
     def started(self, now: float) -> None:
         if not self.in_flight:
             self._in_flight_since = now
