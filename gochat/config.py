@@ -99,7 +99,17 @@ class Settings:
     registry_renew_s: int = _opt(30, "registry renewal interval")
     weight: int = _opt(100, "load-balancing weight announced in the registry")
     large_group_threshold: int = _opt(
-        500, "groups above this many members fan out across nodes through Redis Streams jobs", reloadable=True
+        500,
+        "groups above this many members fan out across nodes through Redis Streams jobs; with the "
+        "dynamic threshold on, its starting value (bounded), and a hot reload sets the current value",
+        reloadable=True,
+    )
+    large_group_threshold_min: int = _opt(
+        300, "dynamic large-group threshold: lowest value (equal to the max: off, large_group_threshold stays)"
+    )
+    large_group_threshold_max: int = _opt(1000, "dynamic large-group threshold: highest value")
+    threshold_interval_s: float = _opt(
+        5.0, "dynamic large-group threshold: seconds between two decisions (load probed every 0.25 s)"
     )
     fanout_shard_size: int = _opt(1000, "members per fan-out job of a large group")
     grpc_health_port: int = _opt(0, "port of the gRPC health service (grpc.health.v1); 0 disables it")
@@ -218,6 +228,10 @@ def _validate(s: Settings) -> None:
         raise ConfigError(f"log_level must be one of {', '.join(LOG_LEVELS)}")
     if s.history_max_limit < 1 or s.max_group_members < 2 or s.large_group_threshold < 1:
         raise ConfigError("history_max_limit and large_group_threshold must be >= 1, max_group_members >= 2")
+    if not 1 <= s.large_group_threshold_min <= s.large_group_threshold_max:
+        raise ConfigError("large_group_threshold_min must be >= 1 and not above large_group_threshold_max")
+    if not 0.25 <= s.threshold_interval_s <= 3600:
+        raise ConfigError("threshold_interval_s must be between 0.25 and 3600")
     if not (s.rate_limit_per_s > 0 and s.rate_limit_burst >= 1):
         raise ConfigError("rate_limit_per_s must be positive and rate_limit_burst at least 1")
     if s.log_format not in ("text", "json"):

@@ -180,9 +180,16 @@ def node_hooks(server: Any) -> dict[str, Hook]:
 
     def overload(s: Settings) -> None:
         server.core.sends.accounting.set_shed_after_ms(s.overload_send_latency_ms)
+        threshold = getattr(server, "threshold", None)
+        if threshold is not None:  # the commit latency at which its load pressure is full
+            threshold.commit_full_s = s.overload_send_latency_ms / 1000 or 0.25
 
     def large_group_threshold(s: Settings) -> None:
-        server.core.delivery.large_group_threshold = s.large_group_threshold
+        threshold = getattr(server, "threshold", None)
+        if threshold is not None and threshold.enabled:
+            threshold.reset(s.large_group_threshold)  # the dynamic threshold's current value, bounded
+        else:
+            server.core.delivery.large_group_threshold = s.large_group_threshold
 
     return {
         "history_max_limit": core_settings,

@@ -40,6 +40,7 @@ from gochat.messaging.core import MessagingCore
 from gochat.messaging.delivery import LocalDelivery
 from gochat.messaging.events import NodeEventHandler
 from gochat.messaging.replies import ErrorReplies
+from gochat.messaging.threshold import SendLatencySampler, ThresholdController
 from gochat.observability.grpc_health import GrpcHealth
 from gochat.observability.logs import configure_logging
 from gochat.observability.metrics import Metrics
@@ -86,6 +87,8 @@ class Server:
         self.started_ms = now_ms()
         #: retry policy, breakers and degradation switches (docs/resilience.md)
         self.resilience = NodeResilience(settings)
+        #: the dynamic large-group threshold (gochat/messaging/threshold.py), once started
+        self.threshold: ThresholdController | None = None
 
     async def start(self) -> None:
         s = self.settings
@@ -136,6 +139,17 @@ class Server:
             self.tracing,
         )
         degradation.retry_after_ms = int(s.breaker_open_s * 1000)
+        self.threshold = ThresholdController(
+            s.large_group_threshold,
+            s.large_group_threshold_min,
+            s.large_group_threshold_max,
+            apply=self._set_large_group_threshold,
+            node_id=self.node_name,
+            interval_s=s.threshold_interval_s,
+            commit_full_s=s.overload_send_latency_ms / 1000,
+        )
+        self._set_large_group_threshold(self.threshold.value)
+        self.metrics.attach_threshold(self.threshold)
         self.resilience.breakers.on_change(self._breaker_changed)
         self.metrics.attach_resilience(self.resilience.breakers, degradation)
         self.metrics.attach_cluster(self.cluster, local.latency)
@@ -215,6 +229,13 @@ class Server:
         consumer = await self.cluster.start_events(
             f"node-{s.node_id}" if s.node_id else self.node_name, handler.apply, handler.rebuild
         )
+        cluster = self.cluster
+        self.threshold.start(
+            lambda: cluster.nodes,
+            lambda: len(cluster._queue),
+            SendLatencySampler(self.metrics.hot.send_latency),
+            lambda: cluster.peers,
+        )
         # The member lists of the most recently active groups, into the L1 cache in the
         # background (docs/consistency.md, "Caches"): readiness does not wait for it.
         self._warmup = asyncio.create_task(addressing.warm_up(), name="cache-warmup")
@@ -281,6 +302,9 @@ class Server:
             )
 
         return memory_backends(), sqlite
+
+    def _set_large_group_threshold(self, value: int) -> None:
+        self.core.delivery.large_group_threshold = value
 
     def _node_info(self) -> NodeInfo:
         return NodeInfo(
@@ -391,6 +415,8 @@ class Server:
             return
         self.draining = True
         log.info("gochat draining")
+        if self.threshold is not None:
+            await self.threshold.stop()
         if self.grpc_health is not None:
             await self.grpc_health.draining()
         await self.cluster.deregister()

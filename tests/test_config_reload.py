@@ -149,7 +149,13 @@ def test_each_reloadable_setting_reaches_its_consumer_on_a_running_node(tmp_path
     from gochat.server import Server
 
     s = load_settings(
-        env={"GOCHAT_DATA_DIR": str(tmp_path), "GOCHAT_WS_PORT": "0", "GOCHAT_HTTP_PORT": "0"}
+        env={
+            "GOCHAT_DATA_DIR": str(tmp_path),
+            "GOCHAT_WS_PORT": "0",
+            "GOCHAT_HTTP_PORT": "0",
+            # the dynamic threshold bounds a reloaded large_group_threshold: 5 lies within these
+            "GOCHAT_LARGE_GROUP_THRESHOLD_MIN": "1",
+        }
     )
     new = {
         "history_max_limit": 3,

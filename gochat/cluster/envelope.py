@@ -47,6 +47,7 @@ __all__ = [
     "encode_room",
     "encode_traced",
     "encode_users",
+    "encode_users_packed",
     "split_batch",
 ]
 
@@ -127,6 +128,17 @@ def encode_users(
 ) -> bytes:
     head = _USERS_HEAD.pack(T_USERS, (1 if droppable else 0) | (2 if unordered else 0), len(user_ids))
     return head + struct.pack(f"<{len(user_ids)}Q", *user_ids) + frame
+
+
+def encode_users_packed(
+    count: int, packed_ids: bytes, frame: bytes, droppable: bool = False, unordered: bool = False
+) -> bytes:
+    """:func:`encode_users` with the ids already packed (``count`` little-endian u64 in
+    ``packed_ids``, e.g. a numpy ``<u8`` array's bytes): the same envelope, byte for byte."""
+    if len(packed_ids) != 8 * count:
+        raise ValueError(f"{len(packed_ids)} bytes do not hold {count} u64 ids")
+    head = _USERS_HEAD.pack(T_USERS, (1 if droppable else 0) | (2 if unordered else 0), count)
+    return head + packed_ids + frame
 
 
 def encode_room(room_id: int, origin_conn: int, frame: bytes) -> bytes:

@@ -141,6 +141,7 @@ class ClusterLink:
         self.events: ClusterEvents = _NoEvents()
         self._guard_task: asyncio.Task[None] | None = None
         self._nodes: list[NodeInfo] = []
+        self._members_loaded = False
         #: some other node is listed: remote routing has somewhere to go (read on the send path)
         self.peers = False
         #: (user_ids, frame, droppable, trace): trace is a sampled message's, else None
@@ -254,6 +255,13 @@ class ClusterLink:
     def nodes(self, nodes: list[NodeInfo]) -> None:
         self._nodes = nodes
         self.peers = any(n.node_id != self.node_id for n in nodes)
+        if self.peers and not self._members_loaded:
+            # the large-group tier's numpy arithmetic (~55 ms to import): loaded when the node
+            # first sees a peer, not on the first large group's send, and never on an embedded
+            # node (docs/dependencies.md, "numpy")
+            from gochat.cluster import members  # noqa: F401
+
+            self._members_loaded = True
 
     def other_nodes(self) -> list[NodeInfo]:
         return [n for n in self.nodes if n.node_id != self.node_id and not n.draining]
@@ -277,12 +285,18 @@ class ClusterLink:
         shard (Redis Streams); every node's consumer takes some, looks up presence for its shard
         and publishes. Spreads the work of a 10k-member group over the cluster and survives the
         death of a node mid-fan-out (pending jobs are claimed by another consumer)."""
-        ids = list(user_ids)
+        # numpy, imported when the first peer was listed (the nodes setter): the member list as
+        # one sorted, de-duplicated u64 array, shards are views of it, each envelope's ids are
+        # the view's bytes (the same envelope encode_users writes; docs/cluster.md)
+        from gochat.cluster import members
+
+        ids = members.as_sorted_ids(user_ids)
         origin = self.node_id.encode()
+        head = bytes([len(origin)]) + origin
         key = uuid.uuid4().hex
-        for i in range(0, len(ids), self.shard_size):
-            payload = bytes([len(origin)]) + origin + encode_users(ids[i : i + self.shard_size], frame, droppable)
-            self._spawn(self.jobs.enqueue(FANOUT_STREAM, f"{key}:{i}", payload))
+        for i, shard in enumerate(members.shards(ids, self.shard_size)):
+            payload = head + members.encode_users(shard, frame, droppable)
+            self._spawn(self.jobs.enqueue(FANOUT_STREAM, f"{key}:{i * self.shard_size}", payload))
 
     async def _fanout_job(self, job_id: str, payload: bytes) -> None:
         origin = payload[1 : 1 + payload[0]].decode()

@@ -407,6 +407,28 @@ class _ConfigCollector(Collector):
         )
 
 
+class _ThresholdCollector(Collector):
+    """The dynamic large-group threshold and the event-loop lag it measures (a
+    :class:`~gochat.messaging.threshold.ThresholdController`)."""
+
+    def __init__(self, controller: Any) -> None:
+        self._controller = controller
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        c = self._controller
+        yield GaugeMetricFamily(
+            "gochat_large_group_threshold", "Groups above this many members fan out through stream jobs",
+            value=c.value,
+        )
+        yield CounterMetricFamily(
+            "gochat_large_group_threshold_changes", "Changes of the dynamic large-group threshold", value=c.changes
+        )
+        yield GaugeMetricFamily(
+            "gochat_event_loop_lag_seconds", "Event-loop lag: a 0.25 s timer's worst drift over the last interval",
+            value=c.lag_s,
+        )
+
+
 class Metrics:
     """The metric set of one gochat node, in its own registry."""
 
@@ -424,6 +446,10 @@ class Metrics:
     def attach_config(self, config: Any) -> None:
         """``gochat_config_version`` and ``gochat_config_reload_failures_total`` (hot reload)."""
         self.registry.register(_ConfigCollector(config))
+
+    def attach_threshold(self, controller: Any) -> None:
+        """``gochat_large_group_threshold``, its changes and ``gochat_event_loop_lag_seconds``."""
+        self.registry.register(_ThresholdCollector(controller))
 
     def attach_data_plane(self, read: Callable[[], dict[str, Any]]) -> None:
         self.registry.register(_DataPlaneCollector(read))

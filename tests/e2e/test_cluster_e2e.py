@@ -559,7 +559,14 @@ async def online_url(url: str, user: UserCtx) -> RawClient:
 def test_large_group_fans_out_through_stream_jobs(tmp_path: Path) -> None:
     """With the large-group tier at 2 members, a 6-member group's messages go through Redis
     Streams jobs consumed by all nodes; every member on every node still gets each message."""
-    c = Cluster(tmp_path, REDIS_URL, env={"GOCHAT_LARGE_GROUP_THRESHOLD": "2", "GOCHAT_FANOUT_SHARD_SIZE": "2"})
+    env = {
+        "GOCHAT_LARGE_GROUP_THRESHOLD": "2",
+        # a static threshold (the dynamic one off: min == max) below its default bounds
+        "GOCHAT_LARGE_GROUP_THRESHOLD_MIN": "2",
+        "GOCHAT_LARGE_GROUP_THRESHOLD_MAX": "2",
+        "GOCHAT_FANOUT_SHARD_SIZE": "2",
+    }
+    c = Cluster(tmp_path, REDIS_URL, env=env)
     try:
         c.start()
 
