@@ -232,7 +232,7 @@ class Server:
         cluster = self.cluster
         self.threshold.start(
             lambda: cluster.nodes,
-            lambda: len(cluster._queue),
+            lambda: cluster.queue_depth,
             SendLatencySampler(self.metrics.hot.send_latency),
             lambda: cluster.peers,
         )

@@ -266,6 +266,11 @@ class ClusterLink:
     def other_nodes(self) -> list[NodeInfo]:
         return [n for n in self.nodes if n.node_id != self.node_id and not n.draining]
 
+    @property
+    def queue_depth(self) -> int:
+        """Frames waiting to be routed to other nodes (a load signal of the dynamic threshold)."""
+        return len(self._queue)
+
     # ---- outbound ----------------------------------------------------------------------------
     def route_users(
         self, user_ids: Iterable[int], frame: bytes, droppable: bool = False, trace: SendTrace | None = None
