@@ -28,6 +28,19 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
     return asyncio.run(coro)
 
 
+async def drop_redis_keys(url: str, prefix: str) -> int:
+    """Delete every key under ``prefix`` (a test's own namespace: the Redis server is shared, so
+    never FLUSHALL); how many went."""
+    from redis.asyncio import Redis
+
+    r = Redis.from_url(url)
+    try:
+        keys = [k async for k in r.scan_iter(match=f"{prefix}*", count=1000)]
+        return int(await r.delete(*keys)) if keys else 0
+    finally:
+        await r.aclose()
+
+
 def restartable_port() -> int:
     """A free loopback TCP port *below* the kernel's ephemeral range, for a server a test stops
     and starts again. With an ephemeral port, a client reconnecting while the server is down

@@ -34,6 +34,7 @@ from gochat.cluster.shared_cache import (
 )
 from gochat.errors import UnavailableError
 from gochat.ids import MAX_ID
+from tests.conftest import drop_redis_keys
 
 T = TypeVar("T")
 REDIS_URL = os.environ.get("GOCHAT_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -113,13 +114,7 @@ class RedisCacheBackend(CacheBackend):
         return c
 
     async def _delete(self) -> None:
-        admin = aioredis.Redis.from_url(self.url)
-        try:
-            keys = [k async for k in admin.scan_iter(match=f"{self.prefix}*", count=1000)]
-            if keys:
-                await admin.delete(*keys)
-        finally:
-            await admin.aclose()
+        await drop_redis_keys(self.url, self.prefix)
 
     async def lose_data(self) -> None:
         await self._delete()
@@ -432,9 +427,7 @@ def test_redis_backends_have_a_redis_shared_cache(redis_url: str) -> None:
             assert 86_000_000 < await admin.pttl(f"{prefix}cache:direct:1:2") <= 86_400_000
         finally:
             await backends.close()
-            keys = [k async for k in admin.scan_iter(match=f"{prefix}*")]
-            if keys:
-                await admin.delete(*keys)
             await admin.aclose()
+            await drop_redis_keys(REDIS_URL, prefix)
 
     asyncio.run(main())

@@ -43,6 +43,7 @@ from gochat.store.postgres.hot_queries import hot_queries
 from gochat.store.sqlite import SQLiteStore
 from gochat.store.sqlite.doctor import expected_indexes as sqlite_expected_indexes
 from gochat.store.sqlite.hot_queries import HOT_QUERIES as SQLITE_HOT
+from tests.conftest import drop_redis_keys
 
 T = TypeVar("T")
 DSN = os.environ.get("GOCHAT_TEST_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/test")
@@ -77,19 +78,7 @@ def redis_prefix() -> Iterator[str]:
     try:
         yield prefix
     finally:
-
-        async def clean() -> None:
-            from redis.asyncio import Redis
-
-            r = Redis.from_url(REDIS_URL)
-            try:
-                keys = [k async for k in r.scan_iter(match=prefix + "*", count=1000)]
-                if keys:
-                    await r.delete(*keys)
-            finally:
-                await r.aclose()
-
-        run(clean())
+        run(drop_redis_keys(REDIS_URL, prefix))
 
 
 def cmid(n: int) -> bytes:

@@ -28,7 +28,7 @@ from gochat.cluster.shared_cache import unpack_members
 from gochat.errors import ErrorCode
 from gochat.protocol import Kind
 from gochat.protocol.frames import AuthOk, Call, CallResult, Error, Frame, SendAck
-from tests.conftest import GochatProcess, UserCtx, create_user, run
+from tests.conftest import GochatProcess, UserCtx, create_user, drop_redis_keys, run
 from tests.e2e.rawclient import RawClient, connect, send_frame
 from tests.e2e.test_cluster_e2e import REDIS_URL, Cluster
 
@@ -115,12 +115,7 @@ async def acked(p: Peer, gid: int, body: bytes) -> bool:
 async def flush_cluster_keys(prefix: str) -> int:
     """Delete every key of the cluster from Redis: a FLUSH as far as the cluster can tell (the
     server is shared with other tests, so never FLUSHALL)."""
-    r = aioredis.Redis.from_url(REDIS_URL)
-    try:
-        keys = [k async for k in r.scan_iter(match=f"{prefix}*", count=1000)]
-        return int(await r.delete(*keys)) if keys else 0
-    finally:
-        await r.aclose()
+    return await drop_redis_keys(REDIS_URL, prefix)
 
 
 async def l2_members(prefix: str, gid: int) -> tuple[int, tuple[int, ...]] | None:

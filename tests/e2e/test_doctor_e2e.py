@@ -48,6 +48,7 @@ from gochat.store.postgres.doctor import (
 )
 from gochat.store.postgres.hot_queries import hot_queries
 from gochat.store.sqlite import SQLiteStore
+from tests.conftest import drop_redis_keys
 
 pytestmark = pytest.mark.e2e
 
@@ -104,19 +105,7 @@ def redis_prefix() -> Iterator[str]:
     try:
         yield prefix
     finally:
-
-        async def clean() -> None:
-            from redis.asyncio import Redis
-
-            r = Redis.from_url(REDIS_URL)
-            try:
-                keys = [k async for k in r.scan_iter(match=prefix + "*", count=1000)]
-                if keys:
-                    await r.delete(*keys)
-            finally:
-                await r.aclose()
-
-        run(clean())
+        run(drop_redis_keys(REDIS_URL, prefix))
 
 
 # ---- PostgreSQL ---------------------------------------------------------------------------------
