@@ -111,7 +111,30 @@ class Settings:
     threshold_interval_s: float = _opt(
         5.0, "dynamic large-group threshold: seconds between two decisions (load probed every 0.25 s)"
     )
-    fanout_shard_size: int = _opt(1000, "members per fan-out job of a large group")
+    # fan-out tiers (docs/cluster.md, "Fan-out tiers"), checked in this order: inline up to
+    # fanout_inline_max, batched up to the large-group threshold, sharded up to
+    # fanout_cascade_min, cascaded above (a tier whose range is empty is skipped)
+    fanout_inline_max: int = _opt(
+        100, "groups up to this many members are fanned out inline, at the small-group priority", reloadable=True
+    )
+    fanout_cascade_min: int = _opt(
+        5000,
+        "groups above this many members are cascaded: one broadcast, every node fans out to its own members",
+        reloadable=True,
+    )
+    fanout_shard_size: int = _opt(500, "members per stream job of the sharded tier", reloadable=True)
+    fanout_chunk: int = _opt(
+        1000, "recipients a node queues per event-loop turn in a sharded or cascaded fan-out", reloadable=True
+    )
+    fanout_max_jobs: int = _opt(
+        1024, "sharded and cascaded fan-outs waiting on one node; more are shed (recovered by SYNC)", reloadable=True
+    )
+    fanout_job_concurrency: int = _opt(4, "stream jobs of the sharded tier one node handles at once")
+    fanout_claim_idle_ms: int = _opt(
+        5000,
+        "a sharded-tier stream job taken by a node that died is handed to another node after this long "
+        "(a live node keeps its running jobs fresh)",
+    )
     grpc_health_port: int = _opt(0, "port of the gRPC health service (grpc.health.v1); 0 disables it")
     workers: int = _opt(1, "node processes sharing the ports (SO_REUSEPORT); >1 needs cluster mode")
     # resilience (docs/resilience.md): one retry policy, the circuit breakers, degradation
@@ -230,6 +253,16 @@ def _validate(s: Settings) -> None:
         raise ConfigError("history_max_limit and large_group_threshold must be >= 1, max_group_members >= 2")
     if not 1 <= s.large_group_threshold_min <= s.large_group_threshold_max:
         raise ConfigError("large_group_threshold_min must be >= 1 and not above large_group_threshold_max")
+    if not (
+        s.fanout_inline_max >= 0
+        and s.fanout_cascade_min >= 1
+        and s.fanout_shard_size >= 1
+        and s.fanout_claim_idle_ms >= 100 and s.fanout_chunk >= 1 and s.fanout_max_jobs >= 1 and s.fanout_job_concurrency >= 1
+    ):
+        raise ConfigError(
+            "fanout_inline_max must be >= 0; fanout_cascade_min, fanout_shard_size, fanout_chunk, "
+            "fanout_max_jobs and fanout_job_concurrency >= 1; fanout_claim_idle_ms >= 100"
+        )
     if not 0.25 <= s.threshold_interval_s <= 3600:
         raise ConfigError("threshold_interval_s must be between 0.25 and 3600")
     if not (s.rate_limit_per_s > 0 and s.rate_limit_burst >= 1):

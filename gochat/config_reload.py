@@ -191,7 +191,18 @@ def node_hooks(server: Any) -> dict[str, Hook]:
         else:
             server.core.delivery.large_group_threshold = s.large_group_threshold
 
+    def fanout(s: Settings) -> None:
+        delivery = server.core.delivery
+        delivery.inline_max, delivery.cascade_min = s.fanout_inline_max, s.fanout_cascade_min
+        delivery.jobs.chunk, delivery.jobs.max_jobs = s.fanout_chunk, s.fanout_max_jobs
+        server.cluster.shard_size = s.fanout_shard_size
+
     return {
+        "fanout_inline_max": fanout,
+        "fanout_cascade_min": fanout,
+        "fanout_shard_size": fanout,
+        "fanout_chunk": fanout,
+        "fanout_max_jobs": fanout,
         "history_max_limit": core_settings,
         "rate_limit_per_s": gateway_settings,
         "rate_limit_burst": gateway_settings,

@@ -30,6 +30,8 @@ from gochat.clock import now_ms
 from gochat.cluster.backends import ClusterBackends, memory_backends, redis_backends
 from gochat.cluster.base import PRESENCE_GUARD_S, NodeInfo
 from gochat.cluster.bus import EVENT_FRESH_S, BreakerChanged, DegradationChanged
+from gochat.cluster.envelope import CascadeEnvelope
+from gochat.cluster.fanout import FanoutProgress, Tier
 from gochat.cluster.link import ClusterLink
 from gochat.config import Settings
 from gochat.config_reload import ConfigReloader, node_hooks
@@ -123,6 +125,7 @@ class Server:
             retry=self.resilience.retry,
             tracing=self.tracing,
         )
+        self.cluster.job_concurrency = s.fanout_job_concurrency
         self.replies = ErrorReplies(self.metrics.hot.errors)
         degradation = self.resilience.degradation
         self.core = MessagingCore(
@@ -152,7 +155,7 @@ class Server:
         self.metrics.attach_threshold(self.threshold)
         self.resilience.breakers.on_change(self._breaker_changed)
         self.metrics.attach_resilience(self.resilience.breakers, degradation)
-        self.metrics.attach_cluster(self.cluster, local.latency)
+        self.metrics.attach_cluster(self.cluster, local.latency, self.core.delivery)
         self.gateway = Gateway(s, self.auth, self.core, self.writer, self.replies)
         # hot reload (docs/configuration.md, "Hot reload"): applied here, published to every node
         self.config = ConfigReloader(
@@ -273,6 +276,7 @@ class Server:
                 timeout_s=5.0,
                 breaker=redis_breaker,
                 retry=resilience.retry,
+                claim_idle_ms=s.fanout_claim_idle_ms,
             )
 
             def postgres() -> Store:
@@ -360,6 +364,36 @@ class Server:
             DegradationChanged(switch=SWITCH_NAMES[switch], value=-1 if value is None else int(value))
         )
 
+    @property
+    def fanout_progress(self) -> FanoutProgress:
+        """The cluster's fan-out job records (``GET /v1/admin/fanout``)."""
+        return self.cluster.progress
+
+    def fanout_status(self) -> dict[str, Any]:
+        """This node's fan-out: tier boundaries now, queues, counters (``GET /v1/admin/fanout``)."""
+        delivery = self.core.delivery
+        jobs = delivery.jobs
+        return {
+            "node_id": self.node_name,
+            "tiers": {
+                "inline_max": delivery.inline_max,
+                "batched_max": delivery.large_group_threshold,
+                "sharded_max": delivery.cascade_min,
+                "shard_size": self.cluster.shard_size,
+            },
+            "fanouts": {t.label: delivery.by_tier[t] for t in Tier},
+            "route_queue": self.cluster.queue_depths(),
+            "local_jobs": {
+                "waiting": jobs.waiting,
+                "pending_recipients": jobs.pending_recipients,
+                "started": jobs.started,
+                "finished": jobs.finished,
+                "shed": jobs.shed,
+                "chunk": jobs.chunk,
+                "max_jobs": jobs.max_jobs,
+            },
+        }
+
     def reload_config(self) -> bool:
         """SIGHUP: read the configuration again (as at start) and apply its reloadable changes."""
         if self.load_config is None:
@@ -435,6 +469,7 @@ class Server:
         log.debug("HTTP API stopped")
         await self.auth.close()
         await self.resilience.close()
+        await self.core.close()
         await self.cluster.close()
         log.debug("cluster link closed")
         await self.store.close()
@@ -464,6 +499,13 @@ class _NodeEvents:
 
     def local_sessions(self) -> list[tuple[int, int]]:
         return self.server.core.sessions.local()
+
+    def cascade(self, env: CascadeEnvelope) -> None:
+        self.server.core.cascade(env)
+
+    def resync(self, user_ids: tuple[int, ...] | None) -> None:
+        reason = "broker subscription restored" if user_ids is None else "pushes lost on the way"
+        self.server.core.resync(user_ids, reason)
 
 
 async def _serve(settings: Settings, load_config: Callable[[], Settings] | None = None) -> None:

@@ -30,6 +30,7 @@ def test_every_reloadable_setting_has_an_apply_hook_and_only_those() -> None:
     assert reloadable_settings() == {
         "history_max_limit", "max_group_members", "large_group_threshold", "overload_send_latency_ms",
         "rate_limit_per_s", "rate_limit_burst", "slow_query_ms", "log_level",
+        "fanout_inline_max", "fanout_cascade_min", "fanout_shard_size", "fanout_chunk", "fanout_max_jobs",
     }
     assert set(node_hooks(object())) == reloadable_settings()
     with pytest.raises(ValueError, match="history_max_limit"):
@@ -166,6 +167,11 @@ def test_each_reloadable_setting_reaches_its_consumer_on_a_running_node(tmp_path
         "rate_limit_burst": 8,
         "slow_query_ms": 9.0,
         "log_level": "ERROR",
+        "fanout_inline_max": 2,
+        "fanout_cascade_min": 11,
+        "fanout_shard_size": 12,
+        "fanout_chunk": 13,
+        "fanout_max_jobs": 14,
     }
     assert set(new) == reloadable_settings()
     root = logging.getLogger()
@@ -181,6 +187,9 @@ def test_each_reloadable_setting_reaches_its_consumer_on_a_running_node(tmp_path
             assert core.settings.history_max_limit == 3
             assert core.calls.max_group_members == 4
             assert core.delivery.large_group_threshold == 5
+            assert (core.delivery.inline_max, core.delivery.cascade_min) == (2, 11)
+            assert (core.delivery.jobs.chunk, core.delivery.jobs.max_jobs) == (13, 14)
+            assert server.cluster.shard_size == 12
             assert core.sends.accounting._shed_after_s == pytest.approx(0.006)
             assert server.gateway.settings.rate_limit_per_s == 7.0
             assert server.gateway.settings.rate_limit_burst == 8

@@ -69,7 +69,8 @@ def test_a_json_logging_node_writes_one_object_a_line_and_exports_delivery_laten
                 line.rsplit(" ", 1) for line in text.splitlines() if line and not line.startswith("#")
             )
             assert float(samples['gochat_delivery_latency_seconds_count{tier="inline"}']) >= 3
-            assert float(samples['gochat_delivery_latency_seconds_count{tier="large"}']) == 0
+            for tier in ("batched", "sharded", "cascaded"):
+                assert float(samples[f'gochat_delivery_latency_seconds_count{{tier="{tier}"}}']) == 0
             assert float(samples["gochat_cluster_nodes"]) == 1
             assert float(samples["gochat_cluster_shed_total"]) == 0
             assert 'gochat_cluster_resubscribes_total{reader="broker"}' in samples

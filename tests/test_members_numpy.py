@@ -62,7 +62,7 @@ def test_envelopes_are_byte_identical(ids: list[int], droppable: bool, unordered
     data = m.encode_users(arr, frame, droppable, unordered)
     assert data == encode_users(arr.tolist(), frame, droppable, unordered)
     env = decode_envelope(data)
-    assert env == UsersEnvelope(tuple(arr.tolist()), frame, droppable, unordered)
+    assert env == UsersEnvelope(tuple(arr.tolist()), frame, droppable, unordered, 2 if unordered else 0)
     # a view (a shard) encodes the same as a copy
     for shard in m.shards(arr, 7):
         assert m.encode_users(shard, frame) == encode_users(shard.tolist(), frame)
@@ -97,9 +97,10 @@ def test_inputs_outside_u64_are_refused() -> None:
     assert m.as_sorted_ids(np.array([3, 1, 3], dtype=np.int64)).tolist() == [1, 3]
 
 
-def test_route_large_enqueues_the_same_shards_and_bytes() -> None:
-    """ClusterLink.route_large: one job per shard of the sorted, de-duplicated members, each
-    payload the origin plus the envelope the Python path writes."""
+def test_sharded_job_enqueues_the_same_shards_and_bytes() -> None:
+    """The sharded tier (FanoutJobs._sharded): one job per shard of the sorted, de-duplicated
+    members, each payload the origin plus the envelope the Python path writes."""
+    from gochat.cluster.fanout import FanoutJob, MemoryFanoutProgress
     from gochat.cluster.link import FANOUT_STREAM, ClusterLink
 
     class Jobs:
@@ -111,18 +112,20 @@ def test_route_large_enqueues_the_same_shards_and_bytes() -> None:
 
     class Backends:
         jobs = Jobs()
+        progress = MemoryFanoutProgress()
         broker = presence = registry = bus = None
 
     async def scenario() -> None:
         link = ClusterLink("node-a", Backends(), local=None, shard_size=3)  # type: ignore[arg-type]
         members_ = [7, 2**63, 5, 7, 1, 2**64 - 1, 5, 9]
-        link.route_large(members_, b"frame", True)
-        await asyncio.sleep(0)
+        job = FanoutJob("j1", "sharded", 1, 1, 1, "node-a", len(members_), 4, 0)
+        await link.fanout._sharded(job, members_, b"frame", True)
         ref = m.py_shards(m.py_sorted_ids(members_), 3)
         jobs = Backends.jobs.jobs
         assert [(s, j.rpartition(":")[2]) for s, j, _ in jobs] == [(FANOUT_STREAM, str(3 * i)) for i in range(len(ref))]
         for (_, _, payload), shard in zip(jobs, ref, strict=True):
-            assert payload == bytes([6]) + b"node-a" + encode_users(shard, b"frame", True)
+            assert payload == bytes([6]) + b"node-a" + encode_users(shard, b"frame", True, unordered=True)
+        assert (await Backends.progress.get("j1")) == job
 
     asyncio.run(scenario())
 
@@ -144,7 +147,7 @@ def test_numpy_is_imported_only_once_a_peer_is_listed() -> None:
         from gochat.cluster.link import ClusterLink
 
         class Backends:
-            jobs = broker = presence = registry = bus = None
+            jobs = broker = presence = registry = bus = progress = None
 
         link = ClusterLink("a", Backends(), local=None)
         assert "gochat.cluster.members" not in sys.modules, "imported at start-up"

@@ -17,6 +17,9 @@ configured the admin API is off and every route answers 403.
 - ``GET /v1/admin/config``: the reloadable settings' values and ``config_version``
 - ``PUT /v1/admin/config`` ``{"<setting>": value, …}``: change reloadable settings; applied on
   every node of the cluster under one new ``config_version`` (docs/configuration.md, "Hot reload")
+- ``GET /v1/admin/fanout?limit=N``: the newest N (50; at most 1000) fan-out jobs of the cluster
+  with their progress, and this node's fan-out queues (docs/cluster.md, "Fan-out tiers")
+- ``GET /v1/admin/fanout/{job_id}``: one job (404 when unknown or expired)
 """
 
 from __future__ import annotations
@@ -125,6 +128,28 @@ async def put_config(request: web.Request) -> web.Response:
     return json_response({**_config(server), "changed": changed})
 
 
+def _limit(request: web.Request, default: int, most: int) -> int:
+    raw = request.query.get("limit", str(default))
+    if not raw.isdigit() or not 1 <= int(raw) <= most:
+        raise RequestError(f"'limit' must be an integer from 1 to {most}", code=ErrorCode.BAD_REQUEST)
+    return int(raw)
+
+
+async def list_fanout(request: web.Request) -> web.Response:
+    server = operator(request)
+    limit = _limit(request, 50, 1000)
+    jobs = await server.fanout_progress.recent(limit)
+    return json_response({"jobs": [j.as_dict() for j in jobs], "node": server.fanout_status()})
+
+
+async def get_fanout(request: web.Request) -> web.Response:
+    server = operator(request)
+    job = await server.fanout_progress.get(request.match_info["job_id"])
+    if job is None:
+        raise RequestError("no such fan-out job (unknown, or older than an hour)", code=ErrorCode.NOT_FOUND)
+    return json_response(job.as_dict())
+
+
 def add_admin_routes(router: web.UrlDispatcher) -> None:
     router.add_get("/v1/admin/breakers", list_breakers)
     router.add_post("/v1/admin/breakers/{name}", change_breaker)
@@ -133,3 +158,5 @@ def add_admin_routes(router: web.UrlDispatcher) -> None:
     router.add_get("/v1/admin/slow-queries", slow_queries)
     router.add_get("/v1/admin/config", get_config)
     router.add_put("/v1/admin/config", put_config)
+    router.add_get("/v1/admin/fanout", list_fanout)
+    router.add_get("/v1/admin/fanout/{job_id}", get_fanout)

@@ -13,6 +13,7 @@ from gochat.errors import ERRORS, ErrorCode, GochatError
 
 if TYPE_CHECKING:
     from gochat.auth.service import AuthService
+    from gochat.cluster.fanout import FanoutProgress
     from gochat.config import Settings
     from gochat.config_reload import ConfigReloader
     from gochat.observability.metrics import Metrics
@@ -50,6 +51,11 @@ class Node(Protocol):
     def config(self) -> ConfigReloader: ...
 
     def set_degradation(self, switch: Switch, value: bool | None) -> None: ...
+
+    @property
+    def fanout_progress(self) -> FanoutProgress: ...
+
+    def fanout_status(self) -> dict[str, Any]: ...
 
 
 SERVER_KEY: web.AppKey[Node] = web.AppKey("server")

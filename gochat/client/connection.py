@@ -67,6 +67,7 @@ from gochat.protocol.constants import (
     MAX_METHOD,
     SEND_FIXED_SIZE,
     ContentType,
+    EventType,
     Kind,
 )
 from gochat.protocol.traceparent import parse_traceparent
@@ -534,6 +535,8 @@ class Client:
         elif isinstance(f, F.SendAck):
             self._on_send_ack(conn, f)
         elif isinstance(f, F.Event):
+            if f.type == EventType.RESYNC:
+                self._catchup.resync_soon(conn)
             self._stream.emit((Event.from_frame(f),))
         elif isinstance(f, F.Error):
             self._on_error(conn, f)

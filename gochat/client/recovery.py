@@ -178,7 +178,7 @@ class Outbox:
 class Catchup:
     """Seq tracking, SYNC and gap filling (see the module docstring)."""
 
-    __slots__ = ("_emit", "_link", "_outbox", "fills", "tracker")
+    __slots__ = ("_emit", "_link", "_outbox", "_resync", "_resync_again", "fills", "tracker")
 
     def __init__(self, link: Link, tracker: SeqTracker, outbox: Outbox,
                  emit: Callable[[Iterable[Message]], None]) -> None:
@@ -188,14 +188,39 @@ class Catchup:
         self._emit = emit
         #: conversation -> its running gap-fill task
         self.fills: dict[ConvKey, asyncio.Task[None]] = {}
+        #: the SYNC an EVENT RESYNC asked for, and whether another came in meanwhile
+        self._resync: asyncio.Task[None] | None = None
+        self._resync_again = False
+
+    def resync_soon(self, conn: Connection) -> None:
+        """EVENT RESYNC (pushes may have been lost between server nodes): SYNC on ``conn`` in
+        the background; one at a time, and once more if asked again while it runs."""
+        if self._resync is not None and not self._resync.done():
+            self._resync_again = True
+            return
+        self._resync = self._link.loop.create_task(self._resync_run(conn))
+
+    async def _resync_run(self, conn: Connection) -> None:
+        while True:
+            self._resync_again = False
+            try:
+                await self.sync_on(conn, self._link.request_timeout)
+            except GochatError as e:  # a lost connection SYNCs again on the next one anyway
+                log.info("SYNC after RESYNC failed: %r", e)
+                return
+            if not self._resync_again:
+                return
+
+    def _tasks(self) -> list[asyncio.Task[None]]:
+        return [*self.fills.values(), *([self._resync] if self._resync is not None else [])]
 
     def cancel(self) -> None:
-        for t in self.fills.values():
+        for t in self._tasks():
             t.cancel()
 
     async def close(self) -> None:
-        """Cancel the gap fills and wait for them to end."""
-        tasks = list(self.fills.values())
+        """Cancel the gap fills (and a RESYNC's SYNC) and wait for them to end."""
+        tasks = self._tasks()
         for t in tasks:
             t.cancel()
         for t in tasks:

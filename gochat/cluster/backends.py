@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from gochat.cluster.base import Broker, JobQueue, Presence, Registry
 from gochat.cluster.bus import EventBus
+from gochat.cluster.fanout import FanoutProgress, MemoryFanoutProgress
 from gochat.cluster.locks import Locks
 from gochat.cluster.memory import (
     MemoryBroker,
@@ -48,11 +49,13 @@ class ClusterBackends:
     locks: Locks = field(default_factory=MemoryLocks)
     #: the shared (L2) cache (gochat/cluster/shared_cache.py); a private one when not given
     cache: SharedCache = field(default_factory=MemorySharedCache)
+    #: fan-out job records (gochat/cluster/fanout.py); private ones when not given
+    progress: FanoutProgress = field(default_factory=MemoryFanoutProgress)
 
     async def close(self) -> None:
         """Close every backend, then what they share; each within CLOSE_TIMEOUT_S."""
         closers = [
-            self.cache.close, self.locks.close, self.bus.close, self.jobs.close, self.broker.close,
+            self.progress.close, self.cache.close, self.locks.close, self.bus.close, self.jobs.close, self.broker.close,
             self.registry.close, self.presence.close, *self.shared,
         ]
         for closer in closers:
@@ -76,6 +79,7 @@ def memory_backends(hub: MemoryHub | None = None) -> ClusterBackends:
         bus=MemoryEventBus(hub),
         locks=MemoryLocks(hub),
         cache=MemorySharedCache(hub),
+        progress=MemoryFanoutProgress(hub),
     )
 
 
@@ -88,6 +92,7 @@ def redis_backends(
     timeout_s: float = 5.0,
     breaker: CircuitBreaker | None = None,
     retry: RetryPolicy = DEFAULT_RETRY,
+    claim_idle_ms: int = 5_000,
 ) -> ClusterBackends:
     """Redis backends (imported here, so that embedded mode never loads redis-py). Presence,
     registry and jobs share one client; the broker's pub/sub has connections of its own. Every
@@ -98,17 +103,19 @@ def redis_backends(
     from gochat.cluster.redis.cache import RedisSharedCache
     from gochat.cluster.redis.client import _Client
     from gochat.cluster.redis.locks import RedisLocks
+    from gochat.cluster.redis.progress import RedisFanoutProgress
 
     client = connect(url, timeout_s=timeout_s, retry=retry)
     pubsub_client = connect(url, timeout_s=timeout_s, retry=retry)  # the broker's, apart
     broker = RedisBroker(pubsub_client, prefix, timeout_s=timeout_s)
     presence = RedisPresence(client, prefix, node_ttl_s=registry_ttl_s, timeout_s=timeout_s)
     registry = RedisRegistry(client, prefix, ttl_s=registry_ttl_s, renew_s=registry_renew_s, timeout_s=timeout_s)
-    jobs = RedisJobQueue(client, prefix, timeout_s=timeout_s)
+    jobs = RedisJobQueue(client, prefix, claim_idle_ms=claim_idle_ms, timeout_s=timeout_s)
     bus = RedisEventBus(client, prefix, timeout_s=timeout_s)
     locks = RedisLocks(client, prefix, timeout_s=timeout_s)
     cache = RedisSharedCache(client, prefix, timeout_s=timeout_s)
-    parts: tuple[_Client, ...] = (broker, presence, registry, jobs, bus, locks, cache)
+    progress = RedisFanoutProgress(client, prefix, timeout_s=timeout_s)
+    parts: tuple[_Client, ...] = (broker, presence, registry, jobs, bus, locks, cache, progress)
     for part in parts:
         part.breaker = breaker
         part.retry = retry
@@ -121,4 +128,5 @@ def redis_backends(
         bus=bus,
         locks=locks,
         cache=cache,
+        progress=progress,
     )

@@ -83,10 +83,13 @@ class Registry(Protocol):
 class Broker(Protocol):
     """Node-to-node messaging (at most once; durable work goes through :class:`JobQueue`)."""
 
-    async def start(self, node_id: str, on_message: Callable[[bytes], None]) -> None:
+    async def start(
+        self, node_id: str, on_message: Callable[[bytes], None], on_resubscribe: Callable[[], None] | None = None
+    ) -> None:
         """Subscribe to this node's channel and the cluster-wide channel; ``on_message`` gets
         every payload sent to this node or broadcast. Re-subscribes by itself after the
-        backend restarts."""
+        backend restarts, then calls ``on_resubscribe()`` (payloads published meanwhile were
+        lost)."""
 
     async def send_to_node(self, node_id: str, payload: bytes) -> None: ...
 
@@ -160,9 +163,12 @@ class JobQueue(Protocol):
 
     async def enqueue(self, stream: str, job_id: str, payload: bytes) -> None: ...
 
-    async def consume(self, stream: str, group: str, consumer: str, handler: JobHandler) -> None:
+    async def consume(
+        self, stream: str, group: str, consumer: str, handler: JobHandler, concurrency: int = 1
+    ) -> None:
         """Start consuming in the background: new jobs and jobs left pending by dead consumers
-        (claimed after an idle timeout) go to ``handler(job_id, payload)``; a job is
-        acknowledged after the handler returns, retried if it raises."""
+        (claimed after an idle timeout) go to ``handler(job_id, payload)``, at most
+        ``concurrency`` at once; a job is acknowledged after the handler returns, retried if it
+        raises."""
 
     async def close(self) -> None: ...

@@ -6,13 +6,24 @@ never re-encodes (the same bytes a client receives).
 
 | type | layout after the type byte |
 |---|---|
-| 1 USERS | flags u8 (bit 0: droppable, bit 1: unordered), count u32, count x user_id u64, frame bytes |
+| 1 USERS | flags u8 (bit 0: droppable, bit 1: unordered, bits 2–3: fan-out tier), count u32, count x user_id u64, frame bytes |
 | 2 ROOM | room_id u64, origin_conn u64 (0 = none), frame bytes |
 | 3 PRESENCE | user_id u64, online u8 |
 | 4 REVOKE | user_id u64, expires_ms u64, revoked_id UTF-8 |
 | 5 KICK | user_id u64, code u16, reason UTF-8 |
 | 6 BATCH | count u32, then count x (length u32, envelope) — several envelopes in one publish |
 | 7 TRACE | ctx_len u8, ctx (ctx_len bytes), then one envelope (not BATCH or TRACE) |
+| 9 RESYNC | flags u8 (bit 0: every session of the node), count u32, count x user_id u64 |
+| 8 CASCADE | flags u8 (bit 0: droppable), conv_id u64, members_version u64, members u32, origin_len u8, origin UTF-8, job_len u8, job_id UTF-8, frame bytes |
+
+RESYNC tells a node that pushes to some of its users (or to all, bit 0) were lost on the way (a
+publish that failed): it sends those users' sessions EVENT RESYNC, and their clients SYNC.
+
+CASCADE is the cascaded fan-out tier's one envelope, broadcast to every node: each node delivers
+``frame`` to its own sessions of group ``conv_id``'s members, read at ``members_version`` or newer
+(gochat/cluster/fanout.py). The USERS tier bits are the sender's tier (0 inline, 1 batched,
+2 sharded), the label of ``gochat_delivery_latency_seconds`` on the receiving node; a node whose
+code predates them sends 0 (and bit 1 for sharded), read as inline or sharded.
 
 TRACE carries the trace context of a sampled message (docs/observability.md, "Tracing") around
 the envelope it belongs to. ``ctx`` is versioned by its first byte; version 1 is ``1 u8,
@@ -33,16 +44,20 @@ from typing import Final
 from gochat.errors import ErrorCode, GochatError
 
 __all__ = [
+    "CascadeEnvelope",
     "KickEnvelope",
     "PresenceEnvelope",
+    "ResyncEnvelope",
     "RevokeEnvelope",
     "RoomEnvelope",
     "TracedEnvelope",
     "UsersEnvelope",
     "decode_envelope",
     "encode_batch",
+    "encode_cascade",
     "encode_kick",
     "encode_presence",
+    "encode_resync",
     "encode_revoke",
     "encode_room",
     "encode_traced",
@@ -58,6 +73,8 @@ T_REVOKE: Final = 4
 T_KICK: Final = 5
 T_BATCH: Final = 6
 T_TRACE: Final = 7
+T_CASCADE: Final = 8
+T_RESYNC: Final = 9
 #: the trace context a TRACE envelope carries, version 1
 TRACE_CONTEXT_V1: Final = 1
 
@@ -71,6 +88,11 @@ _BATCH_HEAD = struct.Struct("<BI")
 _U32 = struct.Struct("<I")
 _TRACE_HEAD = struct.Struct("<BB")
 _TRACE_CTX_V1 = struct.Struct(">B16s8sB")
+_CASCADE_HEAD = struct.Struct("<BBQQI")
+_RESYNC_HEAD = struct.Struct("<BBI")
+#: the tier bits of a USERS envelope's flags
+_TIER_SHIFT = 2
+_TIER_SHARDED = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +103,8 @@ class UsersEnvelope:
     #: the large-group tier: one message reaches a node in several shards, in no order, so the
     #: receiving node's seq-order gate does not apply (docs/consistency.md, "Delivery order")
     unordered: bool = False
+    #: the sender's fan-out tier (gochat.cluster.fanout.Tier: 0 inline, 1 batched, 2 sharded)
+    tier: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,28 +141,73 @@ class TracedEnvelope:
     trace_id: int
     span_id: int
     trace_flags: int
-    inner: UsersEnvelope | RoomEnvelope | PresenceEnvelope | RevokeEnvelope | KickEnvelope
+    inner: UsersEnvelope | RoomEnvelope | PresenceEnvelope | RevokeEnvelope | KickEnvelope | CascadeEnvelope | ResyncEnvelope
 
 
-Envelope = UsersEnvelope | RoomEnvelope | PresenceEnvelope | RevokeEnvelope | KickEnvelope | TracedEnvelope
+@dataclass(frozen=True, slots=True)
+class CascadeEnvelope:
+    """The cascaded tier: deliver ``frame`` to this node's sessions of group ``conv_id``."""
+
+    conv_id: int
+    members_version: int
+    members: int
+    origin: str
+    job_id: str
+    frame: bytes
+    droppable: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ResyncEnvelope:
+    """Pushes to ``user_ids`` on this node (``None``: to every session) were lost."""
+
+    user_ids: tuple[int, ...] | None
+
+
+Envelope = ResyncEnvelope | CascadeEnvelope | UsersEnvelope | RoomEnvelope | PresenceEnvelope | RevokeEnvelope | KickEnvelope | TracedEnvelope
+
+
+def _users_flags(droppable: bool, unordered: bool, tier: int) -> int:
+    if unordered and not tier:
+        tier = _TIER_SHARDED
+    return (1 if droppable else 0) | (2 if unordered else 0) | (tier << _TIER_SHIFT)
 
 
 def encode_users(
-    user_ids: tuple[int, ...] | list[int], frame: bytes, droppable: bool = False, unordered: bool = False
+    user_ids: tuple[int, ...] | list[int],
+    frame: bytes,
+    droppable: bool = False,
+    unordered: bool = False,
+    tier: int = 0,
 ) -> bytes:
-    head = _USERS_HEAD.pack(T_USERS, (1 if droppable else 0) | (2 if unordered else 0), len(user_ids))
+    head = _USERS_HEAD.pack(T_USERS, _users_flags(droppable, unordered, tier), len(user_ids))
     return head + struct.pack(f"<{len(user_ids)}Q", *user_ids) + frame
 
 
 def encode_users_packed(
-    count: int, packed_ids: bytes, frame: bytes, droppable: bool = False, unordered: bool = False
+    count: int, packed_ids: bytes, frame: bytes, droppable: bool = False, unordered: bool = False, tier: int = 0
 ) -> bytes:
     """:func:`encode_users` with the ids already packed (``count`` little-endian u64 in
     ``packed_ids``, e.g. a numpy ``<u8`` array's bytes): the same envelope, byte for byte."""
     if len(packed_ids) != 8 * count:
         raise ValueError(f"{len(packed_ids)} bytes do not hold {count} u64 ids")
-    head = _USERS_HEAD.pack(T_USERS, (1 if droppable else 0) | (2 if unordered else 0), count)
+    head = _USERS_HEAD.pack(T_USERS, _users_flags(droppable, unordered, tier), count)
     return head + packed_ids + frame
+
+
+def encode_resync(user_ids: tuple[int, ...] | list[int] | None) -> bytes:
+    """RESYNC for ``user_ids`` (None: every session of the receiving node)."""
+    if user_ids is None:
+        return _RESYNC_HEAD.pack(T_RESYNC, 1, 0)
+    return _RESYNC_HEAD.pack(T_RESYNC, 0, len(user_ids)) + struct.pack(f"<{len(user_ids)}Q", *user_ids)
+
+
+def encode_cascade(
+    conv_id: int, members_version: int, members: int, origin: str, job_id: str, frame: bytes, droppable: bool = False
+) -> bytes:
+    o, j = origin.encode(), job_id.encode()
+    head = _CASCADE_HEAD.pack(T_CASCADE, 1 if droppable else 0, conv_id, members_version, members)
+    return head + bytes((len(o),)) + o + bytes((len(j),)) + j + frame
 
 
 def encode_room(room_id: int, origin_conn: int, frame: bytes) -> bytes:
@@ -201,7 +270,29 @@ def decode_envelope(data: bytes) -> Envelope:
             ids = struct.unpack_from(f"<{count}Q", data, _USERS_HEAD.size)
             if len(data) < end:
                 raise ValueError("truncated user list")
-            return UsersEnvelope(ids, data[end:], bool(flags & 1), bool(flags & 2))
+            tier = (flags >> _TIER_SHIFT) & 3
+            if flags & 2 and not tier:
+                tier = _TIER_SHARDED
+            return UsersEnvelope(ids, data[end:], bool(flags & 1), bool(flags & 2), tier)
+        if kind == T_RESYNC:
+            _, flags, count = _RESYNC_HEAD.unpack_from(data)
+            if flags & 1:
+                return ResyncEnvelope(None)
+            if len(data) < _RESYNC_HEAD.size + 8 * count:
+                raise ValueError("truncated user list")
+            return ResyncEnvelope(struct.unpack_from(f"<{count}Q", data, _RESYNC_HEAD.size))
+        if kind == T_CASCADE:
+            _, flags, conv, version, members = _CASCADE_HEAD.unpack_from(data)
+            pos = _CASCADE_HEAD.size
+            olen = data[pos]
+            origin = data[pos + 1 : pos + 1 + olen].decode()
+            pos += 1 + olen
+            jlen = data[pos]
+            job = data[pos + 1 : pos + 1 + jlen].decode()
+            pos += 1 + jlen
+            if len(data) <= pos:
+                raise ValueError("CASCADE envelope without a frame")
+            return CascadeEnvelope(conv, version, members, origin, job, data[pos:], bool(flags & 1))
         if kind == T_ROOM:
             _, room, origin = _ROOM_HEAD.unpack_from(data)
             return RoomEnvelope(room, origin, data[_ROOM_HEAD.size :])

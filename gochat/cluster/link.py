@@ -15,16 +15,17 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-import uuid
 from collections.abc import Callable, Coroutine, Iterable, Sequence
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from gochat.cluster.backends import ClusterBackends
 from gochat.cluster.base import PRESENCE_GUARD_S, NodeInfo
 from gochat.cluster.bus import DomainEvent, EventConsumer, EventOutbox, TokenRevoked
 from gochat.cluster.envelope import (
+    CascadeEnvelope,
     KickEnvelope,
     PresenceEnvelope,
+    ResyncEnvelope,
     RevokeEnvelope,
     RoomEnvelope,
     TracedEnvelope,
@@ -39,6 +40,10 @@ from gochat.cluster.envelope import (
     encode_users,
     split_batch,
 )
+from gochat.cluster.fanout import Priority
+from gochat.cluster.fanout_jobs import FANOUT_STREAM, FanoutJobs
+from gochat.cluster.lost import LostPushes
+from gochat.cluster.node_events import ClusterEvents, LocalFanout, NoEvents
 from gochat.errors import GochatError
 from gochat.observability.tracing import end_spans
 from gochat.resilience import RetryPolicy
@@ -52,61 +57,20 @@ __all__ = ["ClusterEvents", "ClusterLink", "LocalFanout"]
 log = logging.getLogger("gochat.cluster")
 
 _MAX_BATCH = 4096
+#: frames of each waiting priority class a router turn takes before higher classes fill the
+#: rest of the batch: a backlog of direct messages never starves the classes below for long
+_MIN_SHARE = _MAX_BATCH // 16
 #: router backlog bound (frames); beyond it pushes are shed, see route_users
 _MAX_QUEUE = 100_000
-FANOUT_STREAM = "fanout"
-
-
-class LocalFanout(Protocol):
-    """This node's connections: where frames from other nodes go, and the node's own
-    (``gochat.messaging.delivery.LocalDelivery``, which keeps each conversation's DELIVERs in
-    seq order on this node; the link does not depend on the data plane's types)."""
-
-    def users(
-        self, user_ids: Sequence[int], frame: bytes, droppable: bool, skip: Any = None, ordered: bool = True
-    ) -> int:
-        """Queue ``frame`` to the local sessions of ``user_ids`` but the connection ``skip``
-        (``ordered``: through the node's seq-order gate)."""
-
-    def room(self, room_id: int, frame: bytes) -> int: ...
-
-    @property
-    def held(self) -> int:
-        """DELIVERs that waited for a missing seq (the order gate)."""
-
-    @property
-    def stale_dropped(self) -> int:
-        """DELIVERs not delivered: at or below the last seq delivered."""
-
-
-class ClusterEvents(Protocol):
-    """This node's reactions to cluster-wide events, given to :meth:`ClusterLink.start`."""
-
-    def presence_changed(self, user_id: int, online: bool) -> None:
-        """A user came online or went offline somewhere."""
-
-    def revoked(self, user_id: int, expires_ms: int, revoked_id: str) -> None:
-        """A token or login session was revoked (on any node)."""
-
-    def kicked(self, user_id: int, code: int, reason: str) -> None:
-        """A user's sessions are to be closed (on any node)."""
-
-    def local_sessions(self) -> list[tuple[int, int]]:
-        """(user_id, session_id) of every authenticated session on this node."""
-
-
-class _NoEvents:
-    def presence_changed(self, user_id: int, online: bool) -> None:
-        pass
-
-    def revoked(self, user_id: int, expires_ms: int, revoked_id: str) -> None:
-        pass
-
-    def kicked(self, user_id: int, code: int, reason: str) -> None:
-        pass
-
-    def local_sessions(self) -> list[tuple[int, int]]:
-        return []
+#: the router's priority classes (gochat.cluster.fanout.Priority), in order
+_CLASSES = (Priority.DIRECT, Priority.SMALL_GROUP, Priority.LARGE_GROUP, Priority.ROOM)
+_ROOM_CLASS = _CLASSES.index(Priority.ROOM)
+#: users remembered per node whose pushes were lost; beyond, the node's every session resyncs
+_LOST_MAX = 65_536
+#: how often lost pushes are announced again (RESYNC) while their node cannot be reached
+RESYNC_RETRY_S = 1.0
+#: a router item: (user_ids or room_id, frame, droppable, trace, tier; -1 for a room)
+_Item = tuple[Any, bytes, bool, "SendTrace | None", int]
 
 
 class ClusterLink:
@@ -115,7 +79,7 @@ class ClusterLink:
         node_id: str,
         backends: ClusterBackends,
         local: LocalFanout,
-        shard_size: int = 1000,
+        shard_size: int = 500,
         presence_guard_s: float = PRESENCE_GUARD_S,
         retry: RetryPolicy = DEFAULT_RETRY,
         tracing: Tracing | None = None,
@@ -127,7 +91,12 @@ class ClusterLink:
         self.retry = retry
         self.backends = backends
         self.jobs = backends.jobs
+        #: fan-out job records (gochat/cluster/fanout.py)
+        self.progress = backends.progress
+        #: members per stream job of the sharded tier (reloadable: fanout_shard_size)
         self.shard_size = shard_size
+        #: stream jobs of the sharded tier one node handles at once
+        self.job_concurrency = 4
         self.broker = backends.broker
         self.presence = backends.presence
         self.registry = backends.registry
@@ -138,14 +107,16 @@ class ClusterLink:
         self.consumer: EventConsumer | None = None
         self.local = local
         self.presence_guard_s = presence_guard_s
-        self.events: ClusterEvents = _NoEvents()
+        self.events: ClusterEvents = NoEvents()
         self._guard_task: asyncio.Task[None] | None = None
         self._nodes: list[NodeInfo] = []
         self._members_loaded = False
         #: some other node is listed: remote routing has somewhere to go (read on the send path)
         self.peers = False
-        #: (user_ids, frame, droppable, trace): trace is a sampled message's, else None
-        self._queue: list[tuple[Iterable[int], bytes, bool, SendTrace | None]] = []
+        #: per priority class (_CLASSES): (user_ids, frame, droppable, trace, tier); trace is a
+        #: sampled message's, else None; a room's item is (room_id, frame, True, None, -1)
+        self._queues: list[list[_Item]] = [[] for _ in _CLASSES]
+        self._queued = 0
         self._wake = asyncio.Event()
         #: background work from _spawn (publishes, node drops, re-announces)
         self._tasks: list[asyncio.Task[Any]] = []
@@ -163,19 +134,27 @@ class ClusterLink:
         self.routed = 0
         self.route_failures = 0
         self.shed = 0
+        #: pushes this node lost, announced to their nodes with RESYNC (docs/cluster.md, "Failed pushes")
+        self.lost = LostPushes(self.broker, lambda: self.nodes, self.other_nodes)
+        self._resync_task: asyncio.Task[None] | None = None
+        #: the sharded and cascaded tiers (start a job, run this node's stream shards)
+        self.fanout = FanoutJobs(self)
 
     # ---- lifecycle ---------------------------------------------------------------------------
     async def start(self, info: NodeInfo, load: Callable[[], NodeInfo], events: ClusterEvents) -> None:
         """Join: subscribe, register (``load()`` refreshes the entry), watch the other nodes,
         and from now on tell ``events`` what happens elsewhere."""
         self.events = events
-        await self.broker.start(self.node_id, self._on_message)
+        await self.broker.start(self.node_id, self._on_message, self._resubscribed)
         await self.registry.register(info, load)
         self.nodes = await self.registry.nodes()
         self.registry.watch(self._nodes_changed)
         loop = asyncio.get_running_loop()
         self._router_task = loop.create_task(self._router())
-        await self.jobs.consume(FANOUT_STREAM, FANOUT_STREAM, self.node_id, self._fanout_job)
+        self._resync_task = loop.create_task(self.lost.run())
+        await self.jobs.consume(
+            FANOUT_STREAM, FANOUT_STREAM, self.node_id, self.fanout.run_shard, concurrency=self.job_concurrency
+        )
         await self.presence.mark(self.node_id)
         self._guard_task = loop.create_task(self._presence_guard())
 
@@ -236,7 +215,7 @@ class ClusterLink:
             await asyncio.wait(list(self._tasks), timeout=1.0)
         await self.outbox.flush(1.0)
         await self.outbox.close()
-        await _cancel([*self._tasks, self._router_task, self._guard_task], timeout_s=3.0)
+        await _cancel([*self._tasks, self._router_task, self._guard_task, self._resync_task], timeout_s=3.0)
         if self.consumer is not None:
             await self.consumer.close()
         try:
@@ -269,59 +248,54 @@ class ClusterLink:
     @property
     def queue_depth(self) -> int:
         """Frames waiting to be routed to other nodes (a load signal of the dynamic threshold)."""
-        return len(self._queue)
+        return self._queued
+
+    def queue_depths(self) -> dict[str, int]:
+        """Frames waiting, by priority class (``gochat_cluster_route_queue{priority}``)."""
+        return {c.name.lower(): len(q) for c, q in zip(_CLASSES, self._queues, strict=True)}
 
     # ---- outbound ----------------------------------------------------------------------------
     def route_users(
-        self, user_ids: Iterable[int], frame: bytes, droppable: bool = False, trace: SendTrace | None = None
+        self,
+        user_ids: Iterable[int],
+        frame: bytes,
+        droppable: bool = False,
+        trace: SendTrace | None = None,
+        priority: int = Priority.SMALL_GROUP,
+        tier: int = 0,
     ) -> None:
-        """Deliver ``frame`` to the sessions of ``user_ids`` on the other nodes (``trace``: a
-        sampled message's spans; its envelopes carry the trace context)."""
-        if len(self._queue) >= _MAX_QUEUE:
+        """Deliver ``frame`` to the sessions of ``user_ids`` on the other nodes, in the router's
+        next turns by ``priority`` (``trace``: a sampled message's spans; its envelopes carry the
+        trace context; ``tier``: the message's fan-out tier, inline or batched)."""
+        if self._queued >= _MAX_QUEUE:
             # The broker cannot keep up: shed pushes rather than memory. Stored messages are
             # recovered by clients from the store (seq gap or reconnect); ephemeral ones are lost.
             self.shed += 1
             return
-        self._queue.append((user_ids, frame, droppable, trace))
+        self._queues[priority - 1].append((user_ids, frame, droppable, trace, tier))
+        self._queued += 1
         self._wake.set()
 
-    def route_large(self, user_ids: Iterable[int], frame: bytes, droppable: bool = False) -> None:
-        """Large-group tier: split the recipients into shards and enqueue one durable job per
-        shard (Redis Streams); every node's consumer takes some, looks up presence for its shard
-        and publishes. Spreads the work of a 10k-member group over the cluster and survives the
-        death of a node mid-fan-out (pending jobs are claimed by another consumer)."""
-        # numpy, imported when the first peer was listed (the nodes setter): the member list as
-        # one sorted, de-duplicated u64 array, shards are views of it, each envelope's ids are
-        # the view's bytes (the same envelope encode_users writes; docs/cluster.md)
-        from gochat.cluster import members
-
-        ids = members.as_sorted_ids(user_ids)
-        origin = self.node_id.encode()
-        head = bytes([len(origin)]) + origin
-        key = uuid.uuid4().hex
-        for i, shard in enumerate(members.shards(ids, self.shard_size)):
-            payload = head + members.encode_users(shard, frame, droppable)
-            self._spawn(self.jobs.enqueue(FANOUT_STREAM, f"{key}:{i * self.shard_size}", payload))
-
-    async def _fanout_job(self, job_id: str, payload: bytes) -> None:
-        origin = payload[1 : 1 + payload[0]].decode()
-        env = decode_envelope(payload[1 + payload[0] :])
-        assert isinstance(env, UsersEnvelope)
-        where = await self.presence.nodes_for(env.user_ids)
-        for node, uids in where.items():
-            if node == origin:
-                continue  # the origin delivered to its own connections already
-            if node == self.node_id:
-                self.local.users(uids, env.frame, env.droppable, ordered=False)
-            else:
-                await self.broker.send_to_node(node, encode_users(uids, env.frame, env.droppable, unordered=True))
-            self.routed += 1
+    def start_job(
+        self, tier: int, user_ids: Sequence[int], frame: bytes, droppable: bool, conv: int, version: int
+    ) -> str:
+        """Start a fan-out job of the sharded or cascaded tier (:class:`FanoutJobs`); the
+        caller queues this node's own part. Returns the job id."""
+        return self.fanout.start(tier, user_ids, frame, droppable, conv, version)
 
     def route_room(self, room_id: int, frame: bytes) -> None:
-        """Deliver a room message to the room's subscribers on every other node."""
-        payload = encode_room(room_id, 0, frame)
-        for node in self.other_nodes():
-            self._spawn(self.broker.send_to_node(node.node_id, payload))
+        """Deliver a room message to the room's subscribers on every other node (the router's
+        lowest priority)."""
+        if self._queued >= _MAX_QUEUE:
+            self.shed += 1
+            return
+        self._queues[_ROOM_CLASS].append((room_id, frame, True, None, -1))
+        self._queued += 1
+        self._wake.set()
+
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        """Run ``coro`` in the background, a failure logged and counted (route failures)."""
+        self._spawn(coro)
 
     def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
         if self._closing:
@@ -350,61 +324,104 @@ class ClusterLink:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            while self._queue:
-                batch, self._queue = self._queue[:_MAX_BATCH], self._queue[_MAX_BATCH:]
+            while self._queued:
+                batch = self._take()
                 try:
                     await self._route_batch(batch)
                 except GochatError as exc:
-                    # Broker or presence down: pushes are lost, the store is not. Clients
-                    # recover with SYNC when they notice the gap or reconnect.
+                    # Presence down: these pushes are lost (the store is not); every other
+                    # node is told to have their recipients SYNC once it can be reached.
                     self.route_failures += len(batch)
                     log.warning("cluster routing failed for %d frames: %s", len(batch), exc.message)
+                    self.lost.everywhere(_users_of(batch))
                 except Exception:
                     self.route_failures += len(batch)
                     log.exception("cluster routing failed")
+                    self.lost.everywhere(_users_of(batch))
 
-    async def _route_batch(self, batch: list[tuple[Iterable[int], bytes, bool, SendTrace | None]]) -> None:
+    def _take(self) -> list[_Item]:
+        """The next router turn's frames, at most _MAX_BATCH: first up to _MIN_SHARE of each
+        waiting class, then the rest of the batch by priority; queue order kept within a class."""
+        budget = _MAX_BATCH
+        takes = [0] * len(self._queues)
+        for i, q in enumerate(self._queues):
+            takes[i] = min(len(q), _MIN_SHARE, budget)
+            budget -= takes[i]
+        for i, q in enumerate(self._queues):
+            more = min(len(q) - takes[i], budget)
+            takes[i] += more
+            budget -= more
+        batch: list[_Item] = []
+        for i, n in enumerate(takes):
+            if n:
+                q = self._queues[i]
+                batch += q[:n]
+                del q[:n]
+        self._queued -= len(batch)
+        return batch
+
+    async def _route_batch(self, batch: list[_Item]) -> None:
         wanted: set[int] = set()
-        for uids, _, _, _ in batch:
-            wanted.update(uids)
-        where = await self.presence.nodes_for(wanted)
+        rooms = False
+        for uids, _, _, _, tier in batch:
+            if tier < 0:
+                rooms = True
+            else:
+                wanted.update(uids)  # type: ignore[arg-type]
+        where = await self.presence.nodes_for(wanted) if wanted else {}
         user_nodes: dict[int, list[str]] = {}
         for node, uids in where.items():
             if node == self.node_id:
                 continue
             for uid in uids:
                 user_nodes.setdefault(uid, []).append(node)
-        if not user_nodes:
+        if not user_nodes and not rooms:
             return
         # One publish per node per turn, carrying that node's envelopes in queue order.
         outbox: dict[str, list[bytes]] = {}
         spans: list[Any] = []  # cluster.publish spans of sampled messages
-        for uids, frame, droppable, trace in batch:
+        room_nodes = [n.node_id for n in self.other_nodes()] if rooms else []
+        for uids, frame, droppable, trace, tier in batch:
+            if tier < 0:  # a room message: every other node
+                env = encode_room(uids, 0, frame)  # type: ignore[arg-type]
+                for node in room_nodes:
+                    outbox.setdefault(node, []).append(env)
+                continue
             per_node: dict[str, list[int]] = {}
-            for uid in uids:
+            for uid in uids:  # type: ignore[union-attr]
                 for node in user_nodes.get(uid, ()):
                     per_node.setdefault(node, []).append(uid)
             for node, targets in per_node.items():
-                env = encode_users(targets, frame, droppable)
+                env = encode_users(targets, frame, droppable, tier=tier)
                 if trace is not None:
                     span, trace_id, span_id, flags = trace.publish(node, len(targets))
                     spans.append(span)
                     env = encode_traced(trace_id, span_id, flags, env)
                 outbox.setdefault(node, []).append(env)
-        sends = [
-            self.broker.send_to_node(node, envs[0] if len(envs) == 1 else encode_batch(envs))
-            for node, envs in outbox.items()
-        ]
+        nodes = list(outbox)
+        results = await asyncio.gather(
+            *(self.broker.send_to_node(node, _one_or_batch(outbox[node])) for node in nodes), return_exceptions=True
+        )
+        failed: BaseException | None = None
+        for node, result in zip(nodes, results, strict=True):
+            if isinstance(result, BaseException):
+                if not isinstance(result, Exception):
+                    raise result  # a cancellation
+                failed = result
+                self.route_failures += len(outbox[node])
+                log.warning("cluster publish to %s failed: %r", node, result)
+                self.lost.on(node, [uid for uid, where in user_nodes.items() if node in where])
+            else:
+                self.routed += len(outbox[node])
         if spans:
-            try:
-                await asyncio.gather(*sends)
-            except BaseException as exc:
-                end_spans(spans, exc)
-                raise
-            end_spans(spans)
-        else:
-            await asyncio.gather(*sends)
-        self.routed += sum(len(envs) for envs in outbox.values())
+            end_spans(spans, failed)
+
+    # ---- failed pushes: RESYNC ------------------------------------------------------------------
+    def _resubscribed(self) -> None:
+        """Our pub/sub subscription was lost and is back: pushes sent to this node meanwhile
+        are gone, so every session here is told to SYNC."""
+        log.warning("broker subscription restored: every local session is told to SYNC")
+        self.events.resync(None)
 
     # ---- presence and revocation ---------------------------------------------------------------
     async def session_up(self, user_id: int, session_id: int) -> None:
@@ -472,12 +489,17 @@ class ClusterLink:
             inner, tracing = env.inner, self.tracing
             if tracing is not None and isinstance(inner, UsersEnvelope):
                 span = tracing.deliver(env.trace_id, env.span_id, env.trace_flags, len(inner.user_ids), inner.frame)
-                n = self.local.users(inner.user_ids, inner.frame, inner.droppable, ordered=not inner.unordered)
+                n = self.local.users(inner.user_ids, inner.frame, inner.droppable, tier=inner.tier)
                 tracing.delivered(span, n)
                 return
             env = inner
         if isinstance(env, UsersEnvelope):
-            self.local.users(env.user_ids, env.frame, env.droppable, ordered=not env.unordered)
+            self.local.users(env.user_ids, env.frame, env.droppable, tier=env.tier)
+        elif isinstance(env, ResyncEnvelope):
+            self.events.resync(env.user_ids)
+        elif isinstance(env, CascadeEnvelope):
+            if env.origin != self.node_id:  # the origin queued its own part already
+                self.events.cascade(env)
         elif isinstance(env, RoomEnvelope):
             self.local.room(env.room_id, env.frame)
         elif isinstance(env, PresenceEnvelope):
@@ -524,6 +546,18 @@ class ClusterLink:
         log.info("node %s left the cluster; %d users went offline", node, len(offline))
         for uid in offline:
             await self.broker.broadcast(encode_presence(uid, False))
+
+
+def _one_or_batch(envelopes: list[bytes]) -> bytes:
+    return envelopes[0] if len(envelopes) == 1 else encode_batch(envelopes)
+
+
+def _users_of(batch: list[_Item]) -> set[int]:
+    users: set[int] = set()
+    for uids, _, _, _, tier in batch:
+        if tier >= 0:
+            users.update(uids)
+    return users
 
 
 async def _cancel(tasks: Iterable[asyncio.Task[Any] | None], timeout_s: float) -> None:

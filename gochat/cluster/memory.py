@@ -270,7 +270,10 @@ class MemoryBroker:
         self._sub_id = 0
         self._loop: asyncio.AbstractEventLoop | None = None
 
-    async def start(self, node_id: str, on_message: Callable[[bytes], None]) -> None:
+    async def start(
+        self, node_id: str, on_message: Callable[[bytes], None], on_resubscribe: Callable[[], None] | None = None
+    ) -> None:
+        # an in-process subscription is never lost: ``on_resubscribe`` is never called
         self.hub.check()
         if self._sub_id:
             raise RuntimeError("broker already started")
@@ -434,7 +437,10 @@ class MemoryJobQueue:
         """(job_id, payload, last error) of the jobs given up on."""
         return list(self.hub.stream(stream).dead)
 
-    async def consume(self, stream: str, group: str, consumer: str, handler: JobHandler) -> None:
+    async def consume(
+        self, stream: str, group: str, consumer: str, handler: JobHandler, concurrency: int = 1
+    ) -> None:
+        # in-process handlers run one at a time (``concurrency`` is for backends with I/O)
         self.hub.check()
         s = self.hub.stream(stream)
         s.groups.setdefault(group, _Group())

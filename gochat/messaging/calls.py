@@ -154,9 +154,14 @@ class ControlCalls:
         info = await self.store.create_group(conn.user_id, name, sorted(set(members)))
         self.addressing.set_members(info.conv, info.members, 1)  # a new group's version
         self.link.publish_event(GroupCreated(group_id=info.conv, owner_id=conn.user_id, version=1))
+        # Every member hears of every other member: n² events. Above the inline tier (a group
+        # created with more than fanout_inline_max members) that would be a fan-out storm (20,000
+        # members: 400 million frames), so each added member hears only of itself there.
+        large = len(info.members) > self.delivery.inline_max
         for uid in info.members:
             if uid != conn.user_id:
-                self._group_event(info.members, EventType.MEMBER_ADDED, info.conv, conn.user_id, uid)
+                event = encode_event(EventType.MEMBER_ADDED, Kind.GROUP, info.conv, conn.user_id, uid)
+                self.delivery.users((uid,) if large else info.members, event, None)
         return {"group_id": info.conv, "name": info.name, "members": list(info.members)}
 
     async def group_info(self, conn: Connection, p: dict[str, Any]) -> dict[str, Any]:

@@ -16,6 +16,8 @@ into the gateway. Its parts, one job each:
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections import OrderedDict
 from typing import TYPE_CHECKING
 
@@ -23,12 +25,15 @@ import orjson
 
 from gochat._native.connection import Connection, FanoutWriter
 from gochat._native.routing import RoutingTable
+from gochat.cluster.envelope import CascadeEnvelope
+from gochat.cluster.fanout import Tier
 from gochat.config import Settings
-from gochat.errors import ErrorCode, RequestError, UnavailableError
+from gochat.errors import ErrorCode, GochatError, RequestError, UnavailableError
 from gochat.ids import MAX_ID, IdGenerator
 from gochat.messaging.addressing import Addressing
 from gochat.messaging.calls import ControlCalls
 from gochat.messaging.delivery import Delivery
+from gochat.messaging.dispatch import LocalJobs
 from gochat.messaging.recent import RecentMessages
 from gochat.messaging.replies import ErrorReplies
 from gochat.messaging.send import SendPath
@@ -69,6 +74,8 @@ if TYPE_CHECKING:
 
 __all__ = ["SYNC_CACHE_USERS", "MessagingCore"]
 
+log = logging.getLogger("gochat.messaging")
+
 #: users whose last SYNC answer a node keeps for cache-only SYNCs
 SYNC_CACHE_USERS = 65_536
 
@@ -100,7 +107,26 @@ class MessagingCore:
         self.link = link
         self.watchers = PresenceWatchers()
         self.addressing = Addressing(store, link.backends.cache)
-        self.delivery = Delivery(routing, writer, link, self.watchers, settings.large_group_threshold)
+        self.delivery = Delivery(
+            routing,
+            writer,
+            link,
+            self.watchers,
+            settings.large_group_threshold,
+            inline_max=settings.fanout_inline_max,
+            cascade_min=settings.fanout_cascade_min,
+            jobs=LocalJobs(
+                link.local,  # type: ignore[arg-type]
+                link.backends.progress,
+                link.node_id,
+                chunk=settings.fanout_chunk,
+                max_jobs=settings.fanout_max_jobs,
+            ),
+            members_version=self.addressing.version,
+        )
+        #: cascaded fan-outs waiting for their group's members to load, by group (in order)
+        self._cascades: dict[int, list[CascadeEnvelope]] = {}
+        self._cascade_tasks: set[asyncio.Task[None]] = set()
         self.sessions = Sessions(
             routing, writer, link, self.watchers, ids, settings.heartbeat_ms, settings.max_frame
         )
@@ -255,6 +281,52 @@ class MessagingCore:
 
     def unsubscribe(self, conn: Connection, req: Unsubscribe) -> bytes:
         return self.sessions.unsubscribe(conn, req.room_id, req.rid)
+
+    # ---- the cascaded tier ------------------------------------------------------------------------
+    def cascade(self, env: CascadeEnvelope) -> None:
+        """A cascaded fan-out from another node: queue the message to this node's sessions of
+        the group's members, read at the sender's membership version or newer (loaded when the
+        cache holds an older list; the group's later cascades wait behind the load, in order)."""
+        conv = env.conv_id
+        waiting = self._cascades.get(conv)
+        if waiting is not None:
+            waiting.append(env)
+            return
+        if self.addressing.version(conv) >= env.members_version:
+            members = self.addressing.cached_members(conv)
+            if members:
+                self.delivery.jobs.add(members, env.frame, env.droppable, None, Tier.CASCADED, env.job_id)
+                return
+        self._cascades[conv] = [env]
+        task = asyncio.get_running_loop().create_task(self._load_cascade(conv))
+        self._cascade_tasks.add(task)
+        task.add_done_callback(self._cascade_tasks.discard)
+
+    async def _load_cascade(self, conv: int) -> None:
+        members: tuple[int, ...] = ()
+        try:
+            members = await self.addressing.reload_members(conv)
+        except GochatError as exc:  # its members here recover the message with SYNC
+            log.warning("cascaded fan-out of group %d dropped here: %s", conv, exc.message)
+        finally:
+            for env in self._cascades.pop(conv, ()):
+                if members:
+                    self.delivery.jobs.add(members, env.frame, env.droppable, None, Tier.CASCADED, env.job_id)
+
+    def resync(self, user_ids: tuple[int, ...] | None, reason: str) -> None:
+        """EVENT RESYNC to the sessions here of ``user_ids`` (None: every session): pushes to
+        them were lost on the way (docs/cluster.md, "Failed pushes"); their clients SYNC."""
+        event = encode_event(EventType.RESYNC, 0, 0, 0, 0, orjson.dumps({"reason": reason}))
+        if user_ids is None:
+            self.sessions.push_all(event)
+        else:
+            self.link.local.users(user_ids, event, False)
+
+    async def close(self) -> None:
+        """Stop the fan-out work still queued here (its recipients recover with SYNC)."""
+        for task in list(self._cascade_tasks):
+            task.cancel()
+        await self.delivery.jobs.close()
 
     def presence_changed(self, user_id: int, online: bool) -> None:
         """A user came online or went offline (anywhere in the cluster): tell the watchers here

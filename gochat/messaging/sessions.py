@@ -176,6 +176,10 @@ class Sessions:
         """Push ``data`` to every authenticated session on this node; with ``greeting``, also to
         every session that authenticates from now on (until the next broadcast)."""
         self.greeting = data if greeting else None
+        return self.push_all(data)
+
+    def push_all(self, data: bytes) -> int:
+        """Push ``data`` to every authenticated session on this node (the greeting unchanged)."""
         conns = [c for c in self.writer.connections() if c.authenticated]
         for conn in conns:
             conn.push(data)

@@ -205,9 +205,10 @@ class _ClusterCollector(Collector):
     """The cluster link's counters (a :class:`~gochat.cluster.link.ClusterLink`) and this
     node's delivery latency (a :class:`LatencyHistogram`)."""
 
-    def __init__(self, link: Any, delivery_latency: dict[str, LatencyHistogram]) -> None:
+    def __init__(self, link: Any, delivery_latency: dict[str, LatencyHistogram], delivery: Any = None) -> None:
         self._link = link
         self._latency = delivery_latency
+        self._delivery = delivery
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily | HistogramMetricFamily]:
         link = self._link
@@ -236,6 +237,42 @@ class _ClusterCollector(Collector):
         for tier, hist in self._latency.items():
             latency.add_metric([tier], hist.buckets(), hist.total)
         yield latency
+        queue = GaugeMetricFamily(
+            "gochat_cluster_route_queue", "Frames waiting for the router, by priority class", labels=["priority"]
+        )
+        for priority, depth in link.queue_depths().items():
+            queue.add_metric([priority], depth)
+        yield queue
+        if self._delivery is not None:
+            yield from self._fanout(self._delivery)
+
+    def _fanout(self, delivery: Any) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        from gochat.cluster.fanout import Tier
+
+        by_tier = CounterMetricFamily(
+            "gochat_fanout_messages", "Fan-outs this node started (messages and events), by tier", labels=["tier"]
+        )
+        for tier in Tier:
+            by_tier.add_metric([tier.label], delivery.by_tier[tier])
+        yield by_tier
+        jobs = delivery.jobs
+        yield GaugeMetricFamily(
+            "gochat_fanout_local_jobs_waiting", "Sharded and cascaded fan-outs queued or running on this node",
+            value=jobs.waiting,
+        )
+        states = CounterMetricFamily(
+            "gochat_fanout_local_jobs", "Local parts of fan-out jobs, by what became of them", labels=["state"]
+        )
+        states.add_metric(["started"], jobs.started)
+        states.add_metric(["finished"], jobs.finished)
+        states.add_metric(["shed"], jobs.shed)
+        yield states
+        yield CounterMetricFamily(
+            "gochat_fanout_local_recipients", "Recipients the local parts of fan-out jobs went through", value=jobs.recipients
+        )
+        yield CounterMetricFamily(
+            "gochat_fanout_local_chunks", "Chunks (one per event-loop turn) of local fan-out jobs", value=jobs.chunks
+        )
 
 
 class _ResilienceCollector(Collector):
@@ -463,9 +500,10 @@ class Metrics:
         the outbox's (a :class:`~gochat.cluster.bus.EventOutbox`) and ``fresh()`` (auth)."""
         self.registry.register(_EventsCollector(read, outbox, fresh))
 
-    def attach_cluster(self, link: Any, delivery_latency: dict[str, LatencyHistogram]) -> None:
-        """Export the cluster link's counters and the delivery latency histogram."""
-        self.registry.register(_ClusterCollector(link, delivery_latency))
+    def attach_cluster(self, link: Any, delivery_latency: dict[str, LatencyHistogram], delivery: Any = None) -> None:
+        """Export the cluster link's counters, the delivery latency histogram and (given the
+        node's :class:`~gochat.messaging.delivery.Delivery`) the fan-out counters."""
+        self.registry.register(_ClusterCollector(link, delivery_latency, delivery))
 
     def attach_resilience(self, breakers: Any, degradation: Any) -> None:
         """Export the breakers' states and counters and the degradation switches."""

@@ -78,6 +78,7 @@ class EventType(enum.IntEnum):
     MEMBER_REMOVED = 5
     CONVERSATION_UPDATED = 6
     DEGRADED = 7
+    RESYNC = 8
 
 
 # Flag bits, per operation.

@@ -565,6 +565,7 @@ def test_large_group_fans_out_through_stream_jobs(tmp_path: Path) -> None:
         "GOCHAT_LARGE_GROUP_THRESHOLD_MIN": "2",
         "GOCHAT_LARGE_GROUP_THRESHOLD_MAX": "2",
         "GOCHAT_FANOUT_SHARD_SIZE": "2",
+        "GOCHAT_FANOUT_INLINE_MAX": "1",
     }
     c = Cluster(tmp_path, REDIS_URL, env=env)
     try:

@@ -38,7 +38,9 @@ class RedisBroker(_Client):
     def resubscribes(self) -> int:
         return self._sub.resubscribes if self._sub is not None else 0
 
-    async def start(self, node_id: str, on_message: Callable[[bytes], None]) -> None:
+    async def start(
+        self, node_id: str, on_message: Callable[[bytes], None], on_resubscribe: Callable[[], None] | None = None
+    ) -> None:
         """Subscribe and return once Redis confirmed it (UnavailableError if it is down)."""
         if self._sub is not None:
             raise RuntimeError("broker already started")
@@ -51,6 +53,7 @@ class RedisBroker(_Client):
             timeout_s=self.timeout_s,
             ping_s=self.ping_s,
             retry=self.retry,
+            on_resubscribe=on_resubscribe,
         )
         await sub.start()
         self._sub = sub

@@ -96,16 +96,21 @@ class RedisJobQueue(_Client):
             if "BUSYGROUP" not in str(exc):
                 raise
 
-    async def consume(self, stream: str, group: str, consumer: str, handler: JobHandler) -> None:
+    async def consume(
+        self, stream: str, group: str, consumer: str, handler: JobHandler, concurrency: int = 1
+    ) -> None:
         async with self.guard("jobs consume"):
             await self._create_group(self.stream_key(stream), group)
         self._tasks.append(
             asyncio.create_task(
-                self._consume_loop(stream, group, consumer, handler), name=f"jobs-{stream}-{consumer}"
+                self._consume_loop(stream, group, consumer, handler, max(1, concurrency)),
+                name=f"jobs-{stream}-{consumer}",
             )
         )
 
-    async def _consume_loop(self, stream: str, group: str, consumer: str, handler: JobHandler) -> None:
+    async def _consume_loop(
+        self, stream: str, group: str, consumer: str, handler: JobHandler, concurrency: int = 1
+    ) -> None:
         key = self.stream_key(stream)
         loop = asyncio.get_running_loop()
         claim_every = max(0.02, self.claim_idle_ms / 2000)
@@ -117,12 +122,15 @@ class RedisJobQueue(_Client):
                 if loop.time() >= next_claim:
                     next_claim = loop.time() + claim_every
                     await self._claim_idle(stream, key, group, consumer, handler)
+                # a read takes at most ``concurrency`` entries, handled together: the node holds
+                # no more jobs than it works on, and the rest stay for the other consumers
                 resp: Any = await self.redis.xreadgroup(
-                    group, consumer, {key: ">"}, count=self.batch, block=self.block_ms
+                    group, consumer, {key: ">"}, count=min(self.batch, concurrency), block=self.block_ms
                 )
                 for _name, entries in resp or []:
-                    for eid, fields in entries:
-                        await self._process(stream, key, group, consumer, handler, eid, fields, 1)
+                    await asyncio.gather(
+                        *(self._process(stream, key, group, consumer, handler, eid, f, 1) for eid, f in entries)
+                    )
                 if failing:
                     log.warning("jobs %s/%s: redis is back, consuming again", stream, consumer)
                 failing = False
