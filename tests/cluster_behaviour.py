@@ -423,6 +423,9 @@ class PresenceBehaviour:
             assert sorted(got) == names
             for n in names:
                 assert sorted(got[n]) == sorted(expected[n]), n
+            # asked per candidate node (a backend may): the same answer
+            per_node = await presences["A"].nodes_for(users + unknown + users[:50], candidates=[*names, "gone"])
+            assert {n: sorted(v) for n, v in per_node.items()} == {n: sorted(v) for n, v in got.items()}
             status = await presences["B"].online(users[:3] + unknown[:2])
             assert status == {users[0]: True, users[1]: True, users[2]: True, 5: False, 6: False}
 
@@ -443,6 +446,8 @@ class PresenceBehaviour:
             # A may still be alive (only its registry entry lapsed): it finds its mark gone
             assert await pa.lost("A") and not await pb.lost("B")
             assert await janitor.nodes_for([only_a, both, only_b]) == {"B": [both, only_b]}
+            many = [only_a, both, only_b, *range(100, 140)]
+            assert await janitor.nodes_for(many, candidates=["A", "B"]) == {"B": [both, only_b]}
             assert await janitor.online([only_a, both]) == {only_a: False, both: True}
             assert await janitor.drop_node("A") == []  # idempotent
             assert await pa.session_down(both, "A", 12) is False  # late close from the dead node

@@ -26,6 +26,7 @@ from gochat.auth.keys import KeyRing
 from gochat.auth.service import AuthService
 from gochat.cluster.backends import memory_backends
 from gochat.cluster.base import NodeInfo
+from gochat.cluster.envelope import CascadeEnvelope
 from gochat.cluster.link import ClusterLink
 from gochat.cluster.memory import MemoryHub
 from gochat.config import Settings
@@ -56,12 +57,19 @@ class _Client(WSListener):  # type: ignore[misc]
             self.close_code = int(frame.get_close_code())
             transport.disconnect()
 
-    async def next(self, cls: type, skip: tuple[type, ...] = ()) -> Any:
+    async def next(self, cls: type, skip: tuple[type, ...] = (), timeout: float = 5.0) -> Any:
         while True:
-            f = await asyncio.wait_for(self.frames.get(), 5)
+            f = await asyncio.wait_for(self.frames.get(), timeout)
             if not isinstance(f, skip):
                 assert isinstance(f, cls), f
                 return f
+
+    def drain(self) -> list[Any]:
+        """The frames received and not read yet."""
+        out = []
+        while not self.frames.empty():
+            out.append(self.frames.get_nowait())
+        return out
 
 
 @dataclass
@@ -72,6 +80,7 @@ class Node:
     link: ClusterLink
     writer: FanoutWriter
     url: str
+    metrics: Metrics
 
     def session_of(self, user_id: int) -> Connection:
         (conn,) = [c for c in self.writer.connections() if c.authenticated and c.user_id == user_id]
@@ -95,9 +104,19 @@ class _Events:
     def local_sessions(self) -> list[tuple[int, int]]:
         return self.node.core.sessions.local()
 
+    def cascade(self, env: CascadeEnvelope) -> None:
+        self.node.core.cascade(env)
+
+    def resync(self, user_ids: tuple[int, ...] | None) -> None:
+        self.node.core.resync(user_ids, "test")
+
 
 @asynccontextmanager
-async def cluster(tmp_path: Path, n: int = 3) -> AsyncIterator[tuple[list[Node], AuthService, SQLiteStore]]:
+async def cluster(
+    tmp_path: Path, n: int = 3, **settings: Any
+) -> AsyncIterator[tuple[list[Node], AuthService, SQLiteStore]]:
+    """``n`` nodes of one in-process cluster (a MemoryHub) sharing one SQLite store, each with its
+    WebSocket listener; ``settings``: Settings fields for every node."""
     loop = asyncio.get_running_loop()
     ids = IdGenerator(1)
     store = SQLiteStore(tmp_path / "gochat.db", node_id=1, ids=ids)
@@ -105,20 +124,23 @@ async def cluster(tmp_path: Path, n: int = 3) -> AsyncIterator[tuple[list[Node],
     auth = AuthService(store, KeyRing.generate())
     await auth.start()
     hub = MemoryHub()
-    settings = Settings(data_dir=str(tmp_path), heartbeat_ms=0)
+    s = Settings(data_dir=str(tmp_path), heartbeat_ms=0, **settings)
     nodes: list[Node] = []
     servers = []
     try:
         for i in range(n):
             routing, writer = RoutingTable(), FanoutWriter(loop)
-            link = ClusterLink(f"node-{i}", memory_backends(hub), LocalDelivery(routing))
+            local = LocalDelivery(routing)
+            link = ClusterLink(f"node-{i}", memory_backends(hub), local, shard_size=s.fanout_shard_size)
             replies = ErrorReplies({})
-            core = MessagingCore(settings, store, routing, writer, link, IdGenerator(10 + i), Metrics(), replies)
-            gateway = Gateway(settings, auth, core, writer, replies)
+            metrics = Metrics()
+            core = MessagingCore(s, store, routing, writer, link, IdGenerator(10 + i), metrics, replies)
+            metrics.attach_cluster(link, local.latency, core.delivery)
+            gateway = Gateway(s, auth, core, writer, replies)
             server = await ws_create_server(gateway.listener_factory, "127.0.0.1", 0, enable_auto_pong=True)
             servers.append(server)
             url = f"ws://127.0.0.1:{server.sockets[0].getsockname()[1]}/ws"
-            node = Node(f"node-{i}", core, gateway, link, writer, url)
+            node = Node(f"node-{i}", core, gateway, link, writer, url, metrics)
             info = NodeInfo(node.name, url, "", "test")
             await link.start(info, lambda info=info: info, _Events(node, auth))  # type: ignore[misc]
             nodes.append(node)
@@ -130,6 +152,7 @@ async def cluster(tmp_path: Path, n: int = 3) -> AsyncIterator[tuple[list[Node],
         for server in servers:
             server.close()
         for node in nodes:
+            await node.core.close()
             await node.link.close()
         await store.close()
 

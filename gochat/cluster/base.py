@@ -11,7 +11,7 @@ with metadata (addresses, version, weight, load), and deregisters on graceful sh
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -127,8 +127,12 @@ class Presence(Protocol):
         under the same node and session id (``None``: remove whatever is stored). True when the
         user has no session left anywhere (went offline)."""
 
-    async def nodes_for(self, user_ids: Iterable[int]) -> dict[str, list[int]]:
-        """node_id -> those of ``user_ids`` with at least one session on that node."""
+    async def nodes_for(
+        self, user_ids: Iterable[int], candidates: Sequence[str] | None = None
+    ) -> dict[str, list[int]]:
+        """node_id -> those of ``user_ids`` with at least one session on that node.
+        ``candidates``: every node that may hold sessions (the registry's list), which lets a
+        backend ask per node rather than per user when there are many users (same answer)."""
 
     async def online(self, user_ids: Iterable[int]) -> dict[int, bool]: ...
 

@@ -151,6 +151,8 @@ class MemoryFanoutProgress:
         self.hub.check()
         rec = self._record(job.job_id)
         rec.job = job
+        # listed (and evicted) by creation, also when a part reported before the record
+        self._jobs.move_to_end(job.job_id)
         self._finish_if_done(rec)
 
     async def part_done(self, job_id: str, part: str, delivered: int) -> int:

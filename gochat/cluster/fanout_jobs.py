@@ -17,8 +17,7 @@ from typing import Any, Protocol
 from gochat.clock import now_ms
 from gochat.cluster.base import Broker, JobQueue, NodeInfo, Presence
 from gochat.cluster.envelope import UsersEnvelope, decode_envelope, encode_cascade, encode_users
-from gochat.cluster.fanout import FanoutJob, Tier
-from gochat.cluster.fanout import FanoutProgress
+from gochat.cluster.fanout import FanoutJob, FanoutProgress, Tier
 from gochat.cluster.lost import LostPushes
 from gochat.cluster.node_events import LocalFanout
 from gochat.errors import GochatError
@@ -46,6 +45,9 @@ class _Link(Protocol):
     presence: Presence
     local: LocalFanout
     lost: LostPushes
+
+    @property
+    def nodes(self) -> list[NodeInfo]: ...
 
     def other_nodes(self) -> list[NodeInfo]: ...
 
@@ -149,7 +151,7 @@ class FanoutJobs:
         origin = payload[1 : 1 + payload[0]].decode()
         env = decode_envelope(payload[1 + payload[0] :])
         assert isinstance(env, UsersEnvelope)
-        where = await link.presence.nodes_for(env.user_ids)
+        where = await link.presence.nodes_for(env.user_ids, [n.node_id for n in link.nodes if n.node_id != origin])
         delivered = 0
         for node, uids in where.items():
             if node == origin:

@@ -368,7 +368,9 @@ class ClusterLink:
                 rooms = True
             else:
                 wanted.update(uids)  # type: ignore[arg-type]
-        where = await self.presence.nodes_for(wanted) if wanted else {}
+        # every listed node may hold sessions, a draining one included
+        listed = [n.node_id for n in self.nodes if n.node_id != self.node_id]
+        where = await self.presence.nodes_for(wanted, listed) if wanted else {}
         user_nodes: dict[int, list[str]] = {}
         for node, uids in where.items():
             if node == self.node_id:

@@ -20,7 +20,7 @@ import itertools
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -349,7 +349,9 @@ class MemoryClusterPresence:
             return True
         return False
 
-    async def nodes_for(self, user_ids: Iterable[int]) -> dict[str, list[int]]:
+    async def nodes_for(
+        self, user_ids: Iterable[int], candidates: Sequence[str] | None = None
+    ) -> dict[str, list[int]]:
         self.hub.check()
         out: dict[str, list[int]] = {}
         for uid in dict.fromkeys(user_ids):
