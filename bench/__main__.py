@@ -13,6 +13,9 @@ Scenarios:
 - ``report``  re-render results.md and the plots of ``--out DIR`` from its results.json
 - ``chaos``   a cluster soak under random PostgreSQL/Redis faults: nothing acknowledged lost or
               duplicated (its own options: ``python -m bench chaos --help``; bench/chaos.py)
+- ``groups``  group fan-out on a 3-node cluster: send → last delivery per tier (50 to 20,000
+              members), direct-message p99 with and without a 20,000-member fan-out, against the
+              Redis PUBLISH floor (its own options: ``python -m bench groups --help``; bench/groups.py)
 
 Everything (servers, load generators, peers) is started here; the server under test is pinned
 with ``taskset`` to ``--server-cpus`` and the load generators to ``--load-cpus``. Results go to
@@ -176,6 +179,10 @@ def main(argv: list[str] | None = None) -> int:
         from bench import chaos
 
         return chaos.main(argv[1:])
+    if argv[:1] == ["groups"]:
+        from bench import groups
+
+        return groups.main(argv[1:])
     a = parse(argv)
     if a.scenario == "report":
         if a.out is None:

@@ -107,3 +107,37 @@ def test_any_arrival_order_comes_out_strictly_increasing(n: int, rnd: random.Ran
         # the gate knew where the conversation stood (seq 1 came first): every message that
         # arrived within the hold time is delivered, in order
         assert out == seqs
+
+
+class _NobodyElse(_Routing):
+    """The sender has no other session here: its own view (``skip`` given) reaches nobody."""
+
+    def fanout_users(self, user_ids: Any, data: bytes, skip: Any, droppable: bool) -> int:
+        n = super().fanout_users(user_ids, data, skip, droppable)
+        return 0 if skip is not None else n
+
+
+def test_a_peer_message_that_arrives_after_the_senders_own_first_view_is_delivered() -> None:
+    """Found by ``python -m bench groups``: both sides of a new direct conversation send at once
+    from different nodes. On Y's node, Y's own seq 2 (its view, for Y's other sessions: none
+    here) is the first DELIVER of the conversation; X's seq 1 arrives after. Nothing was
+    delivered to Y here, so seq 1 is not stale: Y gets it. Once something reached a session,
+    a lower seq is stale again."""
+
+    async def body() -> None:
+        routing = _NobodyElse()
+        gate = LocalDelivery(routing, hold_s=HOLD_S)  # type: ignore[arg-type]
+        own = object()  # the sending connection
+        gate.users((9,), _deliver(2, conv=7, kind=Kind.DIRECT), False, own)
+        gate.users((9,), _deliver(1, conv=7, kind=Kind.DIRECT), False)
+        gate.users((9,), _deliver(3, conv=7, kind=Kind.DIRECT), False)
+        assert [s for _, s in routing.out] == [2, 1, 3]  # 2 reached nobody: Y saw 1 then 3
+        gate.users((9,), _deliver(1, conv=7, kind=Kind.DIRECT), False)  # now a duplicate
+        assert [s for _, s in routing.out] == [2, 1, 3] and gate.stale_dropped == 1
+        # the sender's own view that reached a session does not open the window
+        gate2, routing2 = _gate()
+        gate2.users((9,), _deliver(2, conv=8, kind=Kind.DIRECT), False, own)
+        gate2.users((9,), _deliver(1, conv=8, kind=Kind.DIRECT), False)
+        assert [s for _, s in routing2.out] == [2] and gate2.stale_dropped == 1
+
+    run(body())

@@ -73,7 +73,7 @@ class LocalDelivery:
     given up: the client saw the gap and fetches it with HISTORY). So a connection sees DELIVER
     seqs strictly increasing; a gap it sees is one to fetch, never one that fills later."""
 
-    __slots__ = ("_held", "_last", "_latency", "_loop", "held", "hold_s", "latency", "recent", "routing", "stale_dropped")
+    __slots__ = ("_held", "_last", "_latency", "_loop", "_unseen", "held", "hold_s", "latency", "recent", "routing", "stale_dropped")
 
     def __init__(self, routing: RoutingTable, hold_s: float = ORDER_HOLD_S) -> None:
         self.routing = routing
@@ -89,6 +89,9 @@ class LocalDelivery:
         self._latency = tuple(self.latency.values())  # by tier value
         self._loop = asyncio.get_running_loop()
         self._last: dict[Any, int] = {}
+        #: conversations whose first DELIVER here reached no session (the sender's own view):
+        #: key -> the lowest seq passed, below which a late DELIVER is still delivered
+        self._unseen: dict[Any, int] = {}
         self._held: dict[Any, tuple[dict[int, Pending], asyncio.TimerHandle]] = {}
         #: DELIVERs that waited for a missing seq, and ones dropped as duplicates or too late
         self.held = 0
@@ -114,13 +117,26 @@ class LocalDelivery:
         if last is None or seq == last + 1:
             if last is None and len(self._last) >= ORDER_KEYS_MAX:
                 self._last.clear()
+                self._unseen.clear()
             self._last[key] = seq
             self.recent.add(key, frame)
             n = self.routing.fanout_users(user_ids, frame, skip, droppable)
+            if n:
+                self._unseen.pop(key, None)
+            elif last is None and skip is not None:
+                # The sender's own view, first seen here, reached no session (the sender has
+                # no other one here): nothing was delivered, so a lower seq still on its way
+                # (the peer's message, committed just before on another node) is not stale.
+                self._unseen[key] = seq
             if key in self._held:
                 n += self._release(key)
             return n
         if seq <= last:
+            below = self._unseen.get(key)
+            if below is not None and seq < below:
+                self._unseen[key] = seq  # delivered now; only lower seqs may still follow
+                self.recent.add(key, frame)
+                return self.routing.fanout_users(user_ids, frame, skip, droppable)
             self.stale_dropped += 1
             return 0
         held = self._held.get(key)

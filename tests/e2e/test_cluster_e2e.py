@@ -23,6 +23,7 @@ import redis.asyncio as aioredis
 from gochat.client import Client, GatewayBalancer, Kind
 from gochat.client.types import Message
 from gochat.errors import ErrorCode
+from gochat.protocol import EventType
 from gochat.protocol.frames import AuthOk, Deliver, Event, GoAway, SendAck
 from tests.conftest import GochatProcess, UserCtx, create_user, restartable_port, run
 from tests.e2e.rawclient import RawClient, connect, send_frame
@@ -377,16 +378,28 @@ def test_redis_restart_nodes_recover_by_themselves(tmp_path: Path) -> None:
 
             await wait_until(both_registered, timeout=15)
 
+            resyncs: list[Event] = []
+
             async def delivered() -> bool:
                 ca.send(send_frame(Kind.DIRECT, bob.user_id, b"after", rid=2))
-                await ca.expect(SendAck)
-                try:
-                    f = await cb.expect(Deliver, timeout=1)
-                except TimeoutError:
-                    return False
-                return bool(f.message.body == b"after")
+                await ca.expect(SendAck, skip=(Event,))
+                while True:  # EVENT RESYNC (pushes may have been lost meanwhile) may come first
+                    try:
+                        f = await cb.recv(1)
+                    except TimeoutError:
+                        return False
+                    if isinstance(f, Event) and f.type == EventType.RESYNC:
+                        resyncs.append(f)
+                    elif isinstance(f, Deliver):
+                        return bool(f.message.body == b"after")
 
             await wait_until(delivered, timeout=20, interval=0.5)
+            # each node's subscription was cut and restored: its sessions were told to SYNC
+            # (docs/cluster.md, "Failed pushes")
+            while not resyncs:
+                f = await cb.recv(5)
+                if isinstance(f, Event) and f.type == EventType.RESYNC:
+                    resyncs.append(f)
 
         run(before_and_after())
     finally:
