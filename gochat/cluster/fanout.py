@@ -133,11 +133,7 @@ class MemoryFanoutProgress:
     def __init__(self, hub: MemoryHub | None = None, keep: int = PROGRESS_KEEP) -> None:
         self.hub = hub if hub is not None else MemoryHub()
         self.keep = keep
-        table = getattr(self.hub, "fanout_jobs", None)
-        if table is None:
-            table = OrderedDict()
-            self.hub.fanout_jobs = table  # type: ignore[attr-defined]
-        self._jobs: OrderedDict[str, _Record] = table
+        self._jobs: OrderedDict[str, _Record] = self.hub.fanout_jobs
 
     def _record(self, job_id: str) -> _Record:
         rec = self._jobs.get(job_id)

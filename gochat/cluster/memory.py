@@ -100,6 +100,8 @@ class MemoryHub:
         # first, and the bytes the entries hold
         self.shared_cache: OrderedDict[str, Any] = OrderedDict()
         self.shared_cache_bytes = 0
+        # fan-out job records (gochat/cluster/fanout.py, MemoryFanoutProgress): job_id -> record
+        self.fanout_jobs: OrderedDict[str, Any] = OrderedDict()
 
     def lose_data(self) -> None:
         """Simulate a backend restart without persistence: presence, marks and the shared
