@@ -421,10 +421,13 @@ def test_jobs_beyond_max_jobs_are_shed_and_counted() -> None:
         local = FakeLocal()
         progress = SpyProgress()
         jobs = LocalJobs(local, progress, "n0", chunk=10, max_jobs=2)
+        told: list[Sequence[int]] = []  # the shed job's recipients are told to SYNC
+        jobs.on_shed = told.append
         assert jobs.add(range(100), b"A", False, None, Tier.SHARDED, "ja")
         assert jobs.add(range(100), b"B", False, None, Tier.SHARDED, "jb")
-        assert not jobs.add(range(100), b"C", False, None, Tier.SHARDED, "jc")
+        assert not jobs.add(range(200, 300), b"C", False, None, Tier.SHARDED, "jc")
         assert (jobs.started, jobs.shed, jobs.waiting) == (2, 1, 2)
+        assert [list(t) for t in told] == [list(range(200, 300))]
         await jobs.idle()
         assert sum(c[1] for c in local.calls) == 200  # the shed job queued nothing
         assert [r[0] for r in progress.reports] == ["ja", "jb"]
@@ -436,9 +439,9 @@ def test_jobs_beyond_max_jobs_are_shed_and_counted() -> None:
         assert jobs.shed == 2
         await jobs.idle()
         await jobs.close()
-        # a closed queue sheds
+        # a closed queue sheds (the node is stopping: its sessions go, nobody is told)
         assert not jobs.add(range(5), b"I", False, None, Tier.SHARDED, "")
-        assert jobs.shed == 3
+        assert jobs.shed == 3 and len(told) == 2
 
     run(body())
 

@@ -109,6 +109,14 @@ def test_the_sdk_answers_event_resync_with_sync_and_gets_the_lost_message(tmp_pa
                 messages = [i for i in got if isinstance(i, Message)]
                 assert [e.type for e in events] == [EventType.RESYNC]
                 assert [(m.body, m.seq) for m in messages] == [(b"lost", 2)]
+                # a local fan-out job shed on this node: its recipients are told the same way
+                await server.store.append(AppendRequest(conv, Kind.DIRECT, alice.user_id, os.urandom(16), 1, b"shed"))
+                jobs = server.core.delivery.jobs
+                assert jobs.on_shed is not None
+                jobs.on_shed((bob.user_id,))
+                got = [await asyncio.wait_for(anext(items), 5) for _ in range(2)]
+                assert [type(i).__name__ for i in got] == ["Event", "Message"]
+                assert isinstance(got[1], Message) and (got[1].body, got[1].seq) == (b"shed", 3)
             finally:
                 await a.close()
                 await b.close()

@@ -124,6 +124,7 @@ class MessagingCore:
             ),
             members_version=self.addressing.version,
         )
+        self.delivery.jobs.on_shed = lambda user_ids: self.resync(tuple(user_ids), "fan-out shed")
         #: cascaded fan-outs waiting for their group's members to load, by group (in order)
         self._cascades: dict[int, list[CascadeEnvelope]] = {}
         self._cascade_tasks: set[asyncio.Task[None]] = set()
@@ -306,8 +307,10 @@ class MessagingCore:
         members: tuple[int, ...] = ()
         try:
             members = await self.addressing.reload_members(conv)
-        except GochatError as exc:  # its members here recover the message with SYNC
+        except GochatError as exc:
+            # who the members here are is unknown: every session here is told to SYNC
             log.warning("cascaded fan-out of group %d dropped here: %s", conv, exc.message)
+            self.resync(None, "a group's members could not be read")
         finally:
             for env in self._cascades.pop(conv, ()):
                 if members:

@@ -7,8 +7,8 @@ instead, one job after the other (a conversation's messages reach each member in
 were committed), so direct messages and small groups, which are fanned out inline, wait at most
 one chunk behind a huge group.
 
-Bounded: at most ``max_jobs`` jobs wait; a job beyond that is shed (counted; its recipients on
-this node recover the message with SYNC, as after any lost push) rather than memory. When its
+Bounded: at most ``max_jobs`` jobs wait; a job beyond that is shed (counted, and its recipients
+on this node are sent EVENT RESYNC: they recover the message with SYNC) rather than memory. When its
 last chunk is queued, a job with a progress record reports its part done.
 """
 
@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -68,6 +68,8 @@ class LocalJobs:
         self.chunk = chunk
         #: jobs that may wait (reloadable: fanout_max_jobs)
         self.max_jobs = max_jobs
+        #: called with a shed job's recipients (the node tells them to SYNC: EVENT RESYNC)
+        self.on_shed: Callable[[Sequence[int]], None] | None = None
         self._jobs: deque[_Job] = deque()
         self._wake = asyncio.Event()
         self._worker: asyncio.Task[None] | None = None
@@ -96,6 +98,8 @@ class LocalJobs:
         if self._closed or len(self._jobs) >= self.max_jobs:
             self.shed += 1
             log.warning("local fan-out job shed (%d jobs waiting): %s", len(self._jobs), job_id or "-")
+            if not self._closed and self.on_shed is not None:
+                self.on_shed(user_ids)
             return False
         self._jobs.append(_Job(user_ids, frame, droppable, skip, tier, job_id))
         self.started += 1
