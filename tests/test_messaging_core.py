@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -80,7 +80,7 @@ class Node:
     link: ClusterLink
     writer: FanoutWriter
     url: str
-    metrics: Metrics
+    metrics: Metrics = field(default_factory=Metrics)
 
     def session_of(self, user_id: int) -> Connection:
         (conn,) = [c for c in self.writer.connections() if c.authenticated and c.user_id == user_id]

@@ -52,15 +52,16 @@ def test_a_lagging_node_lowers_its_threshold_and_raises_it_back(tmp_path: Path) 
                 return values
 
             async with aiohttp.ClientSession() as http:
-                # quiet, three balanced nodes: each settles at the same value, above the start (500)
+                # quiet, three balanced nodes: each settles above the start (500), at about the
+                # same value (their connection shares differ a little)
                 deadline = time.monotonic() + 30
                 while True:
                     values = await sample(http)
-                    if len(set(values)) == 1 and values[0] > 500:
+                    if len(seen) >= 3 and seen[-3] == values and min(values) > 500:
                         break
                     assert time.monotonic() < deadline, seen[-5:]
                     await asyncio.sleep(0.5)
-                quiet = values[0]
+                quiet = values
                 # load: node 0's event loop stalls 0.3 s of every 0.5 s (its timers fire late)
                 deadline = time.monotonic() + 30
                 while True:
@@ -69,17 +70,17 @@ def test_a_lagging_node_lowers_its_threshold_and_raises_it_back(tmp_path: Path) 
                     os.kill(victim.pid, signal.SIGCONT)
                     await asyncio.sleep(0.2)
                     values = await sample(http)
-                    if values[0] <= quiet - 175:
+                    if values[0] <= quiet[0] - 175:
                         break
                     assert time.monotonic() < deadline, seen[-5:]
                 loaded = values[0]
-                assert values[1] == values[2] == quiet, seen[-5:]  # the others keep theirs
+                assert values[1:] == quiet[1:], seen[-5:]  # the others keep theirs
                 # the load is gone: it comes back up (once the lagging probes left its window)
                 deadline = time.monotonic() + 60
                 while True:
                     await asyncio.sleep(0.5)
                     values = await sample(http)
-                    if values[0] >= loaded + 175:
+                    if values[0] >= loaded + (quiet[0] - loaded) // 2:  # at least half way back
                         break
                     assert time.monotonic() < deadline, seen[-5:]
                 print(f"[threshold e2e] quiet {quiet}, loaded {loaded}, back to {values[0]}")

@@ -275,7 +275,10 @@ class _Subscriber:
             self.resubscribes += 1
             log.warning("%s: re-subscribed to %s", self.name, ", ".join(self.channels))
             if self._on_resubscribe is not None:
-                self._on_resubscribe()
+                try:
+                    self._on_resubscribe()
+                except Exception:  # a failing reaction must not end the reader
+                    log.exception("%s: on_resubscribe failed", self.name)
 
     async def close(self) -> None:
         await cancel_tasks([self._task])
