@@ -80,6 +80,30 @@ def test_pushes_lost_in_an_outage_are_announced_with_resync_when_it_ends() -> No
     run(scenario())
 
 
+def test_sessions_recorded_again_after_presence_lost_them_are_told_to_sync() -> None:
+    """Presence lost this node's sessions (a Redis restart without persistence): nothing was
+    routed to them until the node recorded them again, so it then tells every one to SYNC."""
+
+    class _Sessions(_Events):
+        def local_sessions(self) -> list[tuple[int, int]]:
+            return [(7, 1)]
+
+    async def scenario() -> None:
+        hub = MemoryHub()
+        link = ClusterLink("a", memory_backends(hub), _Local(), presence_guard_s=0.05)  # type: ignore[arg-type]
+        events = _Sessions()
+        await link.start(NodeInfo("a", "ws://a", "http://a", "1"), lambda: NodeInfo("a", "", "", "1"), events)
+        await link.session_up(7, 1)
+        await asyncio.sleep(0.15)
+        assert events.resyncs == []  # nothing lost, nothing said
+        hub.lose_data()
+        await _wait(lambda: events.resyncs == [None])
+        assert await link.online([7]) == {7: True}
+        await link.close()
+
+    run(scenario())
+
+
 def test_the_sdk_answers_event_resync_with_sync_and_gets_the_lost_message(tmp_path: Path) -> None:
     """A message stored but never pushed (as if its push was lost between nodes) reaches the
     client once the server sends EVENT RESYNC: the SDK SYNCs and fetches the gap."""

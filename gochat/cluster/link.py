@@ -191,6 +191,8 @@ class ClusterLink:
                     # leaves the mark missing, and the next check tries again
                     await self.presence.mark(self.node_id)
                     log.warning("presence data was lost (backend restarted?): re-recorded %d sessions", len(sessions))
+                    # while they were missing, other nodes routed nothing to them
+                    self.events.resync(None)
             except GochatError as exc:  # the backend is still down: try again next time
                 log.info("presence guard: %s", exc.message)
 
@@ -459,6 +461,13 @@ class ClusterLink:
     def publish_kick(self, user_id: int, code: int, reason: str) -> None:
         self._spawn(self.broker.broadcast(encode_kick(user_id, code, reason)))
 
+    async def _reannounce_and_resync(self) -> None:
+        """Record every local session again, then tell them to SYNC: pushes routed to them while
+        other nodes had dropped them were lost (docs/cluster.md, "Failed pushes")."""
+        await self.reannounce()
+        if not self._leaving:
+            self.events.resync(None)
+
     async def reannounce(self, sessions: list[tuple[int, int]] | None = None) -> None:
         """Re-record every local session (after the presence backend lost its data, or after
         another node wrongly declared this one dead and dropped its sessions). Nothing once
@@ -533,7 +542,7 @@ class ClusterLink:
                 # after the re-announce made when we vanished (seen after a Redis restart):
                 # record them once more now that every node sees us alive.
                 self._vanished = False
-                self._spawn(self.reannounce())
+                self._spawn(self._reannounce_and_resync())
             self._was_listed = True
         elif self._was_listed:
             # Our entry vanished (a stall past the TTL, or Redis lost it): other nodes may have

@@ -408,7 +408,17 @@ def test_fault(topologies: Topologies, nodes: int, backend: str, fault: str) -> 
 
 async def cross_delivery(sc: Scene, traffic: Traffic) -> None:
     """Each user's new message reaches the other members' connections (on other nodes in a
-    cluster of three: through Redis)."""
+    cluster of three: through Redis), once presence knows every member again (after an outage
+    long enough for the registry to lapse, the nodes drop each other's sessions and record their
+    own again within a second or two; pushes routed meanwhile are recovered with SYNC after the
+    EVENT RESYNC each node then sends: docs/cluster.md, "Failed pushes")."""
+    users = {"user_ids": [u.user_id for u in sc.users]}
+
+    async def all_online() -> bool:
+        r = await sc.peers[0].call("presence.query", users)
+        return not isinstance(r, dict) or all(r["online"].values())  # refused (non-core off): no wait
+
+    await wait_for(all_online, 10, "every member online in presence")
     marks = {p.name: sum(sum(c.values()) for c in p.delivers.values()) for p in sc.peers}
     for p, targets in zip(sc.peers, sc.targets, strict=True):
         msg = Msg(p, *targets[1], b"after recovery")
@@ -421,7 +431,7 @@ async def cross_delivery(sc: Scene, traffic: Traffic) -> None:
     try:
         await wait_for(holds(lambda: min(got().values()) >= 2), 10, lambda: f"group DELIVERs after recovery: {got()}")
     except AssertionError as exc:
-        online = await sc.peers[0].call("presence.query", {"user_ids": [u.user_id for u in sc.users]})
+        online = await sc.peers[0].call("presence.query", users)
         raise AssertionError(f"{exc}; presence.query says {online}") from None
 
 
