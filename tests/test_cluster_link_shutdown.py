@@ -22,23 +22,15 @@ from gochat.cluster.memory import (
     MemoryJobQueue,
     MemoryRegistry,
 )
+from gochat.cluster.node_events import NoEvents
 from gochat.messaging.delivery import LocalDelivery
 
 
-class _Events:
+class _Events(NoEvents):
     """The node's side of the link, reduced to its local sessions."""
 
     def __init__(self, sessions: list[tuple[int, int]]) -> None:
         self.sessions = sessions
-
-    def presence_changed(self, user_id: int, online: bool) -> None:
-        pass
-
-    def revoked(self, user_id: int, expires_ms: int, revoked_id: str) -> None:
-        pass
-
-    def kicked(self, user_id: int, code: int, reason: str) -> None:
-        pass
 
     def local_sessions(self) -> list[tuple[int, int]]:
         return list(self.sessions)

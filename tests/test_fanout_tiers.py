@@ -101,7 +101,11 @@ class FakeLink:
     ) -> None:
         self.routed.append((len(user_ids), int(priority), int(tier)))
 
-    def start_job(
+    @property
+    def fanout(self) -> FakeLink:  # the link's FanoutJobs: this fake records its starts too
+        return self
+
+    def start(
         self, tier: int, user_ids: Sequence[int], frame: bytes, droppable: bool, conv: int, version: int
     ) -> str:
         self.started.append((int(tier), len(user_ids), conv))

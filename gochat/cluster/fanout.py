@@ -22,7 +22,7 @@ stream job, counts once). In-process in embedded mode, Redis in a cluster.
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from enum import IntEnum
 from typing import Any, Protocol, runtime_checkable
 
@@ -121,7 +121,7 @@ class FanoutProgress(Protocol):
 @dataclass(slots=True)
 class _Record:
     job: FanoutJob | None = None
-    parts: set[str] | None = None
+    parts: set[str] = field(default_factory=set)
     delivered: int = 0
     finished_ms: int = 0
 
@@ -138,7 +138,7 @@ class MemoryFanoutProgress:
     def _record(self, job_id: str) -> _Record:
         rec = self._jobs.get(job_id)
         if rec is None:
-            rec = self._jobs[job_id] = _Record(parts=set())
+            rec = self._jobs[job_id] = _Record()
             while len(self._jobs) > self.keep:
                 self._jobs.popitem(last=False)
         return rec
@@ -154,7 +154,6 @@ class MemoryFanoutProgress:
     async def part_done(self, job_id: str, part: str, delivered: int) -> int:
         self.hub.check()
         rec = self._record(job_id)
-        assert rec.parts is not None
         if part not in rec.parts:
             rec.parts.add(part)
             rec.delivered += delivered
@@ -163,15 +162,14 @@ class MemoryFanoutProgress:
 
     @staticmethod
     def _finish_if_done(rec: _Record) -> None:
-        if rec.job is not None and not rec.finished_ms and rec.parts is not None:
-            if len(rec.parts) >= rec.job.parts_total:
+        if rec.job is not None and not rec.finished_ms and len(rec.parts) >= rec.job.parts_total:
                 rec.finished_ms = now_ms()
 
     def _view(self, rec: _Record) -> FanoutJob | None:
         if rec.job is None:
             return None
         return replace(
-            rec.job, parts_done=len(rec.parts or ()), delivered=rec.delivered, finished_ms=rec.finished_ms
+            rec.job, parts_done=len(rec.parts), delivered=rec.delivered, finished_ms=rec.finished_ms
         )
 
     async def recent(self, limit: int = 50) -> list[FanoutJob]:

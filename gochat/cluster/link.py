@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-from collections.abc import Callable, Coroutine, Iterable, Sequence
+from collections.abc import Callable, Coroutine, Iterable
 from typing import TYPE_CHECKING, Any
 
 from gochat.cluster.backends import ClusterBackends
@@ -278,13 +278,6 @@ class ClusterLink:
         self._queued += 1
         self._wake.set()
 
-    def start_job(
-        self, tier: int, user_ids: Sequence[int], frame: bytes, droppable: bool, conv: int, version: int
-    ) -> str:
-        """Start a fan-out job of the sharded or cascaded tier (:class:`FanoutJobs`); the
-        caller queues this node's own part. Returns the job id."""
-        return self.fanout.start(tier, user_ids, frame, droppable, conv, version)
-
     def route_room(self, room_id: int, frame: bytes) -> None:
         """Deliver a room message to the room's subscribers on every other node (the router's
         lowest priority)."""
@@ -297,9 +290,6 @@ class ClusterLink:
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
         """Run ``coro`` in the background, a failure logged and counted (route failures)."""
-        self._spawn(coro)
-
-    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
         if self._closing:
             coro.close()  # shutting down: dropped, and not left un-awaited
             return
@@ -453,13 +443,13 @@ class ClusterLink:
     def publish_revocation(self, user_id: int, expires_ms: int, revoked_id: str) -> None:
         """At once on pub/sub (at most once), and durably on the event bus (every node,
         replayed after a disconnect)."""
-        self._spawn(self.broker.broadcast(encode_revoke(user_id, expires_ms, revoked_id)))
+        self.spawn(self.broker.broadcast(encode_revoke(user_id, expires_ms, revoked_id)))
         self.publish_event(
             TokenRevoked(user_id=user_id, revoked_id=revoked_id, expires_ms=expires_ms, origin=self.node_id)
         )
 
     def publish_kick(self, user_id: int, code: int, reason: str) -> None:
-        self._spawn(self.broker.broadcast(encode_kick(user_id, code, reason)))
+        self.spawn(self.broker.broadcast(encode_kick(user_id, code, reason)))
 
     async def _reannounce_and_resync(self) -> None:
         """Record every local session again, then tell them to SYNC: pushes routed to them while
@@ -529,7 +519,7 @@ class ClusterLink:
         for node in gone:
             if node not in self._dead_handled:
                 self._dead_handled.add(node)
-                self._spawn(self._drop_node(node))
+                self.spawn(self._drop_node(node))
         self._dead_handled -= alive  # a node that came back may die again later
         if self._leaving:
             # We deregistered: our entry is gone on purpose. Re-announcing now would record
@@ -542,14 +532,14 @@ class ClusterLink:
                 # after the re-announce made when we vanished (seen after a Redis restart):
                 # record them once more now that every node sees us alive.
                 self._vanished = False
-                self._spawn(self._reannounce_and_resync())
+                self.spawn(self._reannounce_and_resync())
             self._was_listed = True
         elif self._was_listed:
             # Our entry vanished (a stall past the TTL, or Redis lost it): other nodes may have
             # dropped our sessions. The registry re-registers us; record the sessions again.
             self._was_listed = False
             self._vanished = True
-            self._spawn(self.reannounce())
+            self.spawn(self.reannounce())
 
     async def _drop_node(self, node: str) -> None:
         """A node left or died: its sessions are gone; announce who went offline."""

@@ -41,11 +41,6 @@ class LostPushes:
         #: RESYNC envelopes sent (``gochat_cluster_resyncs_sent_total``)
         self.sent = 0
 
-    @property
-    def pending(self) -> int:
-        """Nodes still to be told."""
-        return len(self._lost)
-
     def on(self, node: str, user_ids: Iterable[int]) -> None:
         """Pushes to ``user_ids`` on ``node`` were lost."""
         lost = self._lost.get(node, set())

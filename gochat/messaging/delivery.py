@@ -264,7 +264,7 @@ class Delivery:
         conv = _group_of(data)
         tier = Tier.SHARDED if n <= self.cascade_min or not conv else Tier.CASCADED
         self.by_tier[tier] += 1
-        job_id = link.start_job(tier, user_ids, data, droppable, conv, self.members_version(conv))
+        job_id = link.fanout.start(tier, user_ids, data, droppable, conv, self.members_version(conv))
         # the shards reach the nodes in no order: no node's order gate can keep this group's
         # seq order across nodes (docs/consistency.md, "Delivery order")
         self.jobs.add(user_ids, data, droppable, skip, tier, job_id)
